@@ -1,0 +1,180 @@
+"""Structured run configuration: these dataclasses are the source of truth.
+
+YAML files in this folder only override them; every CLI takes ``key=value`` (hydra syntax).
+``configs.load`` composes and converts once at the entry point, so no DictConfig reaches engine/ or actors/.
+Validation lives in ``__post_init__`` and raises ``ValueError`` naming the key and the override that fixes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def _require(cond: bool, key: str, value, fix: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    """Tiny Qwen3-MoE built locally from this config (random init, no download)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 128
+    max_position_embeddings: int = 256
+    init_from: Optional[str] = None  # an HF save_pretrained folder to start from instead of random init + SFT
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.top_k <= self.num_experts, "model.top_k", self.top_k,
+                 f"it must be between 1 and model.num_experts={self.num_experts}")
+        _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads,
+                 f"model.num_heads={self.num_heads} must be a multiple of it; pass e.g. model.num_kv_heads=1")
+        for name in ("hidden_size", "num_layers", "num_heads", "head_dim", "moe_intermediate_size"):
+            _require(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "it must be positive")
+
+
+@dataclass
+class TaskConfig:
+    """The prompts and the verifier. ``arithmetic`` is built in; ``jsonl`` reads {"prompt", "answer"} lines."""
+
+    name: str = "arithmetic"  # "arithmetic" | "jsonl"
+    min_digits: int = 1
+    max_digits: int = 4
+    jsonl_path: Optional[str] = None  # for name=jsonl
+    num_eval: int = 500  # held-out prompts for greedy eval (fixed by seed)
+    num_dev: int = 200  # held-out prompts used only to stop SFT
+    max_answer_tokens: int = 8  # generation length limit (answer digits + EOS)
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("arithmetic", "jsonl"), "task.name", self.name,
+                 "choose task.name=arithmetic or task.name=jsonl")
+        if self.name == "jsonl":
+            _require(bool(self.jsonl_path), "task.jsonl_path", self.jsonl_path,
+                     "task.name=jsonl needs a file: pass task.jsonl_path=/path/to/data.jsonl")
+        _require(1 <= self.min_digits <= self.max_digits, "task.min_digits", self.min_digits,
+                 f"it must be between 1 and task.max_digits={self.max_digits}")
+        _require(self.num_eval > 0, "task.num_eval", self.num_eval, "it must be positive")
+        _require(self.max_answer_tokens > 0, "task.max_answer_tokens", self.max_answer_tokens,
+                 "it must be positive")
+
+
+@dataclass
+class SFTConfig:
+    """Cold-start SFT (the paper's first stage); the result is cached and reused by later runs."""
+
+    enabled: bool = True
+    target_accuracy: float = 0.3  # stop once greedy dev accuracy reaches this (leaves RL headroom)
+    max_steps: int = 3000
+    max_time_s: float = 240.0
+    batch_size: int = 128
+    lr: float = 2e-3
+    eval_every: int = 25
+    cache_dir: str = "runs/.sft_cache"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.target_accuracy <= 1.0, "sft.target_accuracy", self.target_accuracy,
+                 "it must be in (0, 1]")
+        _require(self.lr > 0, "sft.lr", self.lr, "it must be positive")
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    backend: str = "hf"  # "hf" (transformers, CPU default)
+    group_size: int = 8  # responses per prompt (G)
+    temperature: float = 1.0
+    max_batch_samples: int = 512  # sequences decoded together by one worker
+    threads_per_worker: int = 1  # torch threads per worker process (split the cores!)
+
+    def __post_init__(self) -> None:
+        _require(self.backend in ("hf",), "rollout.backend", self.backend,
+                 "only rollout.backend=hf is available in this build")
+        _require(self.num_workers >= 1, "rollout.num_workers", self.num_workers, "it must be >= 1")
+        _require(self.group_size >= 2, "rollout.group_size", self.group_size,
+                 "group-relative advantages need at least 2 samples; pass rollout.group_size=8")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature,
+                 "RL sampling needs temperature > 0; pass rollout.temperature=1.0")
+        _require(self.threads_per_worker >= 1, "rollout.threads_per_worker", self.threads_per_worker,
+                 "it must be >= 1")
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 1
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1  # data-parallel ranks launched with torchrun
+    zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2)
+    loss: str = "grpo"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    grad_clip: float = 1.0
+    threads_per_rank: int = 1
+    master_port: int = 0  # 0 = pick a free port
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2), "learner.zero_stage", self.zero_stage,
+                 "use learner.zero_stage=1 or 2 (0 disables ZeRO)")
+        _require(self.loss in ("grpo",), "learner.loss", self.loss, "available: learner.loss=grpo")
+        _require(self.num_ranks >= 1, "learner.num_ranks", self.num_ranks, "it must be >= 1")
+        _require(self.lr > 0, "learner.lr", self.lr, "it must be positive")
+
+
+@dataclass
+class TrainConfig:
+    num_steps: int = 150
+    groups_per_step: int = 64  # prompts (groups) per optimizer step
+    max_policy_lag: int = 1  # a sample generated by version v may train at version <= v + max_policy_lag
+    eval_every: int = 0  # 0 = only before and after RL
+
+    def __post_init__(self) -> None:
+        _require(self.num_steps >= 0, "train.num_steps", self.num_steps, "it must be >= 0")
+        _require(self.groups_per_step >= 1, "train.groups_per_step", self.groups_per_step, "it must be >= 1")
+        _require(self.max_policy_lag >= 0, "train.max_policy_lag", self.max_policy_lag, "it must be >= 0")
+
+
+@dataclass
+class TransportConfig:
+    host: str = "127.0.0.1"
+    heartbeat_s: float = 1.0
+    peer_timeout_s: float = 60.0  # a peer silent this long is dead
+    start_timeout_s: float = 180.0  # time allowed for every actor to say Hello
+    max_frame_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    out_dir: str = "runs"
+    seed: int = 0
+    log_json: bool = False
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+    def __post_init__(self) -> None:
+        n = self.learner.num_ranks
+        _require(self.train.groups_per_step * self.rollout.group_size >= n, "train.groups_per_step",
+                 self.train.groups_per_step, f"each of learner.num_ranks={n} ranks needs at least one sequence")
+        _require(self.model.init_from is not None or self.sft.enabled or self.task.name == "jsonl",
+                 "sft.enabled", self.sft.enabled,
+                 "a random-init model cannot solve the task; keep sft.enabled=true or set model.init_from")

@@ -1,0 +1,157 @@
+"""Typed wire messages: every frame on every everyprompt socket is one of these.
+
+Messages are flat frozen dataclasses holding primitives, lists, dicts of primitives and numpy arrays.
+Arrays travel as one msgpack ext type (see codec.py) and decode as read-only zero-copy views.
+Weights never travel here: ``LoadWeights`` only names a versioned file written by the learner.
+
+Shape letters: P = prompt tokens, T = response tokens, N = sequences in a batch, L = padded length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PROTOCOL_VERSION = 1  # bump on any incompatible change to a message below
+
+
+def _msg(cls):
+    return dataclass(frozen=True, slots=True, kw_only=True)(cls)
+
+
+# ---- control -------------------------------------------------------------------------------------------
+
+
+@_msg
+class Hello:
+    """First frame an actor sends after connecting: who it is."""
+
+    role: str  # "rollout" | "reward" | "learner"
+    worker_id: int
+    pid: int
+
+
+@_msg
+class Heartbeat:
+    """Liveness in both directions; any frame also counts as liveness."""
+
+    sent_at: float  # time.time() of the sender
+
+
+@_msg
+class Shutdown:
+    reason: str = ""
+
+
+@_msg
+class ErrorReport:
+    """An actor hit an error it cannot recover from; the coordinator stops the run with this text."""
+
+    where: str
+    error: str
+
+
+# ---- rollout -------------------------------------------------------------------------------------------
+
+
+@_msg
+class GenerateRequest:
+    """Generate ``num_samples`` responses to one prompt (a group)."""
+
+    group_id: str
+    prompt_id: int
+    prompt_ids: np.ndarray  # int32 [P]
+    num_samples: int
+    max_new_tokens: int
+    temperature: float  # 0.0 = greedy
+
+
+@_msg
+class Completion:
+    """One finished response of a group."""
+
+    group_id: str
+    sample_index: int
+    prompt_id: int
+    token_ids: np.ndarray  # int32 [T], EOS included when finish_reason == "stop"
+    behavior_logprobs: np.ndarray  # float32 [T], log-prob under the sampling policy (temperature applied)
+    token_versions: np.ndarray  # int32 [T], policy version that produced each token
+    finish_reason: str  # "stop" | "length"
+    worker_id: int = 0
+
+
+@_msg
+class LoadWeights:
+    """Load policy ``version`` from ``path`` (a safetensors file the learner wrote atomically)."""
+
+    version: int
+    path: str
+
+
+@_msg
+class WeightsLoaded:
+    version: int
+    worker_id: int = 0
+    load_s: float = 0.0
+
+
+# ---- reward --------------------------------------------------------------------------------------------
+
+
+@_msg
+class ScoreRequest:
+    """Score one response against the reference answer."""
+
+    sample_key: str  # f"{group_id}/{sample_index}"
+    token_ids: np.ndarray  # int32 [T] response tokens
+    answer: str
+
+
+@_msg
+class Scored:
+    sample_key: str
+    reward: float
+    valid: bool  # False = the verifier could not score it (excluded from Eq. 11's set)
+    reward_parts: dict[str, float] = field(default_factory=dict)
+    text: str = ""  # detokenized response
+
+
+# ---- learner -------------------------------------------------------------------------------------------
+
+
+@_msg
+class TrainBatch:
+    """One optimizer step's worth of sequences, right-padded to L."""
+
+    step: int
+    input_ids: np.ndarray  # int32 [N, L] prompt + response, pad after
+    prompt_lens: np.ndarray  # int32 [N]
+    response_lens: np.ndarray  # int32 [N]
+    behavior_logprobs: np.ndarray  # float32 [N, L]; entry t is log p(input_ids[t]) under the sampler
+    token_versions: np.ndarray  # int32 [N, L]; -1 outside responses
+    advantages: np.ndarray  # float32 [N], one per sequence, broadcast to its tokens
+
+
+@_msg
+class TrainResult:
+    step: int
+    version: int  # policy version after this step
+    weights_path: str  # where the new weights are
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    Hello,
+    Heartbeat,
+    Shutdown,
+    ErrorReport,
+    GenerateRequest,
+    Completion,
+    LoadWeights,
+    WeightsLoaded,
+    ScoreRequest,
+    Scored,
+    TrainBatch,
+    TrainResult,
+)
