@@ -51,6 +51,7 @@ class TaskConfig:
     num_eval: int = 500  # held-out prompts for greedy eval (fixed by seed)
     num_dev: int = 200  # held-out prompts used only to stop SFT
     max_answer_tokens: int = 8  # generation length limit (answer digits + EOS)
+    reverse_answer: bool = True  # arithmetic: answer digits least significant first (learns much faster)
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -76,6 +77,7 @@ class SFTConfig:
     max_time_s: float = 240.0
     batch_size: int = 128
     lr: float = 2e-3
+    warmup_steps: int = 20  # linear lr warmup, then constant
     eval_every: int = 25
     cache_dir: str = "runs/.sft_cache"
     seed: int = 0

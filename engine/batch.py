@@ -1,0 +1,54 @@
+"""Turn finished groups into one TrainBatch (advantages included) and describe it for the step's metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.advantages import group_advantages
+from engine.buffer import Group
+from transport import TrainBatch
+
+
+def pack_batch(groups: list[Group], *, step: int, pad_id: int) -> TrainBatch:
+    """Right-pad prompt+response of every sample to one length L; advantages per ESPO Eq. 11."""
+    samples = [s for g in groups for s in g.ordered()]
+    rewards = torch.tensor([[s.reward for s in g.ordered()] for g in groups], dtype=torch.float32)  # [groups, G]
+    valid = torch.tensor([[s.valid for s in g.ordered()] for g in groups], dtype=torch.bool)
+    adv = group_advantages(rewards, valid).reshape(-1).numpy().astype(np.float32)  # [N]
+    prompt_lens = np.array([len(g.prompt_ids) for g in groups for _ in g.ordered()], dtype=np.int32)
+    response_lens = np.array([len(s.token_ids) for s in samples], dtype=np.int32)
+    n, length = len(samples), int((prompt_lens + response_lens).max())
+    input_ids = np.full((n, length), pad_id, dtype=np.int32)
+    behavior = np.zeros((n, length), dtype=np.float32)
+    versions = np.full((n, length), -1, dtype=np.int32)
+    i = 0
+    for g in groups:
+        for s in g.ordered():
+            p, t = len(g.prompt_ids), len(s.token_ids)
+            input_ids[i, :p], input_ids[i, p:p + t] = g.prompt_ids, s.token_ids
+            behavior[i, p:p + t] = s.behavior_logprobs
+            versions[i, p:p + t] = s.token_versions
+            i += 1
+    return TrainBatch(step=step, input_ids=input_ids, prompt_lens=prompt_lens, response_lens=response_lens,
+                      behavior_logprobs=behavior, token_versions=versions, advantages=adv)
+
+
+def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int) -> dict[str, float]:
+    """Reward, accuracy, zero-variance rate and per-token policy lag of what the learner is about to train on."""
+    samples = [s for g in groups for s in g.ordered()]
+    rewards = np.array([s.reward for s in samples], dtype=np.float64)
+    correct = np.array([s.reward_parts.get("correct", s.reward) for s in samples], dtype=np.float64)
+    zero_var = [len({s.reward for s in g.ordered() if s.valid}) <= 1 for g in groups]
+    token_versions = batch.token_versions[batch.token_versions >= 0]
+    lag = learner_version - token_versions if token_versions.size else np.zeros(1)
+    return {
+        "reward": float(rewards.mean()),
+        "accuracy": float(correct.mean()),
+        "zero_variance_rate": float(np.mean(zero_var)),
+        "response_len": float(batch.response_lens.mean()),
+        "num_samples": len(samples),
+        "version_lag_mean": float(lag.mean()),
+        "version_lag_max": int(lag.max()),
+        "valid_frac": float(np.mean([s.valid for s in samples])),
+    }

@@ -1,0 +1,85 @@
+"""``everyprompt-train``: the entry point. Parses the config, prepares runs/<name>/, runs engine.loop.run.
+
+Usage: everyprompt-train [--config-name NAME] [--config-dir DIR] [key=value ...]
+Writes runs/<name>/{config.yaml, metrics.jsonl, report.png, logs/}; the last stdout line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from configs.load import ConfigError, load, save
+from engine.cluster import ActorFailed
+from engine.log import configure_logging
+from engine.metrics import write_report
+
+log = structlog.get_logger()
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="everyprompt-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-name", default="run", help="YAML preset in configs/ (e.g. run, tiny)")
+    p.add_argument("--config-dir", default=None, help="folder holding your own YAML presets")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_steps=50 learner.num_ranks=2")
+    return p.parse_args(argv)
+
+
+def prepare_run_dir(out_dir: str, name: str) -> Path:
+    """runs/<name>/ for a fresh run: earlier outputs of the same name are replaced."""
+    run_dir = Path(out_dir) / name
+    for stale in ("metrics.jsonl", "report.png", "summary.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    for stale in ("logs", "weights"):
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load(args.overrides, config_name=args.config_name, config_dir=args.config_dir)
+    except ConfigError as e:
+        print(f"everyprompt-train: config error: {e}", file=sys.stderr)
+        return 2
+    configure_logging(role="coordinator", json_lines=cfg.log_json)
+    from engine.loop import run  # heavy imports only after the config is valid
+    from transport import run as run_async
+
+    run_dir = prepare_run_dir(cfg.out_dir, cfg.name)
+    save(cfg, run_dir / "config.yaml")
+    log.info("run.start", run_dir=str(run_dir))
+    t0, code, summary = time.monotonic(), 0, None
+    try:
+        summary = run_async(run(cfg, run_dir))
+    except KeyboardInterrupt:
+        log.warning("run.interrupted", detail="every actor was stopped; metrics.jsonl holds the finished steps")
+        code = 130
+    except (ActorFailed, BaseExceptionGroup) as e:  # a group comes from the TaskGroup in start_actors
+        failed = e.subgroup(ActorFailed) if isinstance(e, BaseExceptionGroup) else e
+        if failed is None:
+            raise
+        for err in failed.exceptions if isinstance(failed, BaseExceptionGroup) else [failed]:
+            log.error("run.actor_failed", error=str(err))
+        code = 1
+    finally:
+        if (run_dir / "metrics.jsonl").exists():
+            write_report(run_dir / "metrics.jsonl", run_dir / "report.png", title=f"everyprompt: {cfg.name}")
+    if summary is None:
+        summary = {"status": "interrupted" if code == 130 else "failed", "wall_s": time.monotonic() - t0}
+    summary = {**summary, "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
