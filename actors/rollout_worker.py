@@ -85,12 +85,11 @@ class RolloutWorker:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._weights is not None:
-                await self._apply_weights()
-            while self._queue:
-                await self._generate_batch(self._next_batch())
-                if self._weights is not None:
+            while self._weights is not None or self._queue:
+                if self._weights is not None:  # the newest weights, before every batch
                     await self._apply_weights()
+                if self._queue:
+                    await self._generate_batch(self._next_batch())
 
     async def _apply_weights(self) -> None:
         msg, self._weights, t0 = self._weights, None, time.monotonic()

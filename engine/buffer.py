@@ -1,6 +1,6 @@
 """Finished groups waiting for the learner, and the records they are made of.
 
-The buffer is FIFO for now and enforces the staleness bound: ``take`` never returns a group holding a token
+The buffer serves the oldest policy version first (FIFO within a version) for now and enforces the staleness bound: ``take`` never returns a group holding a token
 older than ``min_version``; such groups are counted as discarded (the admission control in engine/loop.py keeps
 this at zero in steady state).
 """
@@ -58,7 +58,8 @@ class Group:
 class GroupBuffer:
     """consumes: complete groups (rollout + reward)   produces: lists of groups (learner)   blocks on: take()"""
 
-    def __init__(self) -> None:
+    def __init__(self, on_discard=None) -> None:
+        self._on_discard = on_discard  # called after stale groups were dropped (admission replaces them)
         self._groups: deque[Group] = deque()
         self._changed = asyncio.Event()
         self.num_discarded_stale = 0
@@ -74,9 +75,14 @@ class GroupBuffer:
         """Wait for ``n`` groups whose every token is at least ``min_version``; drop staler ones (counted)."""
         while True:
             fresh = [g for g in self._groups if g.min_version >= min_version]
-            self.num_discarded_stale += len(self._groups) - len(fresh)
-            self._groups = deque(fresh)
-            if len(self._groups) >= n:
-                return [self._groups.popleft() for _ in range(n)]
+            if len(fresh) < len(self._groups):
+                self.num_discarded_stale += len(self._groups) - len(fresh)
+                self._groups = deque(fresh)
+                if self._on_discard is not None:
+                    self._on_discard()
+            if len(self._groups) >= n:  # oldest policy first, so nothing ages past the bound while waiting
+                ordered = sorted(self._groups, key=lambda g: g.min_version)
+                self._groups = deque(ordered[n:])
+                return ordered[:n]
             self._changed.clear()
             await self._changed.wait()

@@ -151,11 +151,11 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str):
     try:
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir)
         peers = await _wait_for_hellos(hub, cfg, children)
-        buffer = GroupBuffer()
+        buffer = GroupBuffer(on_discard=lambda: rollouts.capacity_freed())
         rollouts = Rollouts(hub, workers=peers["rollout"], rewards=peers["reward"], buffer=buffer,
                             group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
                             max_new_tokens=cfg.task.max_answer_tokens,
-                            capacity_groups=(cfg.train.max_policy_lag + 1) * cfg.train.groups_per_step)
+                            groups_per_step=cfg.train.groups_per_step, max_policy_lag=cfg.train.max_policy_lag)
         actors = Actors(rollouts=rollouts, buffer=buffer, learner=Learner(hub, peers["learner"][0]))
         async with asyncio.TaskGroup() as tg:
             pump = tg.create_task(_pump(hub, actors, children), name="coordinator.pump")

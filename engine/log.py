@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 
 import structlog
@@ -22,5 +24,6 @@ def configure_logging(*, role: str, rank: int = 0, json_lines: bool = False, lev
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),  # stdout is reserved for the summary
         cache_logger_on_first_use=False,
     )
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(role=role, rank=rank)

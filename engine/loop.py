@@ -41,7 +41,6 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
         for step in tqdm(range(1, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress, unit="step"):
             t0, tokens0 = time.monotonic(), a.rollouts.num_generated_tokens
             groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_policy_lag)
-            a.rollouts.capacity_freed()  # admission may send the next groups while the learner trains
             t_wait = time.monotonic() - t0
             batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id)
             stats = batch_stats(groups, batch, learner_version=version)

@@ -4,10 +4,11 @@ consumes: Completion (rollout workers), Scored (reward workers), WeightsLoaded (
 produces: GenerateRequest, ScoreRequest, LoadWeights; complete groups into the GroupBuffer
 waits for: capacity (pacing), so that no group waits longer than the staleness bound allows
 
-Pacing: at most ``(max_policy_lag + 1) * groups_per_step`` groups are in flight or buffered. A group admitted
-while the learner is at version v is generated at version >= v - 1 and trained by version v + lag, so the
-per-token bound holds in steady state without discarding samples. Every sample is scored as soon as it
-arrives (reward work overlaps generation).
+Pacing is by version, not by count: groups are trained in order of admission (oldest first), ``groups_per_step``
+at a time, so the k-th admitted group trains at step k // groups_per_step + 1. Admitting it only once the weights
+sent to the workers have version >= that step - 1 - max_policy_lag (workers apply weights before the requests
+queued behind them) bounds the staleness of every token without discarding samples in steady state. Any group
+that is discarded anyway (see GroupBuffer) is replaced. Every sample is scored as soon as it arrives.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ class PromptItem:
 
 class Rollouts:
     def __init__(self, hub: Hub, *, workers: list[str], rewards: list[str], buffer: GroupBuffer,
-                 group_size: int, temperature: float, max_new_tokens: int, capacity_groups: int) -> None:
+                 group_size: int, temperature: float, max_new_tokens: int, groups_per_step: int,
+                 max_policy_lag: int) -> None:
         self._hub, self._workers, self._rewards, self._buffer = hub, workers, rewards, buffer
         self._group_size, self._temperature, self._max_new_tokens = group_size, temperature, max_new_tokens
-        self._capacity = capacity_groups
+        self._groups_per_step, self._max_policy_lag = groups_per_step, max_policy_lag
+        self.sent_version = 0  # newest weights sent to every worker
         self._inflight: dict[str, Group] = {}  # group_id -> group being generated or scored
         self._assigned: dict[str, str] = {}  # group_id -> worker peer id
         self._eval_results: dict[str, asyncio.Future] = {}
@@ -59,20 +62,17 @@ class Rollouts:
         self._admit_task = asyncio.create_task(self._admit(prompts, total_groups), name="rollouts.admit")
 
     async def _admit(self, prompts: Iterator[PromptItem], total_groups: int) -> None:
-        while self.num_submitted_groups < total_groups:
-            while len(self._rl_inflight()) + len(self._buffer) >= self._capacity:
-                self._capacity_freed.clear()
+        while (admitted := self.num_submitted_groups - self._buffer.num_discarded_stale) < total_groups:
+            if admitted >= (self.sent_version + 1 + self._max_policy_lag) * self._groups_per_step:
+                self._capacity_freed.clear()  # set by load_weights() and by discards
                 await self._capacity_freed.wait()
+                continue
             item = next(prompts)
             group_id = f"g{self.num_submitted_groups}"
             await self._submit(group_id, item, self._group_size, self._temperature)
             self.num_submitted_groups += 1
 
-    def _rl_inflight(self) -> list[str]:
-        return [g for g in self._inflight if g not in self._eval_results]
-
     def capacity_freed(self) -> None:
-        """Called when the learner took groups from the buffer."""
         self._capacity_freed.set()
 
     async def _submit(self, group_id: str, item: PromptItem, num_samples: int, temperature: float) -> None:
@@ -125,6 +125,8 @@ class Rollouts:
         """Send new weights to every worker; each applies them before its next batch (no waiting here)."""
         for w in self._workers:
             await self._hub.send(w, msg)
+        self.sent_version = max(self.sent_version, msg.version)
+        self.capacity_freed()
 
     def on_weights_loaded(self, peer: str, msg: WeightsLoaded) -> None:
         self.worker_versions[peer] = max(self.worker_versions.get(peer, 0), msg.version)

@@ -1,0 +1,366 @@
+"""The learner actor: one policy-gradient optimizer step per TrainBatch, data-parallel over torchrun ranks.
+
+consumes: TrainBatch, Shutdown (coordinator -> rank 0)
+produces: TrainResult | ErrorReport (rank 0 -> coordinator)
+blocks on: the forward/backward/step of every rank (in a thread on rank 0, so heartbeats keep flowing)
+
+Launch (what ``learner_command`` builds; the coordinator runs it):
+
+    python -m torch.distributed.run --nproc-per-node=R --nnodes=1 --master-addr=127.0.0.1 --master-port=P \
+        -m actors.learner --config run/config.yaml --endpoint tcp://127.0.0.1:PORT \
+        --init HF_DIR --weights-dir DIR
+
+Process layout: only rank 0 talks to the coordinator (a ``Peer``). It re-broadcasts every frame to the other
+ranks over torch.distributed (gloo), without pickle: an int64 size, then the codec's bytes as a uint8 tensor.
+A size <= 0 is a control code (``_TICK``, ``_SHUTDOWN``, ``_PEER_LOST``). Every rank decodes the same batch
+and trains on its contiguous shard of the N sequences. Ranks > 0 poll their pending broadcast, so a signal
+still reaches Python while they wait; rank 0 sends a tick when idle so gloo's collective timeout never fires.
+
+Batching: one TrainBatch is one optimizer step. Each rank's whole shard is one micro-batch (DeepSpeed's batch
+size fields are bookkeeping only: its data loader is never used), so gradient_accumulation_steps = 1. The loss
+of each shard is normalised by the whole batch's token (or sequence) count and multiplied by R, because
+DeepSpeed averages gradients over the R ranks: the resulting gradient is that of the whole-batch loss.
+
+DeepSpeed on CPU JIT-builds its ``deepspeed_shm_comm`` op at every communication-backend init (about 27 s the
+first time). That op only serves ``inference_all_reduce`` (AutoTP inference layers); training collectives go
+through torch.distributed either way. We mark it incompatible before init, so no compiler runs at all.
+
+Versions: version 0 is the --init weights; after k optimizer steps rank 0 writes
+``<weights-dir>/policy_v{k}.safetensors`` atomically and keeps only the newest two files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+import torch.distributed as dist
+import transformers
+
+from actors.common import actor_parser, make_peer
+from configs.load import load_resolved
+from configs.schema import LearnerConfig, RunConfig
+from engine.log import configure_logging
+from engine.losses import LOSSES
+from engine.model import load_model, save_weights, token_logprobs
+from transport.channels import PeerLost, run
+from transport.codec import decode, encode
+from transport.messages import ErrorReport, Shutdown, TrainBatch, TrainResult
+
+log = structlog.get_logger()
+
+LearnerInbox = TrainBatch | Shutdown
+
+_TICK, _SHUTDOWN, _PEER_LOST = 0, -1, -2  # control codes sent in place of a frame size
+_TICK_S = 60.0  # idle rank 0 sends a tick this often; far below gloo's 30 min collective timeout
+_POLL_S = 0.02  # ranks > 0 poll their pending broadcast at this period (s)
+_KEEP_VERSIONS = 2
+_REPORT_GRACE_S = 0.5  # time for the ErrorReport frame to leave before the socket closes
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- launching (used by the coordinator) ---------------------------------------------------------------
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def learner_command(cfg: RunConfig, *, config_path: str, endpoint: str, init_dir: str, weights_dir: str,
+                    master_port: int) -> list[str]:
+    """The torchrun argv that starts ``cfg.learner.num_ranks`` learner ranks (run it with ``learner_env``)."""
+    port = master_port or _free_port()  # a small race with other binders; torchrun fails loudly if it loses
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.learner.num_ranks}",
+            "--nnodes=1", "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}",
+            "--max-restarts=0", "-m", "actors.learner", "--config", str(config_path), "--endpoint", endpoint,
+            "--init", str(init_dir), "--weights-dir", str(weights_dir)]
+
+
+def learner_env(cfg: RunConfig) -> dict[str, str]:
+    """Environment additions for ``learner_command`` (merge them into os.environ)."""
+    env = {"OMP_NUM_THREADS": str(cfg.learner.threads_per_rank),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:  # DeepSpeed's JIT builds (none by default, see module doc)
+        env["TORCH_EXTENSIONS_DIR"] = str(Path(cfg.out_dir).resolve() / ".torch_extensions")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+# ---- one rank's model and step -------------------------------------------------------------------------
+
+
+def shard_bounds(num_items: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous [lo, hi) of rank's share; sizes differ by at most one when world does not divide it."""
+    return num_items * rank // world, num_items * (rank + 1) // world
+
+
+def _deepspeed_config(cfg: LearnerConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: a rank's whole shard is one micro-batch
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW",  # torch_adam: torch's AdamW, so no FusedAdam JIT build
+                      "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _skip_shm_comm_build() -> None:
+    """Mark DeepSpeed's CPU shared-memory comm op incompatible so the backend init does not JIT-build it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a cached dict; edits persist by design
+
+
+class LearnerRank:
+    """The model, optimizer and step of one rank; identical on every rank except ``publish`` (rank 0)."""
+
+    def __init__(self, cfg: RunConfig, init_dir: str, weights_dir: str) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        _skip_shm_comm_build()
+        deepspeed.init_distributed(dist_backend="gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        model = load_model(init_dir)
+        model.train()
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=_deepspeed_config(cfg.learner))
+        self.temperature = cfg.rollout.temperature
+        self.loss_fn = LOSSES[cfg.learner.loss]
+        self.loss_hyper = {"clip_eps_low": cfg.learner.clip_eps_low,
+                           "clip_eps_high": cfg.learner.clip_eps_high}
+        self.aggregation = "token_mean"
+        self.weights_dir = Path(weights_dir)
+        self.version = 0
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """Forward, backward and optimizer step on this rank's shard -> stats of the whole batch."""
+        t0 = time.perf_counter()
+        num_seqs = batch.input_ids.shape[0]
+        lo, hi = shard_bounds(num_seqs, self.rank, self.world)
+        empty = hi == lo  # still run a (zero-weight) forward/backward: every rank must join the collectives
+        if empty:
+            lo, hi = 0, 1
+        start_n = torch.from_numpy(batch.prompt_lens[lo:hi].astype(np.int64))
+        end_n = start_n + torch.from_numpy(batch.response_lens[lo:hi].astype(np.int64))
+        length = max(int(end_n.max()), 2)  # trim the shard's padding
+        ids_NL = torch.from_numpy(batch.input_ids[lo:hi, :length].astype(np.int64))
+        pos_L = torch.arange(length)
+        attn_NL = (pos_L < end_n[:, None]).long()
+        mask_NL = (pos_L >= start_n[:, None]) & (pos_L < end_n[:, None]) & (not empty)
+        old_logp_NL = torch.from_numpy(np.array(batch.behavior_logprobs[lo:hi, :length], dtype=np.float32))
+        adv_N = torch.from_numpy(np.array(batch.advantages[lo:hi], dtype=np.float32))
+        total_tokens = int(batch.response_lens.sum())
+        total_seqs = int((batch.response_lens > 0).sum())
+        denom = max(total_tokens if self.aggregation == "token_mean" else total_seqs, 1)
+
+        logp_NL = token_logprobs(self.engine, ids_NL, attn_NL, temperature=self.temperature)
+        loss, stats = self.loss_fn(logp_NL, old_logp_NL, adv_N, mask_NL, aggregation=self.aggregation,
+                                   denom=float(denom), **self.loss_hyper)
+        self.engine.backward(loss * self.world)  # DeepSpeed divides the summed gradients by world
+        grad_norm = self._stage0_grad_norm()
+        self.engine.step()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()  # ZeRO 1/2: pre-clip norm of the whole gradient
+        self.version += 1
+
+        # whole-batch stats: token-weighted means, summed over ranks
+        local_tokens = mask_NL.sum().to(torch.float64)
+        names = [k for k in stats if k != "ratio_max"]
+        sums = torch.stack([loss.detach().double(), local_tokens]
+                           + [stats[k].double() * local_tokens for k in names])
+        dist.all_reduce(sums)
+        ratio_max = stats["ratio_max"].detach().double().reshape(1)
+        dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
+        tokens = float(sums[1])
+        means = {k: float(sums[2 + i]) / max(tokens, 1.0) for i, k in enumerate(names)}
+        out = {"loss": float(sums[0]), **means,
+               "ratio_max": float(ratio_max[0]), "grad_norm": _float(grad_norm),
+               "tokens": tokens, "sequences": float(num_seqs), "lr": float(self.engine.get_lr()[0])}
+        out["train_s"] = time.perf_counter() - t0
+        return out
+
+    def _stage0_grad_norm(self) -> torch.Tensor | None:
+        """Without ZeRO, DeepSpeed clips but does not keep the norm; the gradients are already all-reduced."""
+        if self.engine.zero_optimization_stage() != 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    def publish(self) -> str:
+        """Rank 0: write the current weights as ``policy_v{version}`` and drop the older files."""
+        path = self.weights_dir / f"policy_v{self.version}.safetensors"
+        save_weights(self.engine.module, path)
+        for old in self.weights_dir.glob("policy_v*.safetensors"):
+            m = re.fullmatch(r"policy_v(\d+)\.safetensors", old.name)
+            if m and int(m.group(1)) <= self.version - _KEEP_VERSIONS:
+                old.unlink(missing_ok=True)
+        return str(path)
+
+
+def _float(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+# ---- rank 0 -> other ranks -----------------------------------------------------------------------------
+
+
+def fanout_send(frame: bytes | None, code: int = _TICK) -> None:
+    """Rank 0: broadcast one frame (or, with frame=None, a control code <= 0) to every rank."""
+    dist.broadcast(torch.tensor([len(frame) if frame else code], dtype=torch.int64), src=0)
+    if frame:
+        dist.broadcast(torch.frombuffer(bytearray(frame), dtype=torch.uint8), src=0)
+
+
+def _wait(work) -> None:
+    while not work.is_completed():  # poll rather than block in C, so SIGTERM/SIGINT handlers can run
+        time.sleep(_POLL_S)
+    work.wait()
+
+
+def fanout_recv() -> bytes | int:
+    """Ranks > 0: the next frame from rank 0, or a control code (an int <= 0)."""
+    size_1 = torch.zeros(1, dtype=torch.int64)
+    _wait(dist.broadcast(size_1, src=0, async_op=True))
+    size = int(size_1[0])
+    if size <= 0:
+        return size
+    buf = torch.empty(size, dtype=torch.uint8)
+    _wait(dist.broadcast(buf, src=0, async_op=True))
+    return buf.numpy().tobytes()
+
+
+def _follow(learner: LearnerRank, max_frame_bytes: int) -> int:
+    """Ranks > 0: train on every batch rank 0 forwards, until it says stop."""
+    while True:
+        item = fanout_recv()
+        if item == _TICK:
+            continue
+        if item == _SHUTDOWN:
+            return 0
+        if item == _PEER_LOST:
+            log.error("learner.coordinator_lost", detail="rank 0 lost the coordinator; exiting")
+            return 1
+        learner.step(decode(item, max_frame_bytes=max_frame_bytes))
+
+
+# ---- rank 0: the coordinator's peer --------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
+    peer = make_peer(args, cfg, "learner")  # Hello(role="learner", worker_id=0)
+    await peer.start()  # Hello goes out now; heartbeats flow while DeepSpeed initialises below
+    learner = None
+    try:
+        t0 = time.perf_counter()
+        learner = await asyncio.to_thread(LearnerRank, cfg, args.init, args.weights_dir)
+        log.info("learner.ready", world=learner.world, init_s=round(time.perf_counter() - t0, 2))
+        while True:
+            try:
+                msg: LearnerInbox = await peer.recv(timeout=_TICK_S)
+            except TimeoutError:
+                await asyncio.to_thread(fanout_send, None, _TICK)
+                continue
+            match msg:
+                case TrainBatch():
+                    result = await asyncio.to_thread(_train_and_publish, learner, msg, encode(msg))
+                    await peer.send(result)
+                case Shutdown():
+                    await asyncio.to_thread(fanout_send, None, _SHUTDOWN)
+                    log.info("learner.shutdown", reason=msg.reason, version=learner.version)
+                    return 0
+                case _:
+                    log.warning("learner.unexpected_message", type=type(msg).__name__)
+    except PeerLost as e:
+        log.error("learner.coordinator_lost", endpoint=args.endpoint, error=str(e))
+        if learner is not None:
+            await asyncio.to_thread(fanout_send, None, _PEER_LOST)
+        return 1
+    except Exception:  # the actor boundary: report, then exit non-zero (torchrun stops the other ranks)
+        error = traceback.format_exc()
+        log.error("learner.failed", error=error)
+        try:
+            await peer.send(ErrorReport(where="learner", error=error))
+            await asyncio.sleep(_REPORT_GRACE_S)  # close() drops unsent frames (linger 0)
+        except Exception as send_error:
+            log.error("learner.error_report_failed", error=repr(send_error))
+        return 1
+    finally:
+        await peer.close()
+
+
+def _train_and_publish(learner: LearnerRank, batch: TrainBatch, frame: bytes) -> TrainResult:
+    fanout_send(frame)
+    stats = learner.step(batch)
+    t0 = time.perf_counter()
+    path = learner.publish()
+    stats["publish_s"] = time.perf_counter() - t0
+    return TrainResult(step=batch.step, version=learner.version, weights_path=path, stats=stats)
+
+
+# ---- entry point ---------------------------------------------------------------------------------------
+
+
+def _on_signal(signum, _frame) -> None:
+    # Quiet and immediate: a rank may be inside a collective that would never finish without its peers.
+    log.info("learner.signal", signal=signal.Signals(signum).name)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = actor_parser("python -m actors.learner", __doc__.split("\n")[0])  # --endpoint, --config, --worker-id
+    p.add_argument("--init", required=True, help="HF save_pretrained folder holding the version-0 weights")
+    p.add_argument("--weights-dir", required=True, help="where policy_v{version}.safetensors files go")
+    args = p.parse_args(argv)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    cfg = load_resolved(args.config)
+    rank = int(os.environ.get("RANK", "0"))
+    configure_logging(role="learner", rank=rank, json_lines=cfg.log_json)
+    torch.set_num_threads(cfg.learner.threads_per_rank)
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)  # raised inside DeepSpeed's ZeRO
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip accelerator probing (and its warning)
+
+    if rank == 0:
+        code = run(_serve(args, cfg))
+    else:
+        try:
+            code = _follow(LearnerRank(cfg, args.init, args.weights_dir), cfg.transport.max_frame_bytes)
+        except Exception as e:  # rank 0 reports to the coordinator; here one line is enough
+            log.error("learner.rank_failed", error=f"{type(e).__name__}: {e}")
+            time.sleep(2 * _REPORT_GRACE_S)  # torchrun kills rank 0 once we exit: let it send its ErrorReport
+            code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

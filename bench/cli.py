@@ -1,0 +1,45 @@
+"""``everyprompt-bench``: measurements, never assertions. Each bench prints a human table and, as the last
+stdout line, one JSON object (config, hardware, metrics).
+
+  everyprompt-bench codec       encode/decode throughput of rollout-sized frames through transport/codec.py
+  everyprompt-bench generate    rollout tokens/s of the transformers backend by batch size and thread count
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+from bench import codec_bench, generate_bench
+
+BENCHES = {"codec": codec_bench.main, "generate": generate_bench.main}
+
+
+def hardware() -> dict:
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="everyprompt-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", choices=sorted(BENCHES))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the bench (see its --help)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    result = BENCHES[a.bench](a.args)
+    print(json.dumps({"bench": a.bench, "hardware": hardware(), **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

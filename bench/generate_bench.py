@@ -1,0 +1,42 @@
+"""Generation throughput of the transformers backend (the embedded tiny Qwen3-MoE) by batch and threads."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from configs.schema import ModelConfig
+from engine.model import build_model, generate
+from engine.tasks import CharTokenizer
+
+
+def main(argv: list[str]) -> dict:
+    from bench.cli import print_table
+
+    p = argparse.ArgumentParser(prog="everyprompt-bench generate")
+    p.add_argument("--batches", default="16,128,512")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--prompt-len", type=int, default=12)
+    p.add_argument("--new-tokens", type=int, default=16)
+    a = p.parse_args(argv)
+    tok = CharTokenizer()
+    model = build_model(ModelConfig(), tok.vocab_size, seed=0).eval()
+    rows, out = [], []
+    for threads in map(int, a.threads.split(",")):
+        torch.set_num_threads(threads)
+        for batch in map(int, a.batches.split(",")):
+            prompts = [[(i * 7 + j) % 10 + 3 for j in range(a.prompt_len)] for i in range(batch)]
+            run = lambda: generate(model, prompts, max_new_tokens=a.new_tokens, temperature=1.0,  # noqa: E731
+                                   eos_id=-1, pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0))
+            run()  # warm-up
+            t0 = time.perf_counter()
+            outs = run()
+            dt = time.perf_counter() - t0
+            new_tokens = sum(len(ids) for ids, _ in outs)
+            rows.append([threads, batch, new_tokens, dt, new_tokens / dt])
+            out.append({"threads": threads, "batch": batch, "new_tokens": new_tokens, "seconds": dt,
+                        "tokens_per_s": new_tokens / dt})
+    print_table(["threads", "batch", "new_tokens", "seconds", "tokens/s"], rows)
+    return {"config": vars(a), "metrics": out}

@@ -1,0 +1,195 @@
+"""The learner under its real launcher: torchrun with 2 gloo ranks; the test plays the coordinator (a Hub)."""
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actors.learner import learner_command, learner_env, shard_bounds
+from configs.load import save
+from configs.schema import ModelConfig, RunConfig
+from engine.model import build_model, load_model, save_model
+from transport.channels import Hub, run
+from transport.messages import ErrorReport, Hello, Shutdown, TrainBatch, TrainResult
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 24
+START_S = 240.0  # torchrun, imports and DeepSpeed init on a busy 2-core box (no JIT build: actors/learner.py)
+
+
+def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0) -> tuple[RunConfig, str, str]:
+    cfg = RunConfig()
+    cfg.out_dir = str(tmp_path)
+    cfg.model = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                            num_experts=4, top_k=2, moe_intermediate_size=32)
+    cfg.learner.num_ranks = 2
+    cfg.learner.lr = 1e-2
+    cfg.transport.heartbeat_s = 0.5
+    cfg.transport.peer_timeout_s = peer_timeout_s
+    config_path = tmp_path / "config.yaml"
+    save(cfg, config_path)
+    init_dir = tmp_path / "init"
+    save_model(build_model(cfg.model, VOCAB, seed=0), init_dir)
+    return cfg, str(config_path), str(init_dir)
+
+
+def _batch(step: int, num_seqs: int = 7, prompt_len: int = 4, max_resp: int = 6, seed: int = 0) -> TrainBatch:
+    rng = np.random.default_rng(seed)
+    resp = rng.integers(1, max_resp + 1, size=num_seqs).astype(np.int32)
+    length = prompt_len + max_resp
+    ids = rng.integers(3, VOCAB, size=(num_seqs, length)).astype(np.int32)
+    in_resp = (np.arange(length) >= prompt_len) & (np.arange(length) < prompt_len + resp[:, None])
+    ids[np.arange(length) >= prompt_len + resp[:, None]] = 0  # right padding
+    return TrainBatch(step=step, input_ids=ids, prompt_lens=np.full(num_seqs, prompt_len, np.int32),
+                      response_lens=resp, behavior_logprobs=np.where(in_resp, -3.0, 0.0).astype(np.float32),
+                      token_versions=np.where(in_resp, step - 1, -1).astype(np.int32),
+                      advantages=rng.standard_normal(num_seqs).astype(np.float32))
+
+
+class _Learner:
+    """The torchrun process group, killed by handle (its whole session) if the test does not end cleanly."""
+
+    def __init__(self, tmp_path: Path, cfg: RunConfig, config_path: str, init_dir: str, endpoint: str):
+        self.log_path = tmp_path / "learner.log"
+        argv = learner_command(cfg, config_path=config_path, endpoint=endpoint, init_dir=init_dir,
+                               weights_dir=str(tmp_path / "weights"), master_port=0)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **learner_env(cfg)},
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)  # one process group: torchrun + ranks
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    async def wait(self, timeout: float) -> int:
+        for _ in range(int(timeout / 0.1)):
+            if (code := self.proc.poll()) is not None:
+                return code
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"learner did not exit within {timeout}s; log tail:\n{self.log()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+async def _expect(hub: Hub, learner: _Learner, kind: type, timeout: float):
+    try:
+        _, msg = await hub.recv(timeout=timeout)
+    except TimeoutError:
+        raise AssertionError(f"no {kind.__name__} within {timeout}s; log tail:\n{learner.log()}") from None
+    assert isinstance(msg, kind), f"expected {kind.__name__}, got {msg!r:.2000}"
+    return msg
+
+
+def test_shard_bounds_cover_every_sequence_once():
+    for n in (1, 2, 7, 8, 512):
+        for world in (1, 2, 3):
+            parts = [shard_bounds(n, r, world) for r in range(world)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+
+
+def test_learner_command_is_a_torchrun_argv(tmp_path):
+    cfg, config_path, _ = RunConfig(), "c.yaml", None
+    cfg.learner.num_ranks = 3
+    argv = learner_command(cfg, config_path=config_path, endpoint="tcp://127.0.0.1:1", init_dir="i",
+                           weights_dir="w", master_port=0)
+    assert argv[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=3" in argv
+    port = int(next(a for a in argv if a.startswith("--master-port=")).split("=")[1])
+    assert 0 < port < 65536
+    assert argv[argv.index("-m", 3) + 1] == "actors.learner"
+    env = learner_env(cfg)
+    assert env["OMP_NUM_THREADS"] == str(cfg.learner.threads_per_rank)
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_train_publish_and_shut_down(tmp_path):
+    cfg, config_path, init_dir = _setup(tmp_path)
+    initial = load_model(init_dir).state_dict()  # HF files hold experts unfused; the learner saves these
+
+    async def coordinator():
+        hub = Hub(heartbeat_s=cfg.transport.heartbeat_s, peer_timeout_s=cfg.transport.peer_timeout_s)
+        await hub.start()
+        learner = _Learner(tmp_path, cfg, config_path, init_dir, hub.endpoint)
+        try:
+            hello = await _expect(hub, learner, Hello, START_S)
+            assert hello.role == "learner" and hello.worker_id == 0
+            peer = next(iter(hub.peers))
+            results = []
+            for step in (1, 2, 3):
+                await hub.send(peer, _batch(step, seed=step))
+                results.append(await _expect(hub, learner, TrainResult, START_S))
+            await hub.send(peer, Shutdown(reason="test done"))
+            code = await learner.wait(60)
+            assert code == 0, f"torchrun exited {code}; log tail:\n{learner.log()}"
+            return results
+        finally:
+            learner.kill()
+            await hub.close()
+
+    results = run(coordinator())
+    assert [r.version for r in results] == [1, 2, 3] and [r.step for r in results] == [1, 2, 3]
+    first = results[0]
+    for key in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean",
+                "ratio_max", "grad_norm", "tokens", "train_s"):
+        assert np.isfinite(first.stats[key]), (key, first.stats)
+    assert first.stats["tokens"] == _batch(1, seed=1).response_lens.sum()  # both ranks' shards counted once
+    assert first.stats["grad_norm"] > 0
+    weights = load_file(first.weights_path.replace("v1", "v3"))
+    assert weights.keys() == initial.keys()
+    assert any(not torch.equal(weights[k], initial[k]) for k in initial)
+    on_disk = sorted(p.name for p in (tmp_path / "weights").glob("*.safetensors"))
+    assert on_disk == ["policy_v2.safetensors", "policy_v3.safetensors"]  # only the newest two are kept
+
+
+@pytest.mark.timeout(300)
+def test_failed_step_reports_error_and_all_ranks_exit_nonzero(tmp_path):
+    cfg, config_path, init_dir = _setup(tmp_path)
+
+    async def coordinator():
+        hub = Hub(heartbeat_s=cfg.transport.heartbeat_s, peer_timeout_s=cfg.transport.peer_timeout_s)
+        await hub.start()
+        learner = _Learner(tmp_path, cfg, config_path, init_dir, hub.endpoint)
+        try:
+            await _expect(hub, learner, Hello, START_S)
+            good = _batch(1)
+            bad = TrainBatch(**{**{f: getattr(good, f) for f in TrainBatch.__slots__},
+                                "advantages": np.zeros(0, np.float32)})  # no advantage for any sequence
+            await hub.send(next(iter(hub.peers)), bad)
+            report = await _expect(hub, learner, ErrorReport, START_S)
+            assert report.where == "learner" and "advantages" in report.error
+            assert await learner.wait(60) != 0
+        finally:
+            learner.kill()
+            await hub.close()
+
+    run(coordinator())
+
+
+@pytest.mark.timeout(300)
+def test_ranks_exit_nonzero_when_the_coordinator_vanishes(tmp_path):
+    cfg, config_path, init_dir = _setup(tmp_path, peer_timeout_s=3.0)
+
+    async def coordinator():
+        hub = Hub(heartbeat_s=cfg.transport.heartbeat_s, peer_timeout_s=cfg.transport.peer_timeout_s)
+        await hub.start()
+        learner = _Learner(tmp_path, cfg, config_path, init_dir, hub.endpoint)
+        try:
+            await _expect(hub, learner, Hello, START_S)
+            await hub.close()  # silent from now on
+            assert await learner.wait(START_S) != 0
+            assert "learner.coordinator_lost" in learner.log()
+        finally:
+            learner.kill()
+            await hub.close()
+
+    run(coordinator())
