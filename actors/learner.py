@@ -4,7 +4,7 @@ consumes: TrainBatch, Shutdown (coordinator -> rank 0)
 produces: TrainResult | ErrorReport (rank 0 -> coordinator)
 blocks on: the forward/backward/step of every rank (in a thread on rank 0, so heartbeats keep flowing)
 
-Launch (what ``learner_command`` builds; the coordinator runs it):
+Launch (what ``engine.launch.learner_command`` builds; the coordinator runs it):
 
     python -m torch.distributed.run --nproc-per-node=R --nnodes=1 --master-addr=127.0.0.1 --master-port=P \
         -m actors.learner --config run/config.yaml --endpoint tcp://127.0.0.1:PORT \
@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -54,6 +53,7 @@ from actors.common import actor_parser, make_peer
 from configs.load import load_resolved
 from configs.schema import LearnerConfig, RunConfig
 from engine.log import configure_logging
+from engine.procs import die_with_parent
 from engine.losses import LOSSES
 from engine.model import load_model, save_weights, token_logprobs
 from transport.channels import PeerLost, run
@@ -69,37 +69,6 @@ _TICK_S = 60.0  # idle rank 0 sends a tick this often; far below gloo's 30 min c
 _POLL_S = 0.02  # ranks > 0 poll their pending broadcast at this period (s)
 _KEEP_VERSIONS = 2
 _REPORT_GRACE_S = 0.5  # time for the ErrorReport frame to leave before the socket closes
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-# ---- launching (used by the coordinator) ---------------------------------------------------------------
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def learner_command(cfg: RunConfig, *, config_path: str, endpoint: str, init_dir: str, weights_dir: str,
-                    master_port: int) -> list[str]:
-    """The torchrun argv that starts ``cfg.learner.num_ranks`` learner ranks (run it with ``learner_env``)."""
-    port = master_port or _free_port()  # a small race with other binders; torchrun fails loudly if it loses
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.learner.num_ranks}",
-            "--nnodes=1", "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}",
-            "--max-restarts=0", "-m", "actors.learner", "--config", str(config_path), "--endpoint", endpoint,
-            "--init", str(init_dir), "--weights-dir", str(weights_dir)]
-
-
-def learner_env(cfg: RunConfig) -> dict[str, str]:
-    """Environment additions for ``learner_command`` (merge them into os.environ)."""
-    env = {"OMP_NUM_THREADS": str(cfg.learner.threads_per_rank),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:  # DeepSpeed's JIT builds (none by default, see module doc)
-        env["TORCH_EXTENSIONS_DIR"] = str(Path(cfg.out_dir).resolve() / ".torch_extensions")
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
 
 
 # ---- one rank's model and step -------------------------------------------------------------------------
@@ -340,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+    die_with_parent()  # torchrun starts ranks in their own sessions: never outlive it
     cfg = load_resolved(args.config)
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(role="learner", rank=rank, json_lines=cfg.log_json)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from actors.learner import learner_command
+from engine.launch import learner_command, learner_env
 from configs.schema import RunConfig
 from engine.buffer import GroupBuffer
 from engine.procs import Child, python_module, spawn, stop_all
@@ -61,13 +60,6 @@ class Actors:
     learner: Learner
 
 
-def _learner_env(cfg: RunConfig, run_dir: Path) -> dict[str, str]:
-    env = {"OMP_NUM_THREADS": str(cfg.learner.threads_per_rank)}
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(cfg.out_dir).resolve()
-                                                                                        / ".torch_extensions")))
-    return env
-
-
 def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str) -> list[Child]:
     config_path, logs = str(run_dir / "config.yaml"), run_dir / "logs"
     common = ["--endpoint", endpoint, "--config", config_path]
@@ -81,7 +73,7 @@ def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str) -> l
                               log_dir=logs, env={"OMP_NUM_THREADS": "1"}))
     argv = learner_command(cfg, config_path=config_path, endpoint=endpoint, init_dir=init_dir,
                            weights_dir=str(run_dir / "weights"), master_port=cfg.learner.master_port)
-    children.append(spawn("learner", argv, log_dir=logs, env=_learner_env(cfg, run_dir)))
+    children.append(spawn("learner", argv, log_dir=logs, env=learner_env(cfg)))
     return children
 
 

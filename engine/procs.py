@@ -20,12 +20,17 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup() -> None:  # runs in the child between fork and exec
-    os.setsid()
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (Linux; elsewhere heartbeats still apply)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the heartbeat guard still applies
+    except (OSError, AttributeError):
         pass
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    die_with_parent()
 
 
 @dataclass

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.learner import learner_command, learner_env, shard_bounds
+from actors.learner import shard_bounds
+from engine.launch import learner_command, learner_env
 from configs.load import save
 from configs.schema import ModelConfig, RunConfig
 from engine.model import build_model, load_model, save_model

@@ -1,0 +1,127 @@
+"""Cold-start SFT: teach the random-init model the answer format, stop at a dev-accuracy target, cache.
+
+Stopping on greedy dev accuracy (not on a step count) is what makes the RL stage's headroom predictable:
+accuracy on arithmetic jumps sharply partway through training, at a step that varies with seed and CPU.
+The checkpoint is an HF ``save_pretrained`` folder under ``sft.cache_dir``, keyed by a hash of everything
+that determines it, so later runs with the same model/task/SFT config skip training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configs.schema import RunConfig
+from engine.model import build_model, evaluate_greedy, save_model
+from engine.tasks import Task
+
+_STATS_FILE = "sft_stats.json"
+_NOT_IN_KEY = {"enabled", "cache_dir", "max_time_s"}  # these do not change what a finished run would produce
+
+
+def cache_key(cfg: RunConfig, task: Task) -> str:
+    sft = {k: v for k, v in dataclasses.asdict(cfg.sft).items() if k not in _NOT_IN_KEY}
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "init_from"}
+    blob = json.dumps({"model": model, "task": dataclasses.asdict(cfg.task), "sft": sft,
+                       "vocab": task.tokenizer.vocab, "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _batch(task: Task, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, loss_mask), each [B, L]."""
+    rows = [task.sft_ids(ex) for ex in examples]
+    L = max(len(ids) for ids, _ in rows)
+    ids_BL = torch.full((len(rows), L), task.tokenizer.pad_id, dtype=torch.long)
+    attn_BL = torch.zeros((len(rows), L), dtype=torch.long)
+    loss_BL = torch.zeros((len(rows), L), dtype=torch.float32)
+    for i, (ids, mask) in enumerate(rows):
+        ids_BL[i, :len(ids)] = torch.tensor(ids)
+        attn_BL[i, :len(ids)] = 1
+        loss_BL[i, :len(ids)] = torch.tensor(mask, dtype=torch.float32)
+    return ids_BL, attn_BL, loss_BL
+
+
+def train_sft(cfg: RunConfig, task: Task, *, progress: bool = True, log: Callable[[str], None] = print):
+    """Train from random init until dev accuracy >= target (or a step/time limit) -> (model, stats)."""
+    s = cfg.sft
+    tok = task.tokenizer
+    model = build_model(cfg.model, tok.vocab_size, seed=s.seed, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                        eos_id=tok.eos_id)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    rng = random.Random(s.seed)
+    t0, step, dev_acc, history = time.monotonic(), 0, 0.0, []
+    bar = tqdm(total=s.max_steps, desc="sft", disable=not progress, dynamic_ncols=True)
+    while step < s.max_steps and time.monotonic() - t0 < s.max_time_s:
+        ids_BL, attn_BL, loss_BL = _batch(task, task.sample_train(rng, s.batch_size))
+        logits_BLV = model(input_ids=ids_BL, attention_mask=attn_BL, use_cache=False).logits[:, :-1]
+        nll_BL = F.cross_entropy(logits_BLV.transpose(1, 2), ids_BL[:, 1:], reduction="none")
+        loss = (nll_BL * loss_BL[:, 1:]).sum() / loss_BL[:, 1:].sum()
+        for group in opt.param_groups:  # linear warmup, then constant
+            group["lr"] = s.lr * min(1.0, (step + 1) / max(1, s.warmup_steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % s.eval_every == 0:
+            dev_acc = evaluate_greedy(model, task, task.dev_set)
+            history.append((step, round(time.monotonic() - t0, 2), dev_acc))
+            bar.set_postfix(loss=f"{loss.item():.3f}", dev_acc=f"{dev_acc:.3f}")
+            if dev_acc >= s.target_accuracy:
+                break
+    bar.close()
+    seconds = time.monotonic() - t0
+    reached = dev_acc >= s.target_accuracy
+    if not reached:
+        warnings.warn(f"SFT stopped at step {step} after {seconds:.0f} s with dev accuracy {dev_acc:.3f}, "
+                      f"below sft.target_accuracy={s.target_accuracy}; raise sft.max_steps / sft.max_time_s "
+                      "or lower the target", stacklevel=2)
+    stats = {"steps": step, "seconds": round(seconds, 2), "dev_accuracy": dev_acc, "reached_target": reached,
+             "target_accuracy": s.target_accuracy, "history": history}
+    log(f"sft done: {step} steps, {seconds:.1f} s, dev accuracy {dev_acc:.3f}")
+    return model, stats
+
+
+def ensure_sft_checkpoint(cfg: RunConfig, task: Task, *, progress: bool = True,
+                          log: Callable[[str], None] = print) -> tuple[str, dict]:
+    """Path of an HF save_pretrained folder holding the SFT model, plus stats
+    (steps, seconds, dev_accuracy, reached_target, cached). Trains only on a cache miss."""
+    final = Path(cfg.sft.cache_dir) / f"sft-{cache_key(cfg, task)}"
+    if (final / _STATS_FILE).exists():
+        stats = json.loads((final / _STATS_FILE).read_text())
+        log(f"sft cache hit: {final}")
+        return str(final), {**stats, "cached": True}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the actors are not running yet: take every core
+    try:
+        torch.manual_seed(cfg.sft.seed)
+        model, stats = train_sft(cfg, task, progress=progress, log=log)
+    finally:
+        torch.set_num_threads(threads)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        save_model(model, tmp)
+        (tmp / _STATS_FILE).write_text(json.dumps(stats, indent=1))
+        os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / _STATS_FILE).exists():  # not a lost race with another writer
+            raise
+    return str(final), {**stats, "cached": False}
+
