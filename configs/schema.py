@@ -21,7 +21,7 @@ class ModelConfig:
     """Tiny Qwen3-MoE built locally from this config (random init, no download)."""
 
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2  # 2 learns the built-in task fastest on a CPU (4 layers: SFT ~2x slower)
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
@@ -76,9 +76,9 @@ class SFTConfig:
     max_steps: int = 3000
     max_time_s: float = 240.0
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     warmup_steps: int = 20  # linear lr warmup, then constant
-    eval_every: int = 25
+    eval_every: int = 20  # accuracy jumps quickly once it starts: check often
     cache_dir: str = "runs/.sft_cache"
     seed: int = 0
 

@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+from configs.schema import ModelConfig, RunConfig, SFTConfig, TaskConfig
+from engine.model import load_model
+from engine.sft import ensure_sft_checkpoint
+from engine.tasks import build_task
+
+TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=4,
+                   top_k=2, moe_intermediate_size=32)
+
+
+@pytest.mark.timeout(60)
+def test_sft_checkpoint_is_cached_on_second_call(tmp_path):
+    cfg = RunConfig(model=TINY, task=TaskConfig(num_eval=8, num_dev=8),
+                    sft=SFTConfig(max_steps=5, batch_size=8, eval_every=2, cache_dir=str(tmp_path), seed=0))
+    task = build_task(cfg.task)
+    logs = []
+    with pytest.warns(UserWarning, match="below sft.target_accuracy"):
+        path, stats = ensure_sft_checkpoint(cfg, task, progress=False, log=logs.append)
+    assert stats["cached"] is False and stats["steps"] == 5 and stats["reached_target"] is False
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # the temp dir was renamed away
+    model = load_model(path)
+    assert model.config.vocab_size == task.tokenizer.vocab_size and model.config.num_hidden_layers == 1
+
+    path2, stats2 = ensure_sft_checkpoint(cfg, task, progress=False, log=logs.append)
+    assert path2 == path and stats2["cached"] is True and stats2["steps"] == 5
+
+    cfg.sft.lr = 1e-3  # a different recipe is a different checkpoint
+    with pytest.warns(UserWarning):
+        path3, stats3 = ensure_sft_checkpoint(cfg, task, progress=False, log=logs.append)
+    assert path3 != path and stats3["cached"] is False
