@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from configs.schema import RunConfig
 from engine.batch import batch_stats, pack_batch
-from engine.cluster import start_actors
+from engine.cluster import Actors, start_actors
 from engine.metrics import MetricsWriter
 from engine.rollouts import PromptItem
 from engine.sft import ensure_sft_checkpoint
@@ -34,8 +34,7 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     eval_items = [_item(task, i, ex) for i, ex in enumerate(task.eval_set)]
     async with start_actors(cfg, run_dir, init_dir) as a:  # every process up and connected, weights v0
-        eval_start = await a.rollouts.evaluate(eval_items, tag="start")
-        metrics.write({"event": "eval", "version": 0, **eval_start})
+        eval_start = await _evaluate(a, eval_items, 0, metrics)
         a.rollouts.start(_prompt_stream(task, cfg.seed), total_groups=cfg.train.num_steps * cfg.train.groups_per_step)
         version, t_rl = 0, time.monotonic()
         for step in tqdm(range(1, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress, unit="step"):
@@ -53,14 +52,22 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
                            "gen_tokens_per_s": (a.rollouts.num_generated_tokens - tokens0) / step_s,
                            "train_tokens_per_s": result.stats.get("tokens", 0.0) / step_s,
                            "discarded_stale": a.buffer.num_discarded_stale, "buffered_groups": len(a.buffer)})
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.num_steps:
+                await _evaluate(a, eval_items, version, metrics)
         rl_s = time.monotonic() - t_rl
-        await a.rollouts.wait_weights(version)
-        eval_end = await a.rollouts.evaluate(eval_items, tag="end")
-        metrics.write({"event": "eval", "version": version, **eval_end})
+        eval_end = await _evaluate(a, eval_items, version, metrics)
     metrics.close()
     return {"steps": cfg.train.num_steps, "eval_accuracy_start": eval_start["accuracy"],
             "eval_accuracy_end": eval_end["accuracy"], "sft_cached": sft["cached"], "sft_s": sft["seconds"],
             "rl_s": rl_s, "wall_s": time.monotonic() - t_start}
+
+
+async def _evaluate(a: Actors, items: list[PromptItem], version: int, metrics: MetricsWriter) -> dict:
+    """Greedy accuracy of policy ``version`` (once every worker has loaded it), logged as an eval event."""
+    await a.rollouts.wait_weights(version)
+    result = await a.rollouts.evaluate(items, tag=f"v{version}")
+    metrics.write({"event": "eval", "version": version, **result})
+    return result
 
 
 def _item(task: Task, prompt_id: int, ex) -> PromptItem:

@@ -53,13 +53,18 @@ def write_report(metrics_path: Path, png_path: Path, *, title: str = "") -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(metrics_path) if "step" in r]
+    all_rows = read_metrics(metrics_path)
+    rows = [r for r in all_rows if "step" in r]
+    evals = [{"step": r["version"], "eval_accuracy": r["accuracy"]} for r in all_rows if r.get("event") == "eval"]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (key, label) in zip(axes.flat, _PANELS):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        pts = [(r["step"], r[key]) for r in (evals if key == "eval_accuracy" else rows) if r.get(key) is not None]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3)
+        if key == "eval_accuracy":
+            for x, y in pts:
+                ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center")
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -1,4 +1,5 @@
-"""Ctrl-C on a running job: every child process (workers, torchrun and its ranks) is gone, metrics stay readable."""
+"""Ctrl-C on a running job (2 learner ranks): every child process (workers, torchrun and its ranks) is gone, and
+metrics.jsonl stays readable."""
 
 import os
 import signal
@@ -29,7 +30,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_ctrl_c_stops_every_child_and_keeps_metrics(tmp_path):
     argv = [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={tmp_path}",
-            "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", "train.num_steps=1000"]
+            "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", "train.num_steps=1000", "learner.num_ranks=2"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "tiny" / "metrics.jsonl"
     try:
@@ -39,7 +40,7 @@ def test_ctrl_c_stops_every_child_and_keeps_metrics(tmp_path):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert len(_processes_mentioning(str(tmp_path))) >= 4  # coordinator, rollout, reward, learner (+ ranks)
+        assert len(_processes_mentioning(str(tmp_path))) >= 6  # coordinator, rollout, reward, torchrun and its 2 ranks
         proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
         out, err = proc.communicate(timeout=60)
     finally:
