@@ -1,0 +1,118 @@
+"""Rollout and reward workers as real child processes answering over loopback ZeroMQ; the test is the hub."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from configs.load import load, save
+from engine.model import build_model, save_model, save_weights
+from engine.procs import python_module, spawn, stop_all
+from engine.tasks import build_task
+from transport import (Completion, GenerateRequest, Hello, Hub, LoadWeights, ScoreRequest, Scored, Shutdown,
+                       WeightsLoaded, run)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _setup(tmp_path):
+    cfg = load(["transport.heartbeat_s=0.5"], config_name="tiny")
+    save(cfg, tmp_path / "config.yaml")
+    task = build_task(cfg.task)
+    model = build_model(cfg.model, task.tokenizer.vocab_size, seed=0)
+    save_model(model, tmp_path / "init")
+    return cfg, task, model
+
+
+async def _recv(hub: Hub, kind: type, child, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert child.exited() is None, f"{child.name} exited early:\n{child.log_tail()}"
+        try:
+            _, msg = await hub.recv(timeout=0.5)
+        except TimeoutError:
+            continue
+        assert isinstance(msg, kind), f"expected {kind.__name__}, got {type(msg).__name__}"
+        return msg
+    raise AssertionError(f"no {kind.__name__} within {timeout}s:\n{child.log_tail()}")
+
+
+async def _exit_code(child, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while child.exited() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return child.exited()
+
+
+def test_rollout_worker_process_generates_loads_weights_and_records_versions(tmp_path):
+    cfg, task, model = _setup(tmp_path)
+    prompt = np.asarray(task.prompt_ids(task.eval_set[0]), dtype=np.int32)
+
+    async def scenario():
+        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+        await hub.start()
+        child = spawn("rollout-0", python_module(
+            "actors.rollout_worker", "--endpoint", hub.endpoint, "--config", str(tmp_path / "config.yaml"),
+            "--worker-id", "0", "--init", str(tmp_path / "init")), log_dir=tmp_path / "logs")
+        try:
+            hello = await _recv(hub, Hello, child)
+            assert hello.role == "rollout"
+            peer = next(iter(hub.peers))
+            await hub.send(peer, GenerateRequest(group_id="g0", prompt_id=7, prompt_ids=prompt, num_samples=3,
+                                                 max_new_tokens=5, temperature=1.0))
+            first = [await _recv(hub, Completion, child) for _ in range(3)]
+            assert sorted(c.sample_index for c in first) == [0, 1, 2]
+            for c in first:
+                assert c.group_id == "g0" and c.prompt_id == 7 and 1 <= len(c.token_ids) <= 5
+                assert len(c.behavior_logprobs) == len(c.token_ids) == len(c.token_versions)
+                assert np.all(c.behavior_logprobs <= 0) and np.all(c.token_versions == 0)
+
+            with torch.no_grad():  # version 1: different weights, written where a learner would write them
+                for p in model.parameters():
+                    p.add_(0.01)
+            save_weights(model, tmp_path / "policy_v1.safetensors")
+            await hub.send(peer, LoadWeights(version=1, path=str(tmp_path / "policy_v1.safetensors")))
+            await hub.send(peer, GenerateRequest(group_id="g1", prompt_id=8, prompt_ids=prompt, num_samples=1,
+                                                 max_new_tokens=5, temperature=0.0))
+            assert (await _recv(hub, WeightsLoaded, child)).version == 1
+            greedy = await _recv(hub, Completion, child)
+            assert greedy.group_id == "g1" and np.all(greedy.token_versions == 1)
+
+            await hub.send(peer, Shutdown(reason="test"))
+            assert await _exit_code(child) == 0, child.log_tail()
+        finally:
+            stop_all([child], grace_s=0.0)
+            await hub.close()
+
+    run(scenario())
+
+
+def test_reward_worker_process_scores_responses(tmp_path):
+    cfg, task, _ = _setup(tmp_path)
+    ex = task.eval_set[0]
+    answer_ids = np.asarray(task.tokenizer.encode(ex.answer) + [task.tokenizer.eos_id], dtype=np.int32)
+    wrong_ids = np.asarray(task.tokenizer.encode(ex.answer + "9") + [task.tokenizer.eos_id], dtype=np.int32)
+
+    async def scenario():
+        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+        await hub.start()
+        child = spawn("reward-0", python_module(
+            "actors.reward_worker", "--endpoint", hub.endpoint, "--config", str(tmp_path / "config.yaml")),
+            log_dir=tmp_path / "logs")
+        try:
+            assert (await _recv(hub, Hello, child)).role == "reward"
+            peer = next(iter(hub.peers))
+            await hub.send(peer, ScoreRequest(sample_key="g/0", token_ids=answer_ids, answer=ex.answer))
+            await hub.send(peer, ScoreRequest(sample_key="g/1", token_ids=wrong_ids, answer=ex.answer))
+            scores = {s.sample_key: s for s in [await _recv(hub, Scored, child) for _ in range(2)]}
+            assert scores["g/0"].reward == 1.0 and scores["g/0"].valid and scores["g/0"].text == ex.answer
+            assert scores["g/1"].reward == 0.0 and scores["g/1"].valid
+            await hub.send(peer, Shutdown())
+            assert await _exit_code(child) == 0, child.log_tail()
+        finally:
+            stop_all([child], grace_s=0.0)
+            await hub.close()
+
+    run(scenario())
