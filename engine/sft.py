@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -54,7 +55,11 @@ def _batch(task: Task, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return ids_BL, attn_BL, loss_BL
 
 
-def train_sft(cfg: RunConfig, task: Task, *, progress: bool = True, log: Callable[[str], None] = print):
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)  # stdout is reserved for the run's summary line
+
+
+def train_sft(cfg: RunConfig, task: Task, *, progress: bool = True, log: Callable[[str], None] = _stderr):
     """Train from random init until dev accuracy >= target (or a step/time limit) -> (model, stats)."""
     s = cfg.sft
     tok = task.tokenizer
@@ -98,7 +103,7 @@ def train_sft(cfg: RunConfig, task: Task, *, progress: bool = True, log: Callabl
 
 
 def ensure_sft_checkpoint(cfg: RunConfig, task: Task, *, progress: bool = True,
-                          log: Callable[[str], None] = print) -> tuple[str, dict]:
+                          log: Callable[[str], None] = _stderr) -> tuple[str, dict]:
     """Path of an HF save_pretrained folder holding the SFT model, plus stats
     (steps, seconds, dev_accuracy, reached_target, cached). Trains only on a cache miss."""
     final = Path(cfg.sft.cache_dir) / f"sft-{cache_key(cfg, task)}"

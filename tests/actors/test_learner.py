@@ -1,6 +1,7 @@
 """The learner under its real launcher: torchrun with 2 gloo ranks; the test plays the coordinator (a Hub)."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,6 +91,20 @@ async def _expect(hub: Hub, learner: _Learner, kind: type, timeout: float):
     return msg
 
 
+@contextlib.asynccontextmanager
+async def _connected_learner(tmp_path: Path, cfg: RunConfig, config_path: str, init_dir: str):
+    """A Hub playing the coordinator and the learner under torchrun, connected (its Hello received)."""
+    hub = Hub(heartbeat_s=cfg.transport.heartbeat_s, peer_timeout_s=cfg.transport.peer_timeout_s)
+    await hub.start()
+    learner = _Learner(tmp_path, cfg, config_path, init_dir, hub.endpoint)
+    try:
+        hello = await _expect(hub, learner, Hello, START_S)
+        yield hub, learner, hello
+    finally:
+        learner.kill()
+        await hub.close()
+
+
 def test_shard_bounds_cover_every_sequence_once():
     for n in (1, 2, 7, 8, 512):
         for world in (1, 2, 3):
@@ -118,11 +133,7 @@ def test_two_ranks_train_publish_and_shut_down(tmp_path):
     initial = load_model(init_dir).state_dict()  # HF files hold experts unfused; the learner saves these
 
     async def coordinator():
-        hub = Hub(heartbeat_s=cfg.transport.heartbeat_s, peer_timeout_s=cfg.transport.peer_timeout_s)
-        await hub.start()
-        learner = _Learner(tmp_path, cfg, config_path, init_dir, hub.endpoint)
-        try:
-            hello = await _expect(hub, learner, Hello, START_S)
+        async with _connected_learner(tmp_path, cfg, config_path, init_dir) as (hub, learner, hello):
             assert hello.role == "learner" and hello.worker_id == 0
             peer = next(iter(hub.peers))
             results = []
@@ -133,9 +144,6 @@ def test_two_ranks_train_publish_and_shut_down(tmp_path):
             code = await learner.wait(60)
             assert code == 0, f"torchrun exited {code}; log tail:\n{learner.log()}"
             return results
-        finally:
-            learner.kill()
-            await hub.close()
 
     results = run(coordinator())
     assert [r.version for r in results] == [1, 2, 3] and [r.step for r in results] == [1, 2, 3]
@@ -157,11 +165,7 @@ def test_failed_step_reports_error_and_all_ranks_exit_nonzero(tmp_path):
     cfg, config_path, init_dir = _setup(tmp_path)
 
     async def coordinator():
-        hub = Hub(heartbeat_s=cfg.transport.heartbeat_s, peer_timeout_s=cfg.transport.peer_timeout_s)
-        await hub.start()
-        learner = _Learner(tmp_path, cfg, config_path, init_dir, hub.endpoint)
-        try:
-            await _expect(hub, learner, Hello, START_S)
+        async with _connected_learner(tmp_path, cfg, config_path, init_dir) as (hub, learner, _):
             good = _batch(1)
             bad = TrainBatch(**{**{f: getattr(good, f) for f in TrainBatch.__slots__},
                                 "advantages": np.zeros(0, np.float32)})  # no advantage for any sequence
@@ -169,9 +173,6 @@ def test_failed_step_reports_error_and_all_ranks_exit_nonzero(tmp_path):
             report = await _expect(hub, learner, ErrorReport, START_S)
             assert report.where == "learner" and "advantages" in report.error
             assert await learner.wait(60) != 0
-        finally:
-            learner.kill()
-            await hub.close()
 
     run(coordinator())
 
@@ -181,16 +182,9 @@ def test_ranks_exit_nonzero_when_the_coordinator_vanishes(tmp_path):
     cfg, config_path, init_dir = _setup(tmp_path, peer_timeout_s=3.0)
 
     async def coordinator():
-        hub = Hub(heartbeat_s=cfg.transport.heartbeat_s, peer_timeout_s=cfg.transport.peer_timeout_s)
-        await hub.start()
-        learner = _Learner(tmp_path, cfg, config_path, init_dir, hub.endpoint)
-        try:
-            await _expect(hub, learner, Hello, START_S)
+        async with _connected_learner(tmp_path, cfg, config_path, init_dir) as (hub, learner, _):
             await hub.close()  # silent from now on
             assert await learner.wait(START_S) != 0
             assert "learner.coordinator_lost" in learner.log()
-        finally:
-            learner.kill()
-            await hub.close()
 
     run(coordinator())
