@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _processes_mentioning(text: str) -> list[int]:
-    """Our own descendants are found by the unique tmp path on their command line (no pkill, no guessing)."""
+    """Our own descendants are found by the unique tmp path on their command line (never by process name, never guessing)."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
