@@ -154,6 +154,7 @@ class TransportConfig:
     heartbeat_s: float = 1.0
     peer_timeout_s: float = 60.0  # a peer silent this long is dead
     start_timeout_s: float = 180.0  # time allowed for every actor to say Hello
+    max_actor_restarts: int = 3  # rollout/reward worker restarts allowed per run before it fails
     max_frame_bytes: int = 256 * 1024 * 1024
 
 

@@ -41,6 +41,7 @@ class Group:
     prompt_ids: np.ndarray  # int32 [P]
     answer: str
     num_samples: int
+    temperature: float = 1.0
     samples: dict[int, Sample] = field(default_factory=dict)
 
     @property

@@ -2,8 +2,9 @@
 
 ``start_actors`` is the one place that knows the process map of DESIGN.md. Inside the ``async with`` block the
 caller gets ``Actors``: rollouts (engine/rollouts.py), the group buffer, and the learner handle. A background
-pump routes every incoming frame; a dead or silent actor, or an ErrorReport, aborts the block with
-``ActorFailed`` naming the actor and the tail of its log.
+pump routes every incoming frame. A dead or silent rollout or reward worker is restarted and its unfinished
+work re-queued (Supervisor, Rollouts); the learner failing, an ErrorReport, or too many restarts abort the block
+with ``ActorFailed`` naming the actor and the tail of its log.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import structlog
 from engine.launch import learner_command, learner_env
 from configs.schema import RunConfig
 from engine.buffer import GroupBuffer
-from engine.procs import Child, python_module, spawn, stop_all
+from engine.procs import Child, python_module, respawn, spawn, stop_all
 from engine.rollouts import Rollouts
 from transport import (Completion, ErrorReport, Hello, Hub, Scored, Shutdown, TrainBatch, TrainResult,
                        WeightsLoaded)
@@ -53,11 +54,58 @@ class Learner:
             log.warning("learner.unexpected_result", step=msg.step)
 
 
+class Supervisor:
+    """Owns the actor processes: which peer each one is, and restarts of rollout and reward workers.
+
+    A child that exited, or whose peer sent nothing for transport.peer_timeout_s, has failed. A failed rollout
+    or reward worker is killed (its whole session) and started again, up to transport.max_actor_restarts
+    times per run; the learner failing ends the run (resuming it from a checkpoint comes with elastic learners).
+    """
+
+    def __init__(self, hub: Hub, children: list[Child], *, max_restarts: int) -> None:
+        self._hub, self._max_restarts = hub, max_restarts
+        self.children = {c.name: c for c in children}
+        self.peer_of: dict[str, str] = {}  # child name -> peer id of its current process
+        self.num_restarts = 0
+
+    def joined(self, peer: str, msg: Hello) -> None:
+        name = "learner" if msg.role == "learner" else f"{msg.role}-{msg.worker_id}"
+        self.peer_of[name] = peer
+        log.info("actor.joined", name=name, pid=msg.pid)
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(child name, why) for every child that exited or went silent."""
+        silent = set(self._hub.dead_peers())
+        out = [(n, f"exited with code {c.exited()}") for n, c in self.children.items() if c.exited() is not None]
+        out += [(n, f"sent nothing for transport.peer_timeout_s={self._hub.peer_timeout_s}s")
+                for n, p in self.peer_of.items() if p in silent and all(n != m for m, _ in out)]
+        return out
+
+    async def restart(self, name: str, why: str) -> str | None:
+        """Start ``name`` again; returns the peer id of the failed process (None if it never said Hello)."""
+        child = self.children[name]
+        if name == "learner" or self.num_restarts >= self._max_restarts:
+            raise ActorFailed(f"{name} {why} (restarts used: {self.num_restarts} of transport.max_actor_restarts="
+                              f"{self._max_restarts}); see {child.log_path}. Last lines:\n{child.log_tail()}")
+        log.warning("actor.restarting", name=name, why=why, log=str(child.log_path))
+        self.children[name] = await asyncio.to_thread(respawn, child)
+        self.num_restarts += 1
+        old_peer = self.peer_of.pop(name, None)
+        if old_peer is not None:
+            self._hub.forget(old_peer)
+        return old_peer
+
+
 @dataclass
 class Actors:
     rollouts: Rollouts
     buffer: GroupBuffer
     learner: Learner
+    supervisor: Supervisor
+
+    def counters(self) -> dict[str, int]:
+        return {"discarded_stale": self.buffer.num_discarded_stale, "buffered_groups": len(self.buffer),
+                "actor_restarts": self.supervisor.num_restarts, **self.rollouts.counters()}
 
 
 def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str) -> list[Child]:
@@ -77,36 +125,34 @@ def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str) -> l
     return children
 
 
-def _check_children(children: list[Child]) -> None:
-    for c in children:
-        if (code := c.exited()) is not None:
-            raise ActorFailed(f"{c.name} exited with code {code}; see {c.log_path}. Last lines:\n{c.log_tail()}")
-
-
-async def _wait_for_hellos(hub: Hub, cfg: RunConfig, children: list[Child]) -> dict[str, list[str]]:
+async def _wait_for_hellos(hub: Hub, cfg: RunConfig, sup: Supervisor) -> dict[str, list[str]]:
+    """Every actor connected; a child that dies while starting fails the run (its log says why)."""
     want = {"rollout": cfg.rollout.num_workers, "reward": cfg.reward.num_workers, "learner": 1}
     joined: dict[str, list[tuple[int, str]]] = {role: [] for role in want}
     deadline = time.monotonic() + cfg.transport.start_timeout_s
     while any(len(joined[r]) < n for r, n in want.items()):
-        _check_children(children)
+        for name, c in sup.children.items():
+            if c.exited() is not None:
+                raise ActorFailed(f"{name} exited with code {c.exited()} while starting; see {c.log_path}. "
+                                  f"Last lines:\n{c.log_tail()}")
         if time.monotonic() > deadline:
             missing = {r: n - len(joined[r]) for r, n in want.items() if len(joined[r]) < n}
             raise ActorFailed(f"actors {missing} did not connect within transport.start_timeout_s="
-                              f"{cfg.transport.start_timeout_s}; see the logs in {children[0].log_path.parent}")
+                              f"{cfg.transport.start_timeout_s}; see the logs in {cfg.out_dir}/{cfg.name}/logs")
         try:
             peer, msg = await hub.recv(timeout=0.5)
         except TimeoutError:
             continue
         if isinstance(msg, Hello) and msg.role in joined:
             joined[msg.role].append((msg.worker_id, peer))
-            log.info("actor.joined", role=msg.role, worker_id=msg.worker_id, pid=msg.pid)
+            sup.joined(peer, msg)
         elif isinstance(msg, ErrorReport):
             raise ActorFailed(f"{msg.where} failed while starting:\n{msg.error}")
     return {role: [p for _, p in sorted(peers)] for role, peers in joined.items()}
 
 
-async def _pump(hub: Hub, a: Actors, children: list[Child]) -> None:
-    """Route every incoming message; raise ActorFailed on a dead actor. Runs for the whole block."""
+async def _pump(hub: Hub, a: Actors) -> None:
+    """Route every incoming message and restart failed workers. Runs for the whole block."""
     while True:
         try:
             peer, msg = await hub.recv(timeout=1.0)
@@ -121,16 +167,20 @@ async def _pump(hub: Hub, a: Actors, children: list[Child]) -> None:
                 a.rollouts.on_weights_loaded(peer, msg)
             case TrainResult():
                 a.learner.on_result(msg)
+            case Hello():  # a restarted worker
+                a.supervisor.joined(peer, msg)
+                await (a.rollouts.add_worker(peer) if msg.role == "rollout" else a.rollouts.add_reward(peer))
             case ErrorReport():
                 raise ActorFailed(f"{msg.where} reported an error:\n{msg.error}")
-            case None | Hello():
+            case None:
                 pass
             case _:
                 log.warning("coordinator.unexpected_message", type=type(msg).__name__, peer=peer)
-        _check_children(children)
-        if dead := hub.dead_peers():
-            raise ActorFailed(f"actors {[hub.peers[p].role for p in dead]} sent nothing for "
-                              f"transport.peer_timeout_s={hub.peer_timeout_s}; see {children[0].log_path.parent}")
+        for name, why in a.supervisor.failures():
+            old_peer = await a.supervisor.restart(name, why)
+            if old_peer is not None:
+                await (a.rollouts.remove_worker(old_peer) if name.startswith("rollout")
+                       else a.rollouts.remove_reward(old_peer))
 
 
 @contextlib.asynccontextmanager
@@ -140,17 +190,20 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str):
               peer_timeout_s=cfg.transport.peer_timeout_s, max_frame_bytes=cfg.transport.max_frame_bytes)
     await hub.start()
     children: list[Child] = []
+    sup: Supervisor | None = None
     try:
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir)
-        peers = await _wait_for_hellos(hub, cfg, children)
+        sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts)
+        peers = await _wait_for_hellos(hub, cfg, sup)
         buffer = GroupBuffer(on_discard=lambda: rollouts.capacity_freed())
         rollouts = Rollouts(hub, workers=peers["rollout"], rewards=peers["reward"], buffer=buffer,
                             group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
                             max_new_tokens=cfg.task.max_answer_tokens,
                             groups_per_step=cfg.train.groups_per_step, max_policy_lag=cfg.train.max_policy_lag)
-        actors = Actors(rollouts=rollouts, buffer=buffer, learner=Learner(hub, peers["learner"][0]))
+        actors = Actors(rollouts=rollouts, buffer=buffer, learner=Learner(hub, peers["learner"][0]),
+                        supervisor=sup)
         async with asyncio.TaskGroup() as tg:
-            pump = tg.create_task(_pump(hub, actors, children), name="coordinator.pump")
+            pump = tg.create_task(_pump(hub, actors), name="coordinator.pump")
             yield actors
             pump.cancel()
         await rollouts.stop()
@@ -158,5 +211,5 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str):
         for peer in list(hub.peers):
             with contextlib.suppress(Exception):
                 await hub.send(peer, Shutdown(reason="run finished"))
-        await asyncio.to_thread(stop_all, children)
+        await asyncio.to_thread(stop_all, list(sup.children.values()) if sup else children)
         await hub.close()

@@ -51,7 +51,7 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
                            "learner_wait_s": t_wait, "elapsed_s": time.monotonic() - t_start,
                            "gen_tokens_per_s": (a.rollouts.num_generated_tokens - tokens0) / step_s,
                            "train_tokens_per_s": result.stats.get("tokens", 0.0) / step_s,
-                           "discarded_stale": a.buffer.num_discarded_stale, "buffered_groups": len(a.buffer)})
+                           **a.counters()})
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.num_steps:
                 await _evaluate(a, eval_items, version, metrics)
         rl_s = time.monotonic() - t_rl

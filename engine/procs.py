@@ -38,6 +38,8 @@ class Child:
     name: str  # e.g. "rollout-0"
     popen: subprocess.Popen
     log_path: Path
+    argv: list[str]
+    env: dict[str, str] | None = None
 
     def exited(self) -> int | None:
         return self.popen.poll()
@@ -56,7 +58,13 @@ def spawn(name: str, argv: list[str], *, log_dir: Path, env: dict[str, str] | No
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  env=full_env, preexec_fn=_child_setup, close_fds=True)
-    return Child(name=name, popen=popen, log_path=log_path)
+    return Child(name=name, popen=popen, log_path=log_path, argv=argv, env=env)
+
+
+def respawn(child: Child) -> Child:
+    """Kill what is left of ``child`` (its whole session) and start it again with the same command line."""
+    stop_all([child], grace_s=0.0)
+    return spawn(child.name, child.argv, log_dir=child.log_path.parent, env=child.env)
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -9,12 +9,15 @@ at a time, so the k-th admitted group trains at step k // groups_per_step + 1. A
 sent to the workers have version >= that step - 1 - max_policy_lag (workers apply weights before the requests
 queued behind them) bounds the staleness of every token without discarding samples in steady state. Any group
 that is discarded anyway (see GroupBuffer) is replaced. Every sample is scored as soon as it arrives.
+
+Nothing is lost with an actor: when engine/cluster.py declares a rollout worker dead, each of its unfinished
+groups is generated again, whole, on a live worker (a group lives on one worker); when a reward worker dies, its
+unanswered score requests go to another one. Replies that the dead actor still had in flight are ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +49,13 @@ class Rollouts:
         self._inflight: dict[str, Group] = {}  # group_id -> group being generated or scored
         self._assigned: dict[str, str] = {}  # group_id -> worker peer id
         self._eval_results: dict[str, asyncio.Future] = {}
-        self._reward_rr = itertools.cycle(rewards)
+        self._scoring: dict[str, tuple[str, ScoreRequest]] = {}  # sample_key -> (reward peer, request)
+        self._unsent_scores: list[ScoreRequest] = []  # while no reward worker is alive
+        self._num_scored = 0  # round-robin position over reward workers
+        self._unassigned: list[str] = []  # groups waiting for a live worker
+        self._latest_weights: LoadWeights | None = None
+        self.num_requeued_groups = 0
+        self.num_requeued_scores = 0
         self._capacity_freed = asyncio.Event()
         self.worker_versions: dict[str, int] = {w: 0 for w in workers}
         self._versions_changed = asyncio.Event()
@@ -76,14 +85,21 @@ class Rollouts:
         self._capacity_freed.set()
 
     async def _submit(self, group_id: str, item: PromptItem, num_samples: int, temperature: float) -> None:
+        self._inflight[group_id] = Group(group_id=group_id, prompt_id=item.prompt_id,
+                                         prompt_ids=np.asarray(item.prompt_ids, dtype=np.int32), answer=item.answer,
+                                         num_samples=num_samples, temperature=temperature)
+        if self._workers:
+            await self._send_group(group_id)
+        else:  # every worker is being restarted: add_worker() hands it out (never wait here: see cluster._pump)
+            self._unassigned.append(group_id)
+
+    async def _send_group(self, group_id: str) -> None:
+        g = self._inflight[group_id]
         worker = min(self._workers, key=self._outstanding_samples)  # least-loaded; a group stays on one worker
-        prompt = np.asarray(item.prompt_ids, dtype=np.int32)
-        self._inflight[group_id] = Group(group_id=group_id, prompt_id=item.prompt_id, prompt_ids=prompt,
-                                         answer=item.answer, num_samples=num_samples)
         self._assigned[group_id] = worker
         await self._hub.send(worker, GenerateRequest(
-            group_id=group_id, prompt_id=item.prompt_id, prompt_ids=prompt, num_samples=num_samples,
-            max_new_tokens=self._max_new_tokens, temperature=temperature))
+            group_id=group_id, prompt_id=g.prompt_id, prompt_ids=g.prompt_ids, num_samples=g.num_samples,
+            max_new_tokens=self._max_new_tokens, temperature=g.temperature))
 
     def _outstanding_samples(self, worker: str) -> int:
         return sum(g.num_samples - len(g.samples) for gid, g in self._inflight.items()
@@ -92,22 +108,32 @@ class Rollouts:
     async def on_completion(self, msg: Completion) -> None:
         group = self._inflight.get(msg.group_id)
         if group is None or msg.sample_index in group.samples:
-            log.warning("rollouts.unexpected_completion", group_id=msg.group_id, sample_index=msg.sample_index)
+            log.info("rollouts.ignored_completion", group_id=msg.group_id, sample_index=msg.sample_index)
             return
         group.samples[msg.sample_index] = Sample(
             sample_index=msg.sample_index, token_ids=msg.token_ids, behavior_logprobs=msg.behavior_logprobs,
             token_versions=msg.token_versions, finish_reason=msg.finish_reason)
         self.num_generated_tokens += len(msg.token_ids)
         self.num_generated_samples += 1
-        await self._hub.send(next(self._reward_rr), ScoreRequest(
-            sample_key=f"{msg.group_id}/{msg.sample_index}", token_ids=msg.token_ids, answer=group.answer))
+        await self._score(ScoreRequest(sample_key=f"{msg.group_id}/{msg.sample_index}", token_ids=msg.token_ids,
+                                       answer=group.answer))
+
+    async def _score(self, req: ScoreRequest) -> None:
+        if not self._rewards:
+            self._unsent_scores.append(req)
+            return
+        peer = self._rewards[self._num_scored % len(self._rewards)]
+        self._num_scored += 1
+        self._scoring[req.sample_key] = (peer, req)
+        await self._hub.send(peer, req)
 
     def on_scored(self, msg: Scored) -> None:
+        self._scoring.pop(msg.sample_key, None)
         group_id, _, index = msg.sample_key.rpartition("/")
         group = self._inflight.get(group_id)
         sample = group.samples.get(int(index)) if group is not None else None
-        if sample is None or sample.reward is not None:
-            log.warning("rollouts.unexpected_score", sample_key=msg.sample_key)
+        if sample is None or sample.reward is not None:  # e.g. a group re-queued after its worker died
+            log.info("rollouts.ignored_score", sample_key=msg.sample_key)
             return
         sample.reward, sample.valid, sample.reward_parts = msg.reward, msg.valid, dict(msg.reward_parts)
         if not group.complete:
@@ -125,6 +151,7 @@ class Rollouts:
         """Send new weights to every worker; each applies them before its next batch (no waiting here)."""
         for w in self._workers:
             await self._hub.send(w, msg)
+        self._latest_weights = msg
         self.sent_version = max(self.sent_version, msg.version)
         self.capacity_freed()
 
@@ -133,9 +160,54 @@ class Rollouts:
         self._versions_changed.set()
 
     async def wait_weights(self, version: int) -> None:
-        while min(self.worker_versions.values()) < version:
+        while not self.worker_versions or min(self.worker_versions.values()) < version:
             self._versions_changed.clear()
             await self._versions_changed.wait()
+
+    # ---- membership: actors restarted by engine/cluster.py ------------------------------------------------
+
+    async def add_worker(self, peer: str) -> None:
+        """A (re)started rollout worker: bring it to the newest weights, then give it work."""
+        self._workers.append(peer)
+        self.worker_versions[peer] = 0
+        if self._latest_weights is not None:
+            await self._hub.send(peer, self._latest_weights)
+        unassigned, self._unassigned = self._unassigned, []
+        for group_id in unassigned:
+            await self._send_group(group_id)
+
+    async def remove_worker(self, peer: str) -> None:
+        """A dead rollout worker: generate each of its unfinished groups again, whole, on a live worker."""
+        self._workers.remove(peer)
+        self.worker_versions.pop(peer, None)
+        self._versions_changed.set()
+        for group_id in [g for g, w in self._assigned.items() if w == peer]:
+            group = self._inflight.pop(group_id)
+            del self._assigned[group_id]
+            for key in [k for k in self._scoring if k.rpartition("/")[0] == group_id]:
+                del self._scoring[key]
+            new_id = f"{group_id}.r{self.num_requeued_groups}"
+            if group_id in self._eval_results:
+                self._eval_results[new_id] = self._eval_results.pop(group_id)
+            self.num_requeued_groups += 1
+            item = PromptItem(prompt_id=group.prompt_id, prompt_ids=group.prompt_ids.tolist(), answer=group.answer)
+            await self._submit(new_id, item, group.num_samples, group.temperature)
+
+    async def add_reward(self, peer: str) -> None:
+        self._rewards.append(peer)
+        unsent, self._unsent_scores = self._unsent_scores, []
+        for req in unsent:
+            await self._score(req)
+
+    async def remove_reward(self, peer: str) -> None:
+        """A dead reward worker: send its unanswered requests to the others (or keep them for the next one)."""
+        self._rewards.remove(peer)
+        for _, req in [v for v in self._scoring.values() if v[0] == peer]:
+            self.num_requeued_scores += 1
+            await self._score(req)
+
+    def counters(self) -> dict[str, int]:
+        return {"requeued_groups": self.num_requeued_groups, "requeued_scores": self.num_requeued_scores}
 
     # ---- evaluation --------------------------------------------------------------------------------------
 

@@ -182,6 +182,10 @@ class Hub(_Channel):
             raise TimeoutError(f"only {len(ids)} of {count} {role} peers connected to {self.endpoint} within "
                                f"{timeout:.0f}s; check that they started and see their logs") from None
 
+    def forget(self, peer_id: str) -> None:
+        """Drop a peer the caller declared gone: no more heartbeats to it, and its frames count as unknown."""
+        self.peers.pop(peer_id, None)
+
     def dead_peers(self) -> list[str]:
         """Peers silent for longer than ``peer_timeout_s``."""
         now = time.monotonic()
