@@ -82,7 +82,14 @@ class Supervisor:
         return out
 
     async def restart(self, name: str, why: str) -> str | None:
-        """Start ``name`` again; returns the peer id of the failed process (None if it never said Hello)."""
+        """Start ``name`` again; returns the peer id of the failed process (None if it never said Hello).
+        A worker that joined on its own (everyprompt-rollout-worker started by hand) is not ours to restart:
+        it is only dropped, and its work re-queued by the caller."""
+        if name not in self.children:
+            log.warning("actor.lost", name=name, why=why)
+            old_peer = self.peer_of.pop(name)
+            self._hub.forget(old_peer)
+            return old_peer
         child = self.children[name]
         if name == "learner" or self.num_restarts >= self._max_restarts:
             raise ActorFailed(f"{name} {why} (restarts used: {self.num_restarts} of transport.max_actor_restarts="

@@ -39,3 +39,14 @@ def test_tiny_run_writes_sane_outputs(tmp_path):
         assert r["num_samples"] == 8 * 4 and r["gen_tokens_per_s"] >= 0
     assert (run_dir / "report.png").stat().st_size > 1000
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["learner.log", "reward-0.log", "rollout-0.log"]
+
+
+def test_user_jsonl_dataset_runs_end_to_end(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}*2=", "answer": str(2 * a)}) + "\n" for a in range(120)))
+    proc = _train(tmp_path, "task.name=jsonl", f"task.jsonl_path={data}", "train.num_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and 0.0 <= summary["eval_accuracy_end"] <= 1.0
+    rows = [r for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "step" in r]
+    assert [r["version"] for r in rows] == [1, 2]
