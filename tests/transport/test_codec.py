@@ -8,22 +8,9 @@ import numpy as np
 import pytest
 
 from transport.codec import DEFAULT_MAX_FRAME_BYTES, FrameError, decode, encode
-from transport.messages import (
-    MESSAGE_TYPES,
-    PROTOCOL_VERSION,
-    Completion,
-    ErrorReport,
-    GenerateRequest,
-    Heartbeat,
-    Hello,
-    LoadWeights,
-    ScoreRequest,
-    Scored,
-    Shutdown,
-    TrainBatch,
-    TrainResult,
-    WeightsLoaded,
-)
+from transport.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, Completion, ErrorReport, GenerateRequest, Heartbeat,
+                                Hello, LoadWeights, Scored, ScoreRequest, Shutdown, TrainBatch, TrainResult,
+                                WeightsLoaded)
 
 pytestmark = pytest.mark.timeout(10)
 
