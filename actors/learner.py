@@ -54,8 +54,9 @@ from configs.load import load_resolved
 from configs.schema import LearnerConfig, RunConfig
 from engine.log import configure_logging
 from engine.procs import die_with_parent
+from engine.espo import batch_entropy_threshold
 from engine.losses import LOSSES
-from engine.model import load_model, save_weights, token_logprobs
+from engine.model import load_model, old_policy_pass, save_weights, token_logprobs
 from transport.channels import PeerLost, run
 from transport.codec import decode, encode
 from transport.messages import ErrorReport, Shutdown, TrainBatch, TrainResult
@@ -101,6 +102,20 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a cached dict; edits persist by design
 
 
+def loss_settings(lc: LearnerConfig, *, vocab_size: int) -> tuple[str, dict]:
+    """(aggregation, keyword hyperparameters) for ``LOSSES[lc.loss]`` from the config."""
+    hyper, default_agg = {
+        "grpo": ({"clip_eps_low": lc.clip_eps_low, "clip_eps_high": lc.clip_eps_high}, "token_mean"),
+        "gspo": ({"clip_eps_low": lc.gspo_clip_eps_low, "clip_eps_high": lc.gspo_clip_eps_high},
+                 "seq_mean_token_mean"),
+        "cispo": ({"clip_eps_high": lc.cispo_clip_eps_high}, "token_mean"),
+        "espo": ({"vocab_size": vocab_size, "alpha": lc.espo_alpha, "rho": lc.espo_rho,
+                  "ratio_mode": lc.espo_ratio_mode, "entropy_quantile_scope": lc.espo_entropy_scope},
+                 "seq_mean_group_mean"),
+    }[lc.loss]
+    return (default_agg if lc.aggregation == "auto" else lc.aggregation), hyper
+
+
 class LearnerRank:
     """The model, optimizer and step of one rank; identical on every rank except ``publish`` (rank 0)."""
 
@@ -117,9 +132,9 @@ class LearnerRank:
                                                config=_deepspeed_config(cfg.learner))
         self.temperature = cfg.rollout.temperature
         self.loss_fn = LOSSES[cfg.learner.loss]
-        self.loss_hyper = {"clip_eps_low": cfg.learner.clip_eps_low,
-                           "clip_eps_high": cfg.learner.clip_eps_high}
-        self.aggregation = "token_mean"
+        self.aggregation, self.loss_hyper = loss_settings(cfg.learner, vocab_size=model.config.vocab_size)
+        self.batch_entropy_scope = cfg.learner.loss == "espo" and cfg.learner.espo_entropy_scope == "batch"
+        self.chunk_tokens = cfg.learner.entropy_chunk_tokens
         self.weights_dir = Path(weights_dir)
         self.version = 0
 
@@ -144,9 +159,19 @@ class LearnerRank:
         total_seqs = int((batch.response_lens > 0).sum())
         denom = max(total_tokens if self.aggregation == "token_mean" else total_seqs, 1)
 
+        # old-policy pass (no grad, chunked LM head): full-vocabulary entropy, and proximal log-probs to monitor
+        # how far the behaviour policy is from the weights being updated
+        prox_logp_NL, entropy_NL = old_policy_pass(self.engine.module, ids_NL, attn_NL, temperature=self.temperature,
+                                                   chunk_tokens=self.chunk_tokens)
+        hyper = dict(self.loss_hyper)
+        if self.batch_entropy_scope:
+            hyper["entropy_threshold"] = self._batch_entropy_threshold(entropy_NL, mask_NL)
         logp_NL = token_logprobs(self.engine, ids_NL, attn_NL, temperature=self.temperature)
-        loss, stats = self.loss_fn(logp_NL, old_logp_NL, adv_N, mask_NL, aggregation=self.aggregation,
-                                   denom=float(denom), **self.loss_hyper)
+        loss, stats = self.loss_fn(logp_NL, old_logp_NL, adv_N, mask_NL, entropy_NT=entropy_NL,
+                                   aggregation=self.aggregation, denom=float(denom), **hyper)
+        num_on = mask_NL.sum().clamp(min=1)
+        stats["entropy"] = (entropy_NL * mask_NL).sum() / num_on
+        stats["behavior_proximal_abs_diff"] = ((prox_logp_NL - old_logp_NL).abs() * mask_NL).sum() / num_on
         self.engine.backward(loss * self.world)  # DeepSpeed divides the summed gradients by world
         grad_norm = self._stage0_grad_norm()
         self.engine.step()
@@ -169,6 +194,19 @@ class LearnerRank:
                "tokens": tokens, "sequences": float(num_seqs), "lr": float(self.engine.get_lr()[0])}
         out["train_s"] = time.perf_counter() - t0
         return out
+
+    def _batch_entropy_threshold(self, entropy_NL: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
+        """ESPO's top-rho entropy threshold over the whole batch: every rank's trained tokens, all-gathered."""
+        local = entropy_NL[mask_NL]
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(counts, torch.tensor([local.numel()]))
+        width = max(int(c) for c in counts)
+        padded = torch.full((max(width, 1),), float("-inf"))
+        padded[: local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        everything = torch.cat(parts)
+        return batch_entropy_threshold(everything[None], torch.isfinite(everything)[None], self.loss_hyper["rho"])
 
     def _stage0_grad_norm(self) -> torch.Tensor | None:
         """Without ZeRO, DeepSpeed clips but does not keep the norm; the gradients are already all-reduced."""

@@ -3,6 +3,7 @@ stdout line, one JSON object (config, hardware, metrics).
 
   everyprompt-bench codec       encode/decode throughput of rollout-sized frames through transport/codec.py
   everyprompt-bench generate    rollout tokens/s of the transformers backend by batch size and thread count
+  everyprompt-bench losses      ESPO vs GSPO vs GRPO vs CISPO on the built-in task, same budget and seeds
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import os
 import platform
 import sys
 
-from bench import codec_bench, generate_bench
+from bench import codec_bench, generate_bench, loss_bench
 
-BENCHES = {"codec": codec_bench.main, "generate": generate_bench.main}
+BENCHES = {"codec": codec_bench.main, "generate": generate_bench.main, "losses": loss_bench.main}
 
 
 def hardware() -> dict:

@@ -118,11 +118,20 @@ class RewardConfig:
 class LearnerConfig:
     num_ranks: int = 1  # data-parallel ranks launched with torchrun
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2)
-    loss: str = "grpo"
+    loss: str = "espo"  # espo | gspo | grpo | cispo (engine/losses.py, engine/espo.py)
+    aggregation: str = "auto"  # auto = the loss's own: espo seq_mean_group_mean, gspo seq_mean_token_mean, else token_mean
     lr: float = 3e-4
     weight_decay: float = 0.0
-    clip_eps_low: float = 0.2
+    clip_eps_low: float = 0.2  # grpo token-level clip
     clip_eps_high: float = 0.28
+    gspo_clip_eps_low: float = 3e-4  # gspo sequence-level clip
+    gspo_clip_eps_high: float = 4e-4
+    cispo_clip_eps_high: float = 5.0  # cispo: upper bound of the clipped IS weight (no lower bound)
+    espo_alpha: float = 0.02  # espo: eps_tau = alpha * mean entropy of the group / ln|V|
+    espo_rho: float = 0.2  # espo: fraction of a response's tokens in the high-entropy group
+    espo_ratio_mode: str = "gspo_token"  # or "literal" (spec A.7)
+    espo_entropy_scope: str = "sequence"  # or "batch" (spec A.5)
+    entropy_chunk_tokens: int = 1024  # old-policy pass: tokens per chunk of full-vocabulary entropy
     grad_clip: float = 1.0
     threads_per_rank: int = 1
     master_port: int = 0  # 0 = pick a free port
@@ -130,7 +139,19 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2), "learner.zero_stage", self.zero_stage,
                  "use learner.zero_stage=1 or 2 (0 disables ZeRO)")
-        _require(self.loss in ("grpo",), "learner.loss", self.loss, "available: learner.loss=grpo")
+        _require(self.loss in ("espo", "gspo", "grpo", "cispo"), "learner.loss", self.loss,
+                 "choose learner.loss=espo, gspo, grpo or cispo")
+        _require(self.aggregation in ("auto", "token_mean", "seq_mean_token_mean", "seq_mean_group_mean"),
+                 "learner.aggregation", self.aggregation,
+                 "choose auto, token_mean, seq_mean_token_mean or seq_mean_group_mean (espo only)")
+        _require(self.aggregation != "seq_mean_group_mean" or self.loss == "espo", "learner.aggregation",
+                 self.aggregation, "entropy groups exist only in espo; pass learner.aggregation=auto")
+        _require(self.espo_ratio_mode in ("gspo_token", "literal"), "learner.espo_ratio_mode",
+                 self.espo_ratio_mode, "choose gspo_token or literal")
+        _require(self.espo_entropy_scope in ("sequence", "batch"), "learner.espo_entropy_scope",
+                 self.espo_entropy_scope, "choose sequence or batch")
+        _require(0 < self.espo_rho <= 1, "learner.espo_rho", self.espo_rho, "it must be in (0, 1]")
+        _require(self.espo_alpha > 0, "learner.espo_alpha", self.espo_alpha, "it must be positive")
         _require(self.num_ranks >= 1, "learner.num_ranks", self.num_ranks, "it must be >= 1")
         _require(self.lr > 0, "learner.lr", self.lr, "it must be positive")
 

@@ -40,3 +40,49 @@ def group_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: fl
     informative_N1 = (n_N1 >= 2) & (hi_N1 > lo_N1)
     adv_NG = (r_NG - mean_N1) / (std_N1 + eps)
     return torch.where(valid_NG & informative_N1, adv_NG, torch.zeros_like(adv_NG))
+
+
+def rl_zvp_advantages(
+    rewards_NG: Tensor,
+    valid_NG: Tensor | None,
+    entropy_NGT: Tensor,
+    mask_NGT: Tensor,
+    *,
+    alpha: float = 0.1,
+    success_threshold: float = 0.5,
+    shape_zero_variance: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Per-token advantages with RL-ZVP shaping of zero-variance groups (ALGORITHMS.md B.2.3) -> float [N, G, T].
+
+    T = padded response tokens. rewards_NG / valid_NG / eps: as group_advantages.
+    entropy_NGT: float [N, G, T] detached old-policy full-vocabulary entropy H_{i,t} of each response token.
+    mask_NGT: bool/{0,1} [N, G, T], 1 = a trained response token; every other entry of the result is 0.
+    alpha: alpha_zvp > 0 (CompassMax's value is unknown; 0.1 is a third-party RL-ZVP default).
+    success_threshold: a zero-variance group is "all-correct" when its common reward is >= this, else
+        "all-wrong" (0.5 separates {0, 1} and {-1, 1} binary rewards).
+    shape_zero_variance: False = plain Eq. 11 advantages broadcast to the tokens (zero-variance groups get 0).
+
+    Groups with reward variance among valid members: the Eq. 11 advantage of group_advantages, broadcast.
+    Zero-variance groups (>= 1 valid member, all valid rewards exactly equal), valid members only:
+        all-correct: A_{i,t} = +alpha * H_{i,t}
+        all-wrong:   A_{i,t} = -alpha * (max_k H_{i,k} - H_{i,t}), the max over response i's own trained
+                     tokens (so its most uncertain token gets 0 and confident tokens the largest penalty).
+    Invalid members and groups with no valid member get 0.
+    """
+    adv_NG = group_advantages(rewards_NG, valid_NG, eps)
+    m_NGT = mask_NGT.to(torch.bool)
+    adv_NGT = torch.where(m_NGT, adv_NG[..., None].to(entropy_NGT.dtype), torch.zeros_like(entropy_NGT))
+    if not shape_zero_variance:
+        return adv_NGT
+    valid_NG = torch.ones_like(rewards_NG, dtype=torch.bool) if valid_NG is None else valid_NG.to(torch.bool)
+    hi_NG = rewards_NG.masked_fill(~valid_NG, float("-inf")).amax(-1, keepdim=True)
+    lo_NG = rewards_NG.masked_fill(~valid_NG, float("inf")).amin(-1, keepdim=True)
+    zero_var_N1 = valid_NG.any(-1, keepdim=True) & (hi_NG == lo_NG)
+    correct_N1 = hi_NG >= success_threshold
+    h_NGT = torch.where(m_NGT, entropy_NGT.detach(), torch.zeros_like(entropy_NGT))
+    hmax_NG1 = torch.where(m_NGT, h_NGT, torch.full_like(h_NGT, float("-inf"))).amax(-1, keepdim=True)
+    hmax_NG1 = torch.where(torch.isfinite(hmax_NG1), hmax_NG1, torch.zeros_like(hmax_NG1))
+    zvp_NGT = torch.where(correct_N1[..., None], alpha * h_NGT, -alpha * (hmax_NG1 - h_NGT))
+    shaped_NGT = (zero_var_N1 & valid_NG)[..., None] & m_NGT
+    return torch.where(shaped_NGT, zvp_NGT, adv_NGT)

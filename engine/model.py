@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from configs.schema import ModelConfig
+from engine.entropy import logprobs_and_entropy
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, seed: int, pad_id: int = 0, bos_id: int = 1,
@@ -139,6 +140,18 @@ def token_logprobs(model: Qwen3MoeForCausalLM, input_ids: torch.Tensor, attentio
     picked_BL = logits_BLV.gather(-1, target_BL[..., None]).squeeze(-1)
     logp_BL = picked_BL - torch.logsumexp(logits_BLV, dim=-1)
     return F.pad(logp_BL, (1, 0), value=0.0)
+
+
+@torch.no_grad()
+def old_policy_pass(model: Qwen3MoeForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                    temperature: float = 1.0, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The old-policy pass: (logp_BL, entropy_BL), where [:, t] are the log-prob of token t and the full-vocabulary
+    entropy of the distribution it was drawn from (column 0 = 0). The LM head runs chunk by chunk over tokens
+    (engine/entropy.py), so no [B, L, V] tensor exists; peak extra memory is about 4 * chunk_tokens * V floats."""
+    hidden_BLH = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    logp_BL, entropy_BL = logprobs_and_entropy(hidden_BLH[:, :-1], model.lm_head.weight, input_ids[:, 1:],
+                                               temperature=temperature, chunk_tokens=chunk_tokens)
+    return F.pad(logp_BL, (1, 0), value=0.0), F.pad(entropy_BL, (1, 0), value=0.0)
 
 
 def evaluate_greedy(model: Qwen3MoeForCausalLM, task, examples, batch_size: int = 512) -> float:

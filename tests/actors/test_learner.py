@@ -188,3 +188,19 @@ def test_ranks_exit_nonzero_when_the_coordinator_vanishes(tmp_path):
             assert "learner.coordinator_lost" in learner.log()
 
     run(coordinator())
+
+
+@pytest.mark.parametrize("loss, aggregation", [("espo", "seq_mean_group_mean"), ("gspo", "seq_mean_token_mean"),
+                                               ("grpo", "token_mean"), ("cispo", "token_mean")])
+def test_loss_settings_map_config_to_each_loss(loss, aggregation):
+    from actors.learner import loss_settings
+    from engine.losses import LOSSES
+
+    cfg = RunConfig()
+    cfg.learner.loss = loss
+    agg, hyper = loss_settings(cfg.learner, vocab_size=99)
+    assert agg == aggregation
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss_value, stats = LOSSES[loss](logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.ones(2, 3),
+                                     entropy_NT=torch.rand(2, 3), aggregation=agg, **hyper)
+    assert torch.isfinite(loss_value) and "clip_frac" in stats

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_ctrl_c_stops_every_child_and_keeps_metrics(tmp_path):
     argv = [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={tmp_path}",
-            "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", "train.num_steps=1000", "learner.num_ranks=2"]
+            "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", "train.num_steps=1000", "learner.num_ranks=2",
+            "learner.espo_entropy_scope=batch"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "tiny" / "metrics.jsonl"
     try:
