@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from engine.loss_stats import clip_stats
+
 RATIO_MODES = ("gspo_token", "literal")
 QUANTILE_SCOPES = ("sequence", "batch")
 CLIP_MODES = ("adaptive", "fixed")
@@ -181,20 +183,10 @@ def espo_loss(
         loss = (loss_NT.sum(-1) / n_N.clamp(min=1)).sum() / (has_N.sum().clamp(min=1) if denom is None else denom)
 
     with torch.no_grad():
-        s_NT = s_NT.detach()
-        up_NT = ((s_NT > upper_NT) & (adv_NT > 0)).to(dtype) * m_NT
-        dn_NT = ((s_NT < lower_NT) & (adv_NT < 0)).to(dtype) * m_NT
+        stats, dn_NT, up_NT = clip_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT)
         half_NT = (upper_NT - lower_NT) / 2
         n = m_NT.sum().clamp(min=1)
-        stats = {
-            "clip_frac_low": dn_NT.sum() / n,
-            "clip_frac_high": up_NT.sum() / n,
-            "clip_frac": (up_NT + dn_NT).sum() / n,
-            "approx_kl": ((torch.expm1(tok_lr_NT) - tok_lr_NT) * m_NT).sum() / n,
-            "ratio_mean": (s_NT * m_NT).sum() / n,
-            "ratio_max": torch.where(m_NT > 0, s_NT, torch.zeros_like(s_NT)).max(),
-            "hi_ent_token_frac": hi_NT.sum() / n,
-        }
+        stats["hi_ent_token_frac"] = hi_NT.sum() / n
         for name, g_NT in (("hi_ent", hi_NT), ("lo_ent", lo_NT)):
             stats[f"clip_frac_upper_{name}"] = _frac(up_NT, g_NT)
             stats[f"clip_frac_lower_{name}"] = _frac(dn_NT, g_NT)

@@ -23,6 +23,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from engine.loss_stats import clip_stats
+
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 
 
@@ -131,29 +133,6 @@ def _masked_logps(logp_NT: Tensor, old_logp_NT: Tensor, mask_NT: Tensor) -> tupl
     return logp_NT, old_NT, on_NT.to(logp_NT.dtype)
 
 
-def _ratio_stats(ratio_NT: Tensor, lower, upper, adv_NT: Tensor, token_log_ratio_NT: Tensor,
-                 m_NT: Tensor) -> dict[str, Tensor]:
-    """Detached stats shared by the PPO-style losses, averaged over trained tokens (ratio_max: max).
-
-    lower/upper: the clip bounds (floats or [N, T]); a token counts as clipped "low" when ratio < lower and
-    A < 0, "high" when ratio > upper and A > 0 (exactly where the pessimistic clip removes the gradient).
-    approx_kl: k3 estimator of KL(old || new) from the per-token ratio, mean of (r - 1) - log r.
-    """
-    with torch.no_grad():
-        ratio_NT, lr_NT = ratio_NT.detach(), token_log_ratio_NT.detach()
-        n = m_NT.sum().clamp(min=1)
-        low_NT = ((ratio_NT < lower) & (adv_NT < 0)).to(m_NT.dtype) * m_NT
-        high_NT = ((ratio_NT > upper) & (adv_NT > 0)).to(m_NT.dtype) * m_NT
-        return {
-            "clip_frac_low": low_NT.sum() / n,
-            "clip_frac_high": high_NT.sum() / n,
-            "clip_frac": (low_NT + high_NT).sum() / n,
-            "approx_kl": ((torch.expm1(lr_NT) - lr_NT) * m_NT).sum() / n,
-            "ratio_mean": (ratio_NT * m_NT).sum() / n,
-            "ratio_max": torch.where(m_NT > 0, ratio_NT, torch.zeros_like(ratio_NT)).max(),
-        }
-
-
 def gspo_loss(
     logp_NT: Tensor,
     old_logp_NT: Tensor,
@@ -187,7 +166,7 @@ def gspo_loss(
     lower, upper = 1.0 - clip_eps_low, 1.0 + clip_eps_high
     loss_NT = torch.maximum(-adv_NT * s_NT, -adv_NT * s_NT.clamp(lower, upper))
     loss = aggregate(loss_NT, m_NT, aggregation, denom)
-    stats = _ratio_stats(s_NT, lower, upper, adv_NT, d_NT.clamp(-20.0, 20.0), m_NT)
+    stats, _, _ = clip_stats(s_NT, lower, upper, adv_NT, d_NT.clamp(-20.0, 20.0), m_NT)
     return loss, stats
 
 
@@ -222,7 +201,7 @@ def cispo_loss(
     w_NT = r_NT.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     loss_NT = -adv_NT * w_NT * torch.exp(logp_NT - logp_NT.detach())
     loss = aggregate(loss_NT, m_NT, aggregation, denom)
-    stats = _ratio_stats(r_NT, 1.0 - clip_eps_low, 1.0 + clip_eps_high, adv_NT, lr_NT, m_NT)
+    stats, _, _ = clip_stats(r_NT, 1.0 - clip_eps_low, 1.0 + clip_eps_high, adv_NT, lr_NT, m_NT)
     with torch.no_grad():  # CISPO clips the weight whatever the sign of A: count both sides for every token
         n = m_NT.sum().clamp(min=1)
         stats["clip_frac_low"] = ((r_NT < 1.0 - clip_eps_low).to(m_NT.dtype) * m_NT).sum() / n

@@ -101,18 +101,6 @@ def test_token_mean_vs_seq_mean_token_mean():
     torch.testing.assert_close(seq3, seq)
 
 
-def test_denom_makes_shards_sum_to_the_whole_batch_loss():
-    torch.manual_seed(3)
-    old_NT, logp_NT = -torch.rand(6, 5), -torch.rand(6, 5)
-    adv_N, mask_NT = torch.randn(6), torch.rand(6, 5) > 0.4
-    mask_NT[:, 0] = True
-    for agg, count in (("token_mean", mask_NT.sum()), ("seq_mean_token_mean", torch.tensor(6))):
-        whole, _ = grpo_loss(logp_NT, old_NT, adv_N, mask_NT, aggregation=agg)
-        parts = [grpo_loss(logp_NT[s], old_NT[s], adv_N[s], mask_NT[s], aggregation=agg, denom=count)[0]
-                 for s in (slice(0, 2), slice(2, 6))]
-        torch.testing.assert_close(sum(parts), whole)
-
-
 def test_registry_and_bad_aggregation():
     assert LOSSES["grpo"] is grpo_loss
     with pytest.raises(ValueError, match="aggregation"):

@@ -132,7 +132,7 @@ def test_cispo_default_has_no_lower_bound_and_gradcheck_matches_unclipped_ppo():
     assert stats["clip_frac"] == 0
 
 
-@pytest.mark.parametrize("fn", [gspo_loss, cispo_loss])
+@pytest.mark.parametrize("fn", [grpo_loss, gspo_loss, cispo_loss])
 def test_denom_makes_shards_sum_to_the_whole_batch_loss(fn):
     torch.manual_seed(4)
     old_NT, logp_NT = -torch.rand(6, 5), -torch.rand(6, 5)
