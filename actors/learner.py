@@ -57,6 +57,7 @@ from engine.procs import die_with_parent
 from engine.espo import batch_entropy_threshold
 from engine.losses import LOSSES
 from engine.model import load_model, old_policy_pass, save_weights, token_logprobs
+from engine.routing import mismatch_NT, route_hooks
 from transport.channels import PeerLost, run
 from transport.codec import decode, encode
 from transport.messages import ErrorReport, Shutdown, TrainBatch, TrainResult
@@ -135,69 +136,87 @@ class LearnerRank:
         self.aggregation, self.loss_hyper = loss_settings(cfg.learner, vocab_size=model.config.vocab_size)
         self.batch_entropy_scope = cfg.learner.loss == "espo" and cfg.learner.espo_entropy_scope == "batch"
         self.chunk_tokens = cfg.learner.entropy_chunk_tokens
+        self.replay, self.num_minibatches = cfg.learner.router_replay, cfg.learner.num_minibatches
         self.weights_dir = Path(weights_dir)
         self.version = 0
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
-        """Forward, backward and optimizer step on this rank's shard -> stats of the whole batch."""
+        """Old-policy pass over the whole batch, then one optimizer step per mini-batch -> stats of the batch.
+
+        The N sequences split into ``num_minibatches`` contiguous mini-batches; each rank trains on its shard of
+        each. The old-policy pass (entropy, proximal log-probs, R2 routes, rollout-vs-trainer gaps) runs on every
+        shard before the first update, i.e. with the weights the batch's newest tokens were sampled from."""
         t0 = time.perf_counter()
-        num_seqs = batch.input_ids.shape[0]
-        lo, hi = shard_bounds(num_seqs, self.rank, self.world)
-        empty = hi == lo  # still run a (zero-weight) forward/backward: every rank must join the collectives
-        if empty:
-            lo, hi = 0, 1
-        start_n = torch.from_numpy(batch.prompt_lens[lo:hi].astype(np.int64))
-        end_n = start_n + torch.from_numpy(batch.response_lens[lo:hi].astype(np.int64))
-        length = max(int(end_n.max()), 2)  # trim the shard's padding
-        ids_NL = torch.from_numpy(batch.input_ids[lo:hi, :length].astype(np.int64))
-        pos_L = torch.arange(length)
-        attn_NL = (pos_L < end_n[:, None]).long()
-        mask_NL = (pos_L >= start_n[:, None]) & (pos_L < end_n[:, None]) & (not empty)
-        old_logp_NL = torch.from_numpy(np.array(batch.behavior_logprobs[lo:hi, :length], dtype=np.float32))
-        adv_N = torch.from_numpy(np.array(batch.advantages[lo:hi], dtype=np.float32))
-        total_tokens = int(batch.response_lens.sum())
-        total_seqs = int((batch.response_lens > 0).sum())
-        denom = max(total_tokens if self.aggregation == "token_mean" else total_seqs, 1)
-
-        # old-policy pass (no grad, chunked LM head): full-vocabulary entropy, and proximal log-probs to monitor
-        # how far the behaviour policy is from the weights being updated
-        prox_logp_NL, entropy_NL = old_policy_pass(self.engine.module, ids_NL, attn_NL, temperature=self.temperature,
-                                                   chunk_tokens=self.chunk_tokens)
-        hyper = dict(self.loss_hyper)
-        if self.batch_entropy_scope:
-            hyper["entropy_threshold"] = self._batch_entropy_threshold(entropy_NL, mask_NL)
-        logp_NL = token_logprobs(self.engine, ids_NL, attn_NL, temperature=self.temperature)
-        loss, stats = self.loss_fn(logp_NL, old_logp_NL, adv_N, mask_NL, entropy_NT=entropy_NL,
-                                   aggregation=self.aggregation, denom=float(denom), **hyper)
-        num_on = mask_NL.sum().clamp(min=1)
-        stats["entropy"] = (entropy_NL * mask_NL).sum() / num_on
-        stats["behavior_proximal_abs_diff"] = ((prox_logp_NL - old_logp_NL).abs() * mask_NL).sum() / num_on
-        self.engine.backward(loss * self.world)  # DeepSpeed divides the summed gradients by world
-        grad_norm = self._stage0_grad_norm()
-        self.engine.step()
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()  # ZeRO 1/2: pre-clip norm of the whole gradient
+        num_seqs, num_mb = batch.input_ids.shape[0], self.num_minibatches
+        shards = []
+        for m in range(num_mb):
+            mlo, mhi = shard_bounds(num_seqs, m, num_mb)
+            lo, hi = shard_bounds(mhi - mlo, self.rank, self.world)
+            shards.append(_Shard(batch, mlo + lo, mlo + hi, aggregation=self.aggregation,
+                                 mb_rows=(mlo, mhi)))
+        if self.replay == "R3" and not (batch.routed_lens > 0).any():
+            raise ValueError("learner.router_replay=R3 but this batch carries no MoE routes: the rollout "
+                             "backend did not record them (keep rollout.return_routes=true) or pass "
+                             "learner.router_replay=R2 or off")
+        acc = _StatSums()
+        for sh in shards:
+            self._old_policy_pass(sh, acc)
+        threshold = self._batch_entropy_threshold(shards) if self.batch_entropy_scope else None
+        for sh in shards:
+            hyper = dict(self.loss_hyper)
+            if threshold is not None:
+                hyper["entropy_threshold"] = threshold
+            forced = {"R3": (sh.routes_NLLK, sh.routed_N), "R2": (sh.own_routes_NLLK, None)}.get(self.replay)
+            with route_hooks(self.engine.module, forced_NTLK=forced[0] if forced else None,
+                             routed_N=forced[1] if forced else None, record=False):
+                logp_NL = token_logprobs(self.engine, sh.ids_NL, sh.attn_NL, temperature=self.temperature)
+            loss, stats = self.loss_fn(logp_NL, sh.old_logp_NL, sh.adv_N, sh.mask_NL, entropy_NT=sh.entropy_NL,
+                                       aggregation=self.aggregation, denom=float(sh.denom), **hyper)
+            self.engine.backward(loss * self.world)  # DeepSpeed divides the summed gradients by world
+            grad_norm = self._stage0_grad_norm()
+            self.engine.step()
+            if grad_norm is None:
+                grad_norm = self.engine.get_global_grad_norm()  # ZeRO 1/2: pre-clip norm of the whole gradient
+            tokens = sh.mask_NL.sum().double()
+            acc.add("loss", loss.detach(), 1.0 / self.world)  # a mini-batch's shard losses sum to its loss
+            acc.add("grad_norm", _float(grad_norm), 1.0)  # the same on every rank
+            acc.maximum("ratio_max", stats.pop("ratio_max"))
+            for k, v in stats.items():
+                acc.add(k, v.double() * tokens, tokens)
         self.version += 1
-
-        # whole-batch stats: token-weighted means, summed over ranks
-        local_tokens = mask_NL.sum().to(torch.float64)
-        names = [k for k in stats if k != "ratio_max"]
-        sums = torch.stack([loss.detach().double(), local_tokens]
-                           + [stats[k].double() * local_tokens for k in names])
-        dist.all_reduce(sums)
-        ratio_max = stats["ratio_max"].detach().double().reshape(1)
-        dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
-        tokens = float(sums[1])
-        means = {k: float(sums[2 + i]) / max(tokens, 1.0) for i, k in enumerate(names)}
-        out = {"loss": float(sums[0]), **means,
-               "ratio_max": float(ratio_max[0]), "grad_norm": _float(grad_norm),
-               "tokens": tokens, "sequences": float(num_seqs), "lr": float(self.engine.get_lr()[0])}
-        out["train_s"] = time.perf_counter() - t0
+        out = acc.reduce()
+        out.update(sequences=float(num_seqs), lr=float(self.engine.get_lr()[0]), train_s=time.perf_counter() - t0)
         return out
 
-    def _batch_entropy_threshold(self, entropy_NL: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _old_policy_pass(self, sh: "_Shard", acc: "_StatSums") -> None:
+        """Entropy and proximal log-probs (routes replayed per mode), the trainer's own routes, and how far this
+        trainer is from the rollout on tokens sampled with the very weights it holds now (same version)."""
+        replay = sh.routes_NLLK is not None and self.replay == "R3"
+        with route_hooks(self.engine.module, forced_NTLK=sh.routes_NLLK if replay else None,
+                         routed_N=sh.routed_N if replay else None) as own:
+            prox_logp_NL, sh.entropy_NL = old_policy_pass(self.engine.module, sh.ids_NL, sh.attn_NL,
+                                                          temperature=self.temperature,
+                                                          chunk_tokens=self.chunk_tokens)
+        n, length = sh.ids_NL.shape
+        sh.own_routes_NLLK = own.stacked(0).reshape(n, length, *own.stacked(0).shape[1:])
+        tokens = sh.mask_NL.sum().double()
+        acc.add("entropy", (sh.entropy_NL * sh.mask_NL).sum(), tokens)
+        acc.add("behavior_proximal_abs_diff", ((prox_logp_NL - sh.old_logp_NL).abs() * sh.mask_NL).sum(), tokens)
+        same_NL = sh.mask_NL & (sh.versions_NL == self.version)  # sampled by the weights this rank holds
+        d_NL = (prox_logp_NL - sh.old_logp_NL)[same_NL].double()  # log pi_train_old - log pi_rollout
+        acc.add("logprob_gap_mean", d_NL.abs().sum(), float(d_NL.numel()))
+        acc.add("logprob_gap_k3", (d_NL.exp() - 1 - d_NL).sum(), float(d_NL.numel()))  # K3 KL(rollout || train)
+        acc.add("logprob_gap_frac", float(d_NL.numel()), tokens)
+        acc.maximum("logprob_gap_max", d_NL.abs().max() if d_NL.numel() else torch.zeros(()))
+        if sh.routes_NLLK is not None:  # the trainer's own choice vs the rollout's, on routed response positions
+            routed_NL = same_NL & (torch.arange(length)[None] < sh.routed_N[:, None])
+            differs_NL = mismatch_NT(sh.own_routes_NLLK, sh.routes_NLLK)
+            acc.add("routing_mismatch_frac", (differs_NL & routed_NL).sum().double(), routed_NL.sum().double())
+
+    def _batch_entropy_threshold(self, shards: list["_Shard"]) -> torch.Tensor:
         """ESPO's top-rho entropy threshold over the whole batch: every rank's trained tokens, all-gathered."""
-        local = entropy_NL[mask_NL]
+        local = torch.cat([sh.entropy_NL[sh.mask_NL] for sh in shards])
         counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
         dist.all_gather(counts, torch.tensor([local.numel()]))
         width = max(int(c) for c in counts)
@@ -226,6 +245,65 @@ class LearnerRank:
             if m and int(m.group(1)) <= self.version - _KEEP_VERSIONS:
                 old.unlink(missing_ok=True)
         return str(path)
+
+
+class _Shard:
+    """One rank's rows [lo, hi) of one mini-batch (rows ``mb_rows`` of the batch), as tensors trimmed to their
+    own length. An empty shard keeps one row with an all-false mask: every rank must join every collective."""
+
+    def __init__(self, batch: TrainBatch, lo: int, hi: int, *, aggregation: str, mb_rows: tuple[int, int]) -> None:
+        empty = hi == lo
+        if empty:
+            lo, hi = mb_rows[0], mb_rows[0] + 1
+        start_n = torch.from_numpy(batch.prompt_lens[lo:hi].astype(np.int64))
+        end_n = start_n + torch.from_numpy(batch.response_lens[lo:hi].astype(np.int64))
+        length = max(int(end_n.max()), 2)  # trim the shard's padding
+        pos_L = torch.arange(length)
+        self.ids_NL = torch.from_numpy(batch.input_ids[lo:hi, :length].astype(np.int64))
+        self.attn_NL = (pos_L < end_n[:, None]).long()
+        self.mask_NL = (pos_L >= start_n[:, None]) & (pos_L < end_n[:, None]) & (not empty)
+        self.old_logp_NL = torch.from_numpy(np.array(batch.behavior_logprobs[lo:hi, :length], dtype=np.float32))
+        self.versions_NL = torch.from_numpy(batch.token_versions[lo:hi, :length].astype(np.int64))
+        self.adv_N = torch.from_numpy(np.array(batch.advantages[lo:hi], dtype=np.float32))
+        self.routes_NLLK = self.routed_N = None
+        if batch.routes.size:
+            width = min(length, batch.routes.shape[1])
+            routes = np.zeros((hi - lo, length) + batch.routes.shape[2:], dtype=np.int64)
+            routes[:, :width] = batch.routes[lo:hi, :width]
+            self.routes_NLLK = torch.from_numpy(routes)
+            self.routed_N = torch.from_numpy(np.minimum(batch.routed_lens[lo:hi], length).astype(np.int64))
+        mb_lens = batch.response_lens[mb_rows[0]:mb_rows[1]]
+        self.denom = max(int(mb_lens.sum()) if aggregation == "token_mean" else int((mb_lens > 0).sum()), 1)
+        self.entropy_NL = self.own_routes_NLLK = None  # filled by the old-policy pass
+
+
+class _StatSums:
+    """Weighted means and maxima accumulated over mini-batches, reduced across ranks in one all-reduce each."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list] = {}
+        self._max: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, total, weight) -> None:
+        entry = self._sums.setdefault(name, [0.0, 0.0])
+        entry[0] += float(total)
+        entry[1] += float(weight)
+
+    def maximum(self, name: str, value: torch.Tensor) -> None:
+        v = value.detach().double().reshape(())
+        self._max[name] = torch.maximum(self._max[name], v) if name in self._max else v
+
+    def reduce(self) -> dict[str, float]:
+        names, maxes = sorted(self._sums), sorted(self._max)
+        sums = torch.tensor([x for k in names for x in self._sums[k]], dtype=torch.float64)
+        top = torch.stack([self._max[k] for k in maxes]) if maxes else torch.zeros(0, dtype=torch.float64)
+        dist.all_reduce(sums)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        out = {k: float(sums[2 * i]) / float(sums[2 * i + 1]) if float(sums[2 * i + 1]) > 0 else float("nan")
+               for i, k in enumerate(names)}
+        out.update({k: float(top[i]) for i, k in enumerate(maxes)})
+        out["tokens"] = float(sums[2 * names.index("entropy") + 1]) if "entropy" in names else 0.0
+        return out
 
 
 def _float(x) -> float:

@@ -1,8 +1,8 @@
 """Rollout worker: generates groups with a backend and sends every finished response back at once.
 
 consumes: GenerateRequest, LoadWeights, Shutdown (coordinator)
-produces: Completion (one per response, with behaviour log-probs and the policy version of every token),
-          WeightsLoaded
+produces: Completion (one per response, with behaviour log-probs, the policy version of every token and, when
+          asked, the MoE routes: the group's prompt routes ride on its first completion), WeightsLoaded
 blocks on: the backend's generate, run in a thread so heartbeats keep flowing
 
 Requests queue up while a batch is being generated; the next batch takes as many whole groups as fit in
@@ -23,7 +23,7 @@ import torch
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from configs.schema import RunConfig
-from engine.model import generate, load_model, load_weights
+from engine.model import Generated, generate, load_model, load_weights
 from engine.tasks import build_task
 from transport import Completion, GenerateRequest, LoadWeights, Peer, Shutdown, WeightsLoaded
 
@@ -41,9 +41,10 @@ class HFBackend:
     def load(self, path: str) -> None:
         load_weights(self.model, path)
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float):
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 capture_routes: bool = False) -> list[Generated]:
         return generate(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        eos_id=self.eos_id, pad_id=self._pad_id, generator=self._gen)
+                        eos_id=self.eos_id, pad_id=self._pad_id, generator=self._gen, capture_routes=capture_routes)
 
 
 class RolloutWorker:
@@ -112,20 +113,26 @@ class RolloutWorker:
         prompts = [r.prompt_ids.tolist() for r in requests for _ in range(r.num_samples)]
         version = self.version
         outputs = await asyncio.to_thread(self._backend.generate, prompts, max_new_tokens=max(
-            r.max_new_tokens for r in requests), temperature=requests[0].temperature)
+            r.max_new_tokens for r in requests), temperature=requests[0].temperature,
+            capture_routes=any(r.return_routes for r in requests))
         i = 0
         for r in requests:
             for k in range(r.num_samples):
-                token_ids, logprobs = outputs[i]
-                token_ids, logprobs = token_ids[:r.max_new_tokens], logprobs[:r.max_new_tokens]
+                out = outputs[i]
                 i += 1
+                token_ids, logprobs = out.token_ids[:r.max_new_tokens], out.logprobs[:r.max_new_tokens]
                 stopped = bool(token_ids) and token_ids[-1] == self._backend.eos_id
+                routes = {}
+                if r.return_routes:  # prompt routes once per group: with its first completion
+                    routes["routes"] = out.routes[:max(len(token_ids) - 1, 0)]
+                    if k == 0:
+                        routes["prompt_routes"] = out.prompt_routes
                 await self._peer.send(Completion(
                     group_id=r.group_id, sample_index=k, prompt_id=r.prompt_id,
                     token_ids=np.asarray(token_ids, dtype=np.int32),
                     behavior_logprobs=np.asarray(logprobs, dtype=np.float32),
                     token_versions=np.full(len(token_ids), version, dtype=np.int32),
-                    finish_reason="stop" if stopped else "length", worker_id=self._worker_id))
+                    finish_reason="stop" if stopped else "length", worker_id=self._worker_id, **routes))
 
 
 def _build(cfg: RunConfig, init_dir: str, worker_id: int) -> HFBackend:

@@ -28,15 +28,17 @@ def main(argv: list[str]) -> dict:
         torch.set_num_threads(threads)
         for batch in map(int, a.batches.split(",")):
             prompts = [[(i * 7 + j) % 10 + 3 for j in range(a.prompt_len)] for i in range(batch)]
-            run = lambda: generate(model, prompts, max_new_tokens=a.new_tokens, temperature=1.0,  # noqa: E731
-                                   eos_id=-1, pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0))
-            run()  # warm-up
-            t0 = time.perf_counter()
-            outs = run()
-            dt = time.perf_counter() - t0
-            new_tokens = sum(len(ids) for ids, _ in outs)
-            rows.append([threads, batch, new_tokens, dt, new_tokens / dt])
-            out.append({"threads": threads, "batch": batch, "new_tokens": new_tokens, "seconds": dt,
-                        "tokens_per_s": new_tokens / dt})
-    print_table(["threads", "batch", "new_tokens", "seconds", "tokens/s"], rows)
+            for routes in (False, True):  # side by side: the cost of recording MoE routes (router replay)
+                run = lambda: generate(model, prompts, max_new_tokens=a.new_tokens, temperature=1.0,  # noqa: E731
+                                       eos_id=-1, pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0),
+                                       capture_routes=routes)
+                run()  # warm-up
+                t0 = time.perf_counter()
+                outs = run()
+                dt = time.perf_counter() - t0
+                new_tokens = sum(len(g.token_ids) for g in outs)
+                rows.append([threads, batch, routes, new_tokens, dt, new_tokens / dt])
+                out.append({"threads": threads, "batch": batch, "capture_routes": routes, "new_tokens": new_tokens,
+                            "seconds": dt, "tokens_per_s": new_tokens / dt})
+    print_table(["threads", "batch", "routes", "new_tokens", "seconds", "tokens/s"], rows)
     return {"config": vars(a), "metrics": out}

@@ -96,6 +96,7 @@ class RolloutConfig:
     temperature: float = 1.0
     max_batch_samples: int = 512  # sequences decoded together by one worker
     threads_per_worker: int = 1  # torch threads per worker process (split the cores!)
+    return_routes: bool = True  # record MoE routes at generation (needed by learner.router_replay=R3)
 
     def __post_init__(self) -> None:
         _require(self.backend in ("hf",), "rollout.backend", self.backend,
@@ -132,6 +133,8 @@ class LearnerConfig:
     espo_ratio_mode: str = "gspo_token"  # or "literal" (spec A.7)
     espo_entropy_scope: str = "sequence"  # or "batch" (spec A.5)
     entropy_chunk_tokens: int = 1024  # old-policy pass: tokens per chunk of full-vocabulary entropy
+    router_replay: str = "R3"  # R3: rollout routes; R2: the learner's own old-pass routes; off (spec B.4)
+    num_minibatches: int = 1  # optimizer steps per TrainBatch (PPO mini-batches); the version counts batches
     grad_clip: float = 1.0
     threads_per_rank: int = 1
     master_port: int = 0  # 0 = pick a free port
@@ -154,6 +157,9 @@ class LearnerConfig:
         _require(self.espo_alpha > 0, "learner.espo_alpha", self.espo_alpha, "it must be positive")
         _require(self.num_ranks >= 1, "learner.num_ranks", self.num_ranks, "it must be >= 1")
         _require(self.lr > 0, "learner.lr", self.lr, "it must be positive")
+        _require(self.router_replay in ("off", "R2", "R3"), "learner.router_replay", self.router_replay,
+                 "choose R3 (replay rollout routes), R2 (replay the learner's old-pass routes) or off")
+        _require(self.num_minibatches >= 1, "learner.num_minibatches", self.num_minibatches, "it must be >= 1")
 
 
 @dataclass
@@ -199,6 +205,12 @@ class RunConfig:
         n = self.learner.num_ranks
         _require(self.train.groups_per_step * self.rollout.group_size >= n, "train.groups_per_step",
                  self.train.groups_per_step, f"each of learner.num_ranks={n} ranks needs at least one sequence")
+        _require(self.learner.router_replay != "R3" or self.rollout.return_routes, "learner.router_replay",
+                 self.learner.router_replay, "R3 replays rollout routes: keep rollout.return_routes=true, "
+                 "or pass learner.router_replay=R2 or off")
+        _require(self.train.groups_per_step * self.rollout.group_size >= n * self.learner.num_minibatches,
+                 "learner.num_minibatches", self.learner.num_minibatches,
+                 "every mini-batch needs at least one sequence per learner rank")
         _require(self.model.init_from is not None or self.sft.enabled or self.task.name == "jsonl",
                  "sft.enabled", self.sft.enabled,
                  "a random-init model cannot solve the task; keep sft.enabled=true or set model.init_from")

@@ -7,11 +7,13 @@ import torch
 
 from engine.advantages import group_advantages
 from engine.buffer import Group
+from engine.routing import pack_routes
 from transport import TrainBatch
 
 
 def pack_batch(groups: list[Group], *, step: int, pad_id: int) -> TrainBatch:
-    """Right-pad prompt+response of every sample to one length L; advantages per ESPO Eq. 11."""
+    """Right-pad prompt+response of every sample to one length L; advantages per ESPO Eq. 11; MoE routes
+    (when the rollout recorded them) aligned with the tokens they belong to."""
     samples = [s for g in groups for s in g.ordered()]
     rewards = torch.tensor([[s.reward for s in g.ordered()] for g in groups], dtype=torch.float32)  # [groups, G]
     valid = torch.tensor([[s.valid for s in g.ordered()] for g in groups], dtype=torch.bool)
@@ -30,8 +32,11 @@ def pack_batch(groups: list[Group], *, step: int, pad_id: int) -> TrainBatch:
             behavior[i, p:p + t] = s.behavior_logprobs
             versions[i, p:p + t] = s.token_versions
             i += 1
+    routes, routed = pack_routes([(g.prompt_routes, s.routes) if g.prompt_routes is not None
+                                  and s.routes is not None else None for g in groups for s in g.ordered()], length)
     return TrainBatch(step=step, input_ids=input_ids, prompt_lens=prompt_lens, response_lens=response_lens,
-                      behavior_logprobs=behavior, token_versions=versions, advantages=adv)
+                      behavior_logprobs=behavior, token_versions=versions, advantages=adv, routes=routes,
+                      routed_lens=routed)
 
 
 def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int) -> dict[str, float]:
@@ -42,6 +47,9 @@ def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int)
     zero_var = [len({s.reward for s in g.ordered() if s.valid}) <= 1 for g in groups]
     token_versions = batch.token_versions[batch.token_versions >= 0]
     lag = learner_version - token_versions if token_versions.size else np.zeros(1)
+    # what the routes cost on the rollout -> coordinator wire: prompt routes once per group, then per token
+    route_bytes = sum((g.prompt_routes.nbytes if g.prompt_routes is not None else 0)
+                      + sum(s.routes.nbytes for s in g.ordered() if s.routes is not None) for g in groups)
     return {
         "reward": float(rewards.mean()),
         "accuracy": float(correct.mean()),
@@ -51,4 +59,6 @@ def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int)
         "version_lag_mean": float(lag.mean()),
         "version_lag_max": int(lag.max()),
         "valid_frac": float(np.mean([s.valid for s in samples])),
+        "route_bytes_per_token": route_bytes / max(int(batch.response_lens.sum()), 1),
+        "routed_frac": float(np.mean(batch.routed_lens > 0)) if batch.routed_lens.size else 0.0,
     }

@@ -23,6 +23,7 @@ class Sample:
     behavior_logprobs: np.ndarray  # float32 [T]
     token_versions: np.ndarray  # int32 [T]
     finish_reason: str
+    routes: np.ndarray | None = None  # [T - 1, layers, k] MoE routes, None when not recorded
     reward: float | None = None  # None until scored
     valid: bool = False
     reward_parts: dict[str, float] = field(default_factory=dict)
@@ -42,6 +43,7 @@ class Group:
     answer: str
     num_samples: int
     temperature: float = 1.0
+    prompt_routes: np.ndarray | None = None  # [P, layers, k], sent once per group
     samples: dict[int, Sample] = field(default_factory=dict)
 
     @property

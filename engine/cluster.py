@@ -206,7 +206,8 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str):
         rollouts = Rollouts(hub, workers=peers["rollout"], rewards=peers["reward"], buffer=buffer,
                             group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
                             max_new_tokens=cfg.task.max_answer_tokens,
-                            groups_per_step=cfg.train.groups_per_step, max_policy_lag=cfg.train.max_policy_lag)
+                            groups_per_step=cfg.train.groups_per_step, max_policy_lag=cfg.train.max_policy_lag,
+                            return_routes=cfg.rollout.return_routes)
         actors = Actors(rollouts=rollouts, buffer=buffer, learner=Learner(hub, peers["learner"][0]),
                         supervisor=sup)
         async with asyncio.TaskGroup() as tg:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -18,11 +20,13 @@ from transformers import DynamicCache, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from configs.schema import ModelConfig
 from engine.entropy import logprobs_and_entropy
+from engine.routing import route_dtype, route_hooks, route_shape
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, seed: int, pad_id: int = 0, bos_id: int = 1,
-                eos_id: int = 2) -> Qwen3MoeForCausalLM:
-    """Random-init fp32 model (no download). Default experts implementation (grouped_mm) is kept."""
+                eos_id: int = 2, init_std: float = 0.02) -> Qwen3MoeForCausalLM:
+    """Random-init fp32 model (no download); weights ~ N(0, init_std). Default experts implementation (grouped_mm)
+    is kept."""
     config = Qwen3MoeConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -30,7 +34,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, seed: int, pad_id: int = 0
         moe_intermediate_size=cfg.moe_intermediate_size, intermediate_size=cfg.moe_intermediate_size * cfg.top_k,
         max_position_embeddings=cfg.max_position_embeddings,
         decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False,
-        pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, use_cache=True)
+        pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, use_cache=True, initializer_range=init_std)
     torch.manual_seed(seed)
     return Qwen3MoeForCausalLM(config).float()
 
@@ -74,16 +78,49 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     model.load_state_dict(state, strict=True)
 
 
+class Generated(NamedTuple):
+    """One sampled continuation. Routes (engine/routing.py) are None unless asked for: ``prompt_routes`` is
+    [P, layers, k] (one row per prompt token) and ``routes`` [T - 1, layers, k], where ``routes[j]`` is the
+    routing of ``token_ids[j]`` (the last token is never fed to the model, so it has none)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    prompt_routes: np.ndarray | None = None
+    routes: np.ndarray | None = None
+
+
 @torch.no_grad()
 def generate(model: Qwen3MoeForCausalLM, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-             eos_id: int, pad_id: int, generator: torch.Generator | None = None,
-             ) -> list[tuple[list[int], list[float]]]:
-    """Sample continuations for a batch of prompts -> per prompt (token ids, behaviour log-probs).
+             eos_id: int, pad_id: int, generator: torch.Generator | None = None, capture_routes: bool = False,
+             ) -> list[Generated]:
+    """Sample continuations for a batch of prompts -> per prompt its tokens, behaviour log-probs and routes.
 
     Token ids end with eos when the sequence stopped. The log-prob of each token is taken under the
     distribution it was drawn from: log_softmax(logits / temperature), or log_softmax(logits) when
-    temperature == 0 (greedy). Prompts are left-padded; position ids skip the padding.
+    temperature == 0 (greedy). Prompts are left-padded; position ids skip the padding. With
+    ``capture_routes`` every MoE router's top-k ids are recorded by forward hooks during the prefill and every
+    decode step (no second forward pass).
     """
+    if not capture_routes:
+        return _generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
+                         pad_id=pad_id, generator=generator)
+    with route_hooks(model) as calls:
+        outs = _generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
+                         pad_id=pad_id, generator=generator)
+    _, _, num_experts = route_shape(model)
+    dtype = route_dtype(num_experts)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    prefill_BPLK = calls.stacked(0).reshape(B, P, len(calls.calls), -1).numpy().astype(dtype)
+    steps = len(calls.calls[0]) - 1
+    decode_BSLK = (torch.stack([calls.stacked(j) for j in range(1, steps + 1)], dim=1).numpy().astype(dtype)
+                   if steps else np.zeros((B, 0) + prefill_BPLK.shape[2:], dtype=dtype))
+    return [g._replace(prompt_routes=prefill_BPLK[i, P - len(prompts[i]):],
+                       routes=decode_BSLK[i, :max(len(g.token_ids) - 1, 0)])
+            for i, g in enumerate(outs)]
+
+
+def _generate(model: Qwen3MoeForCausalLM, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+              eos_id: int, pad_id: int, generator: torch.Generator | None) -> list[Generated]:
     was_training = model.training
     model.eval()
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -124,7 +161,7 @@ def generate(model: Qwen3MoeForCausalLM, prompts: list[list[int]], *, max_new_to
     results = []
     for toks, lps in zip(tok_BN, logp_BN):
         n = toks.index(eos_id) + 1 if eos_id in toks else len(toks)
-        results.append((toks[:n], lps[:n]))
+        results.append(Generated(toks[:n], lps[:n]))
     return results
 
 
@@ -166,6 +203,6 @@ def evaluate_greedy(model: Qwen3MoeForCausalLM, task, examples, batch_size: int 
         chunk = examples[i:i + batch_size]
         outs = generate(model, [task.prompt_ids(ex) for ex in chunk], max_new_tokens=max_new, temperature=0.0,
                         eos_id=tok.eos_id, pad_id=tok.pad_id)
-        for ex, (ids, _) in zip(chunk, outs):
-            correct += task.score(tok.decode(ids), ex.answer)[0]
+        for ex, out in zip(chunk, outs):
+            correct += task.score(tok.decode(out.token_ids), ex.answer)[0]
     return correct / len(examples)

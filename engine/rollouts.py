@@ -38,13 +38,26 @@ class PromptItem:
     answer: str
 
 
+def _checked_routes(msg: Completion) -> np.ndarray | None:
+    """The completion's response routes, or None when it has none (or ones that do not fit its tokens)."""
+    routes = msg.routes
+    if routes.ndim != 3 or routes.shape[1] == 0:
+        return None
+    if len(routes) != max(len(msg.token_ids) - 1, 0):
+        log.warning("rollouts.bad_routes", group_id=msg.group_id, sample_index=msg.sample_index,
+                    routes=list(routes.shape), tokens=len(msg.token_ids))
+        return None
+    return routes
+
+
 class Rollouts:
     def __init__(self, hub: Hub, *, workers: list[str], rewards: list[str], buffer: GroupBuffer,
                  group_size: int, temperature: float, max_new_tokens: int, groups_per_step: int,
-                 max_policy_lag: int) -> None:
+                 max_policy_lag: int, return_routes: bool = False) -> None:
         self._hub, self._workers, self._rewards, self._buffer = hub, workers, rewards, buffer
         self._group_size, self._temperature, self._max_new_tokens = group_size, temperature, max_new_tokens
         self._groups_per_step, self._max_policy_lag = groups_per_step, max_policy_lag
+        self._return_routes = return_routes
         self.sent_version = 0  # newest weights sent to every worker
         self._inflight: dict[str, Group] = {}  # group_id -> group being generated or scored
         self._assigned: dict[str, str] = {}  # group_id -> worker peer id
@@ -99,7 +112,8 @@ class Rollouts:
         self._assigned[group_id] = worker
         await self._hub.send(worker, GenerateRequest(
             group_id=group_id, prompt_id=g.prompt_id, prompt_ids=g.prompt_ids, num_samples=g.num_samples,
-            max_new_tokens=self._max_new_tokens, temperature=g.temperature))
+            max_new_tokens=self._max_new_tokens, temperature=g.temperature,
+            return_routes=self._return_routes and g.temperature > 0))  # not for greedy evals
 
     def _outstanding_samples(self, worker: str) -> int:
         return sum(g.num_samples - len(g.samples) for gid, g in self._inflight.items()
@@ -112,7 +126,10 @@ class Rollouts:
             return
         group.samples[msg.sample_index] = Sample(
             sample_index=msg.sample_index, token_ids=msg.token_ids, behavior_logprobs=msg.behavior_logprobs,
-            token_versions=msg.token_versions, finish_reason=msg.finish_reason)
+            token_versions=msg.token_versions, finish_reason=msg.finish_reason,
+            routes=_checked_routes(msg))
+        if msg.prompt_routes.size and group.prompt_routes is None:
+            group.prompt_routes = msg.prompt_routes
         self.num_generated_tokens += len(msg.token_ids)
         self.num_generated_samples += 1
         await self._score(ScoreRequest(sample_key=f"{msg.group_id}/{msg.sample_index}", token_ids=msg.token_ids,

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROTOCOL_VERSION = 1  # bump on any incompatible change to a message below
+PROTOCOL_VERSION = 2  # bump on any incompatible change to a message below
+
+
+def _no_routes() -> np.ndarray:
+    return np.zeros((0, 0, 0), dtype=np.uint8)
 
 
 def _msg(cls):
@@ -65,11 +69,17 @@ class GenerateRequest:
     num_samples: int
     max_new_tokens: int
     temperature: float  # 0.0 = greedy
+    return_routes: bool = False  # record MoE routes (router replay); sglang's ``return_routed_experts``
 
 
 @_msg
 class Completion:
-    """One finished response of a group."""
+    """One finished response of a group.
+
+    Routes (engine/routing.py) are uint8 when the model has <= 256 experts. ``routes[j]`` is the routing of
+    ``token_ids[j]`` ([T - 1, layers, k]: the last token was never fed to the model). ``prompt_routes``
+    ([P, layers, k]) travel once per group, in the first completion a worker sends for it; empty otherwise.
+    """
 
     group_id: str
     sample_index: int
@@ -79,6 +89,8 @@ class Completion:
     token_versions: np.ndarray  # int32 [T], policy version that produced each token
     finish_reason: str  # "stop" | "length"
     worker_id: int = 0
+    routes: np.ndarray = field(default_factory=_no_routes)  # uint8/uint16 [T - 1, layers, k]
+    prompt_routes: np.ndarray = field(default_factory=_no_routes)  # [P, layers, k], or empty
 
 
 @_msg
@@ -131,6 +143,9 @@ class TrainBatch:
     behavior_logprobs: np.ndarray  # float32 [N, L]; entry t is log p(input_ids[t]) under the sampler
     token_versions: np.ndarray  # int32 [N, L]; -1 outside responses
     advantages: np.ndarray  # float32 [N], one per sequence, broadcast to its tokens
+    routes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), dtype=np.uint8))  # [N, L, layers, k]
+    routed_lens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))  # int32 [N]: positions
+    # [0, routed_lens[i]) of row i carry the rollout's routes (prompt + response - 1); 0 = none recorded
 
 
 @_msg

@@ -16,7 +16,8 @@ from actors.learner import shard_bounds
 from engine.launch import learner_command, learner_env
 from configs.load import save
 from configs.schema import ModelConfig, RunConfig
-from engine.model import build_model, load_model, save_model
+from engine.model import build_model, load_model, save_model, token_logprobs
+from engine.routing import route_hooks
 from transport.channels import Hub, run
 from transport.messages import ErrorReport, Hello, Shutdown, TrainBatch, TrainResult
 
@@ -25,13 +26,15 @@ VOCAB = 24
 START_S = 240.0  # torchrun, imports and DeepSpeed init on a busy 2-core box (no JIT build: actors/learner.py)
 
 
-def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0) -> tuple[RunConfig, str, str]:
+def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0, router_replay: str = "R3",
+           num_minibatches: int = 1) -> tuple[RunConfig, str, str]:
     cfg = RunConfig()
     cfg.out_dir = str(tmp_path)
     cfg.model = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
                             num_experts=4, top_k=2, moe_intermediate_size=32)
     cfg.learner.num_ranks = 2
     cfg.learner.lr = 1e-2
+    cfg.learner.router_replay, cfg.learner.num_minibatches = router_replay, num_minibatches
     cfg.transport.heartbeat_s = 0.5
     cfg.transport.peer_timeout_s = peer_timeout_s
     config_path = tmp_path / "config.yaml"
@@ -41,17 +44,29 @@ def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0) -> tuple[RunConfig, 
     return cfg, str(config_path), str(init_dir)
 
 
-def _batch(step: int, num_seqs: int = 7, prompt_len: int = 4, max_resp: int = 6, seed: int = 0) -> TrainBatch:
+def _batch(step: int, num_seqs: int = 7, prompt_len: int = 4, max_resp: int = 6, seed: int = 0,
+           rollout_model=None) -> TrainBatch:
+    """Random sequences. With ``rollout_model`` the behaviour log-probs and MoE routes are that model's (as if it
+    had sampled them, at version step - 1); otherwise log-probs are -3 and routes are all expert 0/1."""
     rng = np.random.default_rng(seed)
     resp = rng.integers(1, max_resp + 1, size=num_seqs).astype(np.int32)
     length = prompt_len + max_resp
     ids = rng.integers(3, VOCAB, size=(num_seqs, length)).astype(np.int32)
     in_resp = (np.arange(length) >= prompt_len) & (np.arange(length) < prompt_len + resp[:, None])
     ids[np.arange(length) >= prompt_len + resp[:, None]] = 0  # right padding
+    behaviour = np.where(in_resp, -3.0, 0.0).astype(np.float32)
+    routes = np.tile(np.array([0, 1], np.uint8), (num_seqs, length, 2, 1))  # [N, L, layers=2, k=2]
+    if rollout_model is not None:
+        ids_t = torch.from_numpy(ids.astype(np.int64))
+        with torch.no_grad(), route_hooks(rollout_model) as own:
+            logp = token_logprobs(rollout_model, ids_t, (ids_t != 0).long())
+        behaviour = np.where(in_resp, logp.numpy(), 0.0).astype(np.float32)
+        routes = own.stacked(0).reshape(num_seqs, length, 2, 2).numpy().astype(np.uint8)
     return TrainBatch(step=step, input_ids=ids, prompt_lens=np.full(num_seqs, prompt_len, np.int32),
-                      response_lens=resp, behavior_logprobs=np.where(in_resp, -3.0, 0.0).astype(np.float32),
+                      response_lens=resp, behavior_logprobs=behaviour,
                       token_versions=np.where(in_resp, step - 1, -1).astype(np.int32),
-                      advantages=rng.standard_normal(num_seqs).astype(np.float32))
+                      advantages=rng.standard_normal(num_seqs).astype(np.float32), routes=routes,
+                      routed_lens=(prompt_len + resp - 1).astype(np.int32))
 
 
 class _Learner:
@@ -128,17 +143,19 @@ def test_learner_command_is_a_torchrun_argv(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_two_ranks_train_publish_and_shut_down(tmp_path):
-    cfg, config_path, init_dir = _setup(tmp_path)
-    initial = load_model(init_dir).state_dict()  # HF files hold experts unfused; the learner saves these
+@pytest.mark.parametrize("replay, minibatches", [("R3", 2), ("R2", 1)])
+def test_two_ranks_train_publish_and_shut_down(tmp_path, replay, minibatches):
+    cfg, config_path, init_dir = _setup(tmp_path, router_replay=replay, num_minibatches=minibatches)
+    rollout_model = load_model(init_dir).eval()
+    initial = rollout_model.state_dict()  # HF files hold experts unfused; the learner saves these
 
     async def coordinator():
         async with _connected_learner(tmp_path, cfg, config_path, init_dir) as (hub, learner, hello):
             assert hello.role == "learner" and hello.worker_id == 0
             peer = next(iter(hub.peers))
             results = []
-            for step in (1, 2, 3):
-                await hub.send(peer, _batch(step, seed=step))
+            for step in (1, 2, 3):  # step 1's tokens come from the learner's own (version 0) weights
+                await hub.send(peer, _batch(step, seed=step, rollout_model=rollout_model if step == 1 else None))
                 results.append(await _expect(hub, learner, TrainResult, START_S))
             await hub.send(peer, Shutdown(reason="test done"))
             code = await learner.wait(60)
@@ -149,10 +166,16 @@ def test_two_ranks_train_publish_and_shut_down(tmp_path):
     assert [r.version for r in results] == [1, 2, 3] and [r.step for r in results] == [1, 2, 3]
     first = results[0]
     for key in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean",
-                "ratio_max", "grad_norm", "tokens", "train_s"):
+                "ratio_max", "grad_norm", "tokens", "train_s", "logprob_gap_mean", "logprob_gap_max",
+                "routing_mismatch_frac"):
         assert np.isfinite(first.stats[key]), (key, first.stats)
     assert first.stats["tokens"] == _batch(1, seed=1).response_lens.sum()  # both ranks' shards counted once
     assert first.stats["grad_norm"] > 0
+    # the trainer reproduces its own rollout: same weights, same routes, fp32 -> no gap, no routing mismatch
+    assert first.stats["logprob_gap_frac"] == 1.0 and first.stats["logprob_gap_max"] < 1e-4
+    assert first.stats["routing_mismatch_frac"] == 0.0
+    # step 2's made-up log-probs (-3) and routes (experts 0, 1 everywhere) are far from what the trainer computes
+    assert results[1].stats["logprob_gap_mean"] > 0.1 and results[1].stats["routing_mismatch_frac"] > 0.2
     weights = load_file(first.weights_path.replace("v1", "v3"))
     assert weights.keys() == initial.keys()
     assert any(not torch.equal(weights[k], initial[k]) for k in initial)

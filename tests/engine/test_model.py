@@ -34,7 +34,7 @@ def test_generate_shapes_and_length_limit(model, task):
     outs = generate(model, prompts, max_new_tokens=5, temperature=1.0, eos_id=task.tokenizer.eos_id,
                     pad_id=task.tokenizer.pad_id, generator=torch.Generator().manual_seed(0))
     assert len(outs) == len(prompts)
-    for ids, logps in outs:
+    for ids, logps, *_ in outs:
         assert 1 <= len(ids) == len(logps) <= 5
         assert all(lp <= 0.0 for lp in logps)
         assert task.tokenizer.eos_id not in ids[:-1]  # an untrained model may sample pad: a normal token
@@ -51,11 +51,11 @@ def test_generate_stops_at_eos(task):
         m.lm_head.bias[eos] = 3.0
     prompts = [task.prompt_ids(ex) for ex in task.eval_set]
     greedy = generate(m, prompts, max_new_tokens=6, temperature=0.0, eos_id=eos, pad_id=pad)
-    assert [ids for ids, _ in greedy] == [[eos]] * len(prompts)
+    assert [g.token_ids for g in greedy] == [[eos]] * len(prompts)
     sampled = generate(m, prompts * 4, max_new_tokens=50, temperature=1.0, eos_id=eos, pad_id=pad,
                        generator=torch.Generator().manual_seed(0))
-    lengths = [len(ids) for ids, _ in sampled]
-    assert all(ids[-1] == eos and eos not in ids[:-1] for ids, _ in sampled)  # p(eos) ~ 0.17 per step
+    lengths = [len(g.token_ids) for g in sampled]
+    assert all(g.token_ids[-1] == eos and eos not in g.token_ids[:-1] for g in sampled)  # p(eos) ~ 0.17 per step
     assert len(set(lengths)) > 1 and max(lengths) < 50
 
 
@@ -77,10 +77,10 @@ def test_token_logprobs_match_behaviour_logprobs(model, task, temperature):
     prompts = [task.prompt_ids(ex) for ex in task.eval_set]
     outs = generate(model, prompts, max_new_tokens=6, temperature=temperature, eos_id=task.tokenizer.eos_id,
                     pad_id=task.tokenizer.pad_id, generator=torch.Generator().manual_seed(1))
-    ids, mask = _right_pad([p + o[0] for p, o in zip(prompts, outs)], task.tokenizer.pad_id)
+    ids, mask = _right_pad([p + o.token_ids for p, o in zip(prompts, outs)], task.tokenizer.pad_id)
     logp = token_logprobs(model, ids, mask, temperature=temperature)
     assert logp.shape == ids.shape and bool((logp[:, 0] == 0).all())
-    for i, (p, (gen, behaviour)) in enumerate(zip(prompts, outs)):
+    for i, (p, (gen, behaviour, *_)) in enumerate(zip(prompts, outs)):
         torch.testing.assert_close(logp[i, len(p): len(p) + len(gen)], torch.tensor(behaviour),
                                    rtol=0, atol=1e-4)
     logp[mask.bool()].sum().backward()  # differentiable
