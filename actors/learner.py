@@ -137,6 +137,8 @@ class LearnerRank:
         self.batch_entropy_scope = cfg.learner.loss == "espo" and cfg.learner.espo_entropy_scope == "batch"
         self.chunk_tokens = cfg.learner.entropy_chunk_tokens
         self.replay, self.num_minibatches = cfg.learner.router_replay, cfg.learner.num_minibatches
+        self.gap_probe_seqs = max(cfg.learner.gap_probe_seqs // self.world, 1) if cfg.learner.gap_probe_seqs else 0
+        self.probe_model = load_model(init_dir).eval() if self.gap_probe_seqs else None  # the previous version
         self.weights_dir = Path(weights_dir)
         self.version = 0
 
@@ -159,6 +161,9 @@ class LearnerRank:
                              "backend did not record them (keep rollout.return_routes=true) or pass "
                              "learner.router_replay=R2 or off")
         acc = _StatSums()
+        if self.gap_probe_seqs:
+            self._probe_rollout_gap(shards, acc)
+            self.probe_model.load_state_dict(self.engine.module.state_dict())  # version v: next step's v - 1
         for sh in shards:
             self._old_policy_pass(sh, acc)
         threshold = self._batch_entropy_threshold(shards) if self.batch_entropy_scope else None
@@ -190,8 +195,7 @@ class LearnerRank:
 
     @torch.no_grad()
     def _old_policy_pass(self, sh: "_Shard", acc: "_StatSums") -> None:
-        """Entropy and proximal log-probs (routes replayed per mode), the trainer's own routes, and how far this
-        trainer is from the rollout on tokens sampled with the very weights it holds now (same version)."""
+        """Entropy and proximal log-probs (rollout routes replayed under R3) and the trainer's own routes (R2)."""
         replay = sh.routes_NLLK is not None and self.replay == "R3"
         with route_hooks(self.engine.module, forced_NTLK=sh.routes_NLLK if replay else None,
                          routed_N=sh.routed_N if replay else None) as own:
@@ -203,16 +207,48 @@ class LearnerRank:
         tokens = sh.mask_NL.sum().double()
         acc.add("entropy", (sh.entropy_NL * sh.mask_NL).sum(), tokens)
         acc.add("behavior_proximal_abs_diff", ((prox_logp_NL - sh.old_logp_NL).abs() * sh.mask_NL).sum(), tokens)
-        same_NL = sh.mask_NL & (sh.versions_NL == self.version)  # sampled by the weights this rank holds
-        d_NL = (prox_logp_NL - sh.old_logp_NL)[same_NL].double()  # log pi_train_old - log pi_rollout
-        acc.add("logprob_gap_mean", d_NL.abs().sum(), float(d_NL.numel()))
-        acc.add("logprob_gap_k3", (d_NL.exp() - 1 - d_NL).sum(), float(d_NL.numel()))  # K3 KL(rollout || train)
-        acc.add("logprob_gap_frac", float(d_NL.numel()), tokens)
-        acc.maximum("logprob_gap_max", d_NL.abs().max() if d_NL.numel() else torch.zeros(()))
-        if sh.routes_NLLK is not None:  # the trainer's own choice vs the rollout's, on routed response positions
-            routed_NL = same_NL & (torch.arange(length)[None] < sh.routed_N[:, None])
-            differs_NL = mismatch_NT(sh.own_routes_NLLK, sh.routes_NLLK)
-            acc.add("routing_mismatch_frac", (differs_NL & routed_NL).sum().double(), routed_NL.sum().double())
+
+    @torch.no_grad()
+    def _probe_rollout_gap(self, shards: list["_Shard"], acc: "_StatSums") -> None:
+        """|log pi_train_old - log pi_rollout| per token: the trainer's teacher-forced recompute of tokens under the
+        very weights that sampled them, against the rollout's log-probs, on up to ``gap_probe_seqs`` sequences.
+
+        Tokens of the current version use the live model; tokens one version older use ``probe_model``, a frozen
+        copy of the previous weights (in steady state every token is one version old). Routes are replayed as
+        configured (``logprob_gap_*``); with replay on, the same tokens are recomputed once more with replay off
+        (``logprob_gap_off_mean``), which also gives the fraction of positions whose expert set differs in at least
+        one layer when the trainer routes by itself (``routing_mismatch_frac``)."""
+        budget = self.gap_probe_seqs
+        for sh in shards:
+            rows = torch.arange(min(budget, sh.ids_NL.shape[0]))
+            budget -= len(rows)
+            for version, model in ((self.version, self.engine.module), (self.version - 1, self.probe_model)):
+                on_NL = sh.mask_NL[rows] & (sh.versions_NL[rows] == version)
+                if model is None or not bool(on_NL.any()):
+                    continue
+                keep = on_NL.any(-1)
+                r, on_NL = rows[keep], on_NL[keep]
+                routes = (sh.routes_NLLK[r], sh.routed_N[r]) if sh.routes_NLLK is not None else (None, None)
+                replays = [True, False] if self.replay == "R3" and routes[0] is not None else [False]
+                for replay in replays:  # R2 replays the trainer's own routes: for the probe that is no replay
+                    forced = routes if replay else (None, None)
+                    with route_hooks(model, forced_NTLK=forced[0], routed_N=forced[1]) as own:
+                        logp_NL = token_logprobs(model, sh.ids_NL[r], sh.attn_NL[r], temperature=self.temperature)
+                    d = (logp_NL - sh.old_logp_NL[r])[on_NL].double()
+                    if replay == replays[0]:  # as configured
+                        acc.add("logprob_gap_mean", d.abs().sum(), float(d.numel()))
+                        acc.add("logprob_gap_k3", (d.exp() - 1 - d).sum(), float(d.numel()))  # KL(rollout||train)
+                        acc.maximum("logprob_gap_max", d.abs().max())
+                        acc.total("logprob_gap_tokens", float(d.numel()))
+                    if not replay:
+                        acc.add("logprob_gap_off_mean", d.abs().sum(), float(d.numel()))
+                        if routes[0] is not None:
+                            own_NLLK = own.stacked(0).reshape(routes[0].shape)
+                            routed_NL = on_NL & (torch.arange(on_NL.shape[1])[None] < routes[1][:, None])
+                            differs_NL = mismatch_NT(own_NLLK, routes[0]) & routed_NL
+                            acc.add("routing_mismatch_frac", differs_NL.sum().double(), routed_NL.sum().double())
+            if budget <= 0:
+                break
 
     def _batch_entropy_threshold(self, shards: list["_Shard"]) -> torch.Tensor:
         """ESPO's top-rho entropy threshold over the whole batch: every rank's trained tokens, all-gathered."""
@@ -283,25 +319,32 @@ class _StatSums:
     def __init__(self) -> None:
         self._sums: dict[str, list] = {}
         self._max: dict[str, torch.Tensor] = {}
+        self._totals: dict[str, float] = {}
 
     def add(self, name: str, total, weight) -> None:
         entry = self._sums.setdefault(name, [0.0, 0.0])
         entry[0] += float(total)
         entry[1] += float(weight)
 
+    def total(self, name: str, value) -> None:
+        """A sum over mini-batches and ranks (reported as is, not as a mean)."""
+        self._totals[name] = self._totals.get(name, 0.0) + float(value)
+
     def maximum(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().double().reshape(())
         self._max[name] = torch.maximum(self._max[name], v) if name in self._max else v
 
     def reduce(self) -> dict[str, float]:
-        names, maxes = sorted(self._sums), sorted(self._max)
-        sums = torch.tensor([x for k in names for x in self._sums[k]], dtype=torch.float64)
+        names, maxes, totals = sorted(self._sums), sorted(self._max), sorted(self._totals)
+        sums = torch.tensor([x for k in names for x in self._sums[k]] + [self._totals[k] for k in totals],
+                            dtype=torch.float64)
         top = torch.stack([self._max[k] for k in maxes]) if maxes else torch.zeros(0, dtype=torch.float64)
         dist.all_reduce(sums)
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
         out = {k: float(sums[2 * i]) / float(sums[2 * i + 1]) if float(sums[2 * i + 1]) > 0 else float("nan")
                for i, k in enumerate(names)}
         out.update({k: float(top[i]) for i, k in enumerate(maxes)})
+        out.update({k: float(sums[2 * len(names) + i]) for i, k in enumerate(totals)})
         out["tokens"] = float(sums[2 * names.index("entropy") + 1]) if "entropy" in names else 0.0
         return out
 

@@ -120,7 +120,8 @@ class LearnerConfig:
     num_ranks: int = 1  # data-parallel ranks launched with torchrun
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2)
     loss: str = "espo"  # espo | gspo | grpo | cispo (engine/losses.py, engine/espo.py)
-    aggregation: str = "auto"  # auto = the loss's own: espo seq_mean_group_mean, gspo seq_mean_token_mean, else token_mean
+    aggregation: str = "auto"  # auto = the loss's own (espo seq_mean_group_mean, gspo seq_mean_token_mean,
+    # else token_mean)
     lr: float = 3e-4
     weight_decay: float = 0.0
     clip_eps_low: float = 0.2  # grpo token-level clip
@@ -135,6 +136,8 @@ class LearnerConfig:
     entropy_chunk_tokens: int = 1024  # old-policy pass: tokens per chunk of full-vocabulary entropy
     router_replay: str = "R3"  # R3: rollout routes; R2: the learner's own old-pass routes; off (spec B.4)
     num_minibatches: int = 1  # optimizer steps per TrainBatch (PPO mini-batches); the version counts batches
+    gap_probe_seqs: int = 64  # sequences per step whose log-probs are recomputed under the weights that sampled
+    # them (a frozen copy of the previous version is kept) to log the rollout-vs-trainer gap; 0 = off, no copy
     grad_clip: float = 1.0
     threads_per_rank: int = 1
     master_port: int = 0  # 0 = pick a free port
@@ -160,6 +163,7 @@ class LearnerConfig:
         _require(self.router_replay in ("off", "R2", "R3"), "learner.router_replay", self.router_replay,
                  "choose R3 (replay rollout routes), R2 (replay the learner's old-pass routes) or off")
         _require(self.num_minibatches >= 1, "learner.num_minibatches", self.num_minibatches, "it must be >= 1")
+        _require(self.gap_probe_seqs >= 0, "learner.gap_probe_seqs", self.gap_probe_seqs, "it must be >= 0")
 
 
 @dataclass

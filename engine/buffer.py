@@ -1,7 +1,7 @@
 """Finished groups waiting for the learner, and the records they are made of.
 
-The buffer serves the oldest policy version first (FIFO within a version) for now and enforces the staleness bound: ``take`` never returns a group holding a token
-older than ``min_version``; such groups are counted as discarded (the admission control in engine/loop.py keeps
+The buffer serves the oldest policy version first (FIFO within a version) for now and enforces the staleness
+bound: ``take`` never returns a group holding a token older than ``min_version``; such groups are counted as discarded (the admission control in engine/loop.py keeps
 this at zero in steady state).
 """
 
