@@ -8,7 +8,7 @@ Launch (what ``engine.launch.learner_command`` builds; the coordinator runs it):
 
     python -m torch.distributed.run --nproc-per-node=R --nnodes=1 --master-addr=127.0.0.1 --master-port=P \
         -m actors.learner --config run/config.yaml --endpoint tcp://127.0.0.1:PORT \
-        --init HF_DIR --weights-dir DIR
+        --init HF_DIR --weights-dir DIR [--resume CHECKPOINT_DIR]
 
 Process layout: only rank 0 talks to the coordinator (a ``Peer``). It re-broadcasts every frame to the other
 ranks over torch.distributed (gloo), without pickle: an int64 size, then the codec's bytes as a uint8 tensor.
@@ -56,15 +56,15 @@ from engine.log import configure_logging
 from engine.procs import die_with_parent
 from engine.espo import batch_entropy_threshold
 from engine.losses import LOSSES
-from engine.model import load_model, old_policy_pass, save_weights, token_logprobs
+from engine.model import load_model, load_weights, old_policy_pass, save_weights, token_logprobs
 from engine.routing import mismatch_NT, route_hooks
 from transport.channels import PeerLost, run
 from transport.codec import decode, encode
-from transport.messages import ErrorReport, Shutdown, TrainBatch, TrainResult
+from transport.messages import CheckpointSaved, ErrorReport, SaveCheckpoint, Shutdown, TrainBatch, TrainResult
 
 log = structlog.get_logger()
 
-LearnerInbox = TrainBatch | Shutdown
+LearnerInbox = TrainBatch | SaveCheckpoint | Shutdown
 
 _TICK, _SHUTDOWN, _PEER_LOST = 0, -1, -2  # control codes sent in place of a frame size
 _TICK_S = 60.0  # idle rank 0 sends a tick this often; far below gloo's 30 min collective timeout
@@ -120,7 +120,7 @@ def loss_settings(lc: LearnerConfig, *, vocab_size: int) -> tuple[str, dict]:
 class LearnerRank:
     """The model, optimizer and step of one rank; identical on every rank except ``publish`` (rank 0)."""
 
-    def __init__(self, cfg: RunConfig, init_dir: str, weights_dir: str) -> None:
+    def __init__(self, cfg: RunConfig, init_dir: str, weights_dir: str, resume: str | None = None) -> None:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -139,6 +139,9 @@ class LearnerRank:
         self.replay, self.num_minibatches = cfg.learner.router_replay, cfg.learner.num_minibatches
         self.gap_probe_seqs = max(cfg.learner.gap_probe_seqs // self.world, 1) if cfg.learner.gap_probe_seqs else 0
         self.probe_model = load_model(init_dir).eval() if self.gap_probe_seqs else None  # the previous version
+        self.decoupled, self.decoupled_cap = cfg.learner.decoupled, cfg.learner.decoupled_is_cap
+        if resume:
+            self.load(resume)
         self.weights_dir = Path(weights_dir)
         self.version = 0
 
@@ -175,7 +178,15 @@ class LearnerRank:
             with route_hooks(self.engine.module, forced_NTLK=forced[0] if forced else None,
                              routed_N=forced[1] if forced else None, record=False):
                 logp_NL = token_logprobs(self.engine, sh.ids_NL, sh.attn_NL, temperature=self.temperature)
-            loss, stats = self.loss_fn(logp_NL, sh.old_logp_NL, sh.adv_N, sh.mask_NL, entropy_NT=sh.entropy_NL,
+            old_logp_NL, adv = sh.old_logp_NL, sh.adv_N
+            if self.decoupled:  # ratio vs the proximal policy; behaviour -> proximal by truncated IS (AReaL)
+                w_NL = (sh.prox_logp_NL - sh.old_logp_NL).exp().clamp(max=self.decoupled_cap) * sh.mask_NL
+                old_logp_NL, adv = sh.prox_logp_NL, sh.adv_N[:, None] * w_NL
+                tokens = sh.mask_NL.sum().double()
+                acc.add("is_weight_mean", w_NL.sum(), tokens)
+                truncated = ((sh.prox_logp_NL - sh.old_logp_NL).exp() > self.decoupled_cap) & sh.mask_NL
+                acc.add("is_truncated_frac", truncated.sum(), tokens)
+            loss, stats = self.loss_fn(logp_NL, old_logp_NL, adv, sh.mask_NL, entropy_NT=sh.entropy_NL,
                                        aggregation=self.aggregation, denom=float(sh.denom), **hyper)
             self.engine.backward(loss * self.world)  # DeepSpeed divides the summed gradients by world
             grad_norm = self._stage0_grad_norm()
@@ -204,6 +215,7 @@ class LearnerRank:
                                                           chunk_tokens=self.chunk_tokens)
         n, length = sh.ids_NL.shape
         sh.own_routes_NLLK = own.stacked(0).reshape(n, length, *own.stacked(0).shape[1:])
+        sh.prox_logp_NL = prox_logp_NL
         tokens = sh.mask_NL.sum().double()
         acc.add("entropy", (sh.entropy_NL * sh.mask_NL).sum(), tokens)
         acc.add("behavior_proximal_abs_diff", ((prox_logp_NL - sh.old_logp_NL).abs() * sh.mask_NL).sum(), tokens)
@@ -272,6 +284,31 @@ class LearnerRank:
             return None
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
+    def save(self, path: str) -> None:
+        """Every rank: model, optimizer and scheduler (DeepSpeed), this rank's RNG, and (rank 0) the frozen
+        previous-version weights of the gap probe. Collective: all ranks call it with the same path."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(path, tag="state", client_state={"version": self.version})
+        torch.save({"torch": torch.get_rng_state()}, Path(path) / f"rng_rank{self.rank}.pt")
+        if self.rank == 0 and self.probe_model is not None:
+            save_weights(self.probe_model, Path(path) / "probe.safetensors")
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        """Every rank: continue from ``save(path)``."""
+        _, client = self.engine.load_checkpoint(path, tag="state")
+        if client is None:
+            raise FileNotFoundError(f"no learner checkpoint in {path} (tag 'state')")
+        self.version = int(client["version"])
+        rng = torch.load(Path(path) / f"rng_rank{self.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        probe = Path(path) / "probe.safetensors"
+        if self.probe_model is not None:
+            if probe.exists():
+                load_weights(self.probe_model, probe)
+            else:
+                self.probe_model.load_state_dict(self.engine.module.state_dict())
+
     def publish(self) -> str:
         """Rank 0: write the current weights as ``policy_v{version}`` and drop the older files."""
         path = self.weights_dir / f"policy_v{self.version}.safetensors"
@@ -310,7 +347,7 @@ class _Shard:
             self.routed_N = torch.from_numpy(np.minimum(batch.routed_lens[lo:hi], length).astype(np.int64))
         mb_lens = batch.response_lens[mb_rows[0]:mb_rows[1]]
         self.denom = max(int(mb_lens.sum()) if aggregation == "token_mean" else int((mb_lens > 0).sum()), 1)
-        self.entropy_NL = self.own_routes_NLLK = None  # filled by the old-policy pass
+        self.entropy_NL = self.own_routes_NLLK = self.prox_logp_NL = None  # filled by the old-policy pass
 
 
 class _StatSums:
@@ -392,7 +429,11 @@ def _follow(learner: LearnerRank, max_frame_bytes: int) -> int:
         if item == _PEER_LOST:
             log.error("learner.coordinator_lost", detail="rank 0 lost the coordinator; exiting")
             return 1
-        learner.step(decode(item, max_frame_bytes=max_frame_bytes))
+        msg = decode(item, max_frame_bytes=max_frame_bytes)
+        if isinstance(msg, SaveCheckpoint):
+            learner.save(msg.path)
+        else:
+            learner.step(msg)
 
 
 # ---- rank 0: the coordinator's peer --------------------------------------------------------------------
@@ -404,7 +445,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
     learner = None
     try:
         t0 = time.perf_counter()
-        learner = await asyncio.to_thread(LearnerRank, cfg, args.init, args.weights_dir)
+        learner = await asyncio.to_thread(LearnerRank, cfg, args.init, args.weights_dir, args.resume)
         log.info("learner.ready", world=learner.world, init_s=round(time.perf_counter() - t0, 2))
         while True:
             try:
@@ -416,6 +457,10 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
                 case TrainBatch():
                     result = await asyncio.to_thread(_train_and_publish, learner, msg, encode(msg))
                     await peer.send(result)
+                case SaveCheckpoint():
+                    t0 = time.perf_counter()
+                    await asyncio.to_thread(_fanout_and_save, learner, msg, encode(msg))
+                    await peer.send(CheckpointSaved(step=msg.step, path=msg.path, seconds=time.perf_counter() - t0))
                 case Shutdown():
                     await asyncio.to_thread(fanout_send, None, _SHUTDOWN)
                     log.info("learner.shutdown", reason=msg.reason, version=learner.version)
@@ -438,6 +483,11 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
         return 1
     finally:
         await peer.close()
+
+
+def _fanout_and_save(learner: LearnerRank, msg: SaveCheckpoint, frame: bytes) -> None:
+    fanout_send(frame)
+    learner.save(msg.path)
 
 
 def _train_and_publish(learner: LearnerRank, batch: TrainBatch, frame: bytes) -> TrainResult:
@@ -464,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     p = actor_parser("python -m actors.learner", __doc__.split("\n")[0])  # --endpoint, --config, --worker-id
     p.add_argument("--init", required=True, help="HF save_pretrained folder holding the version-0 weights")
     p.add_argument("--weights-dir", required=True, help="where policy_v{version}.safetensors files go")
+    p.add_argument("--resume", default=None, help="a learner checkpoint directory (SaveCheckpoint) to continue")
     args = p.parse_args(argv)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -483,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
         code = run(_serve(args, cfg))
     else:
         try:
-            code = _follow(LearnerRank(cfg, args.init, args.weights_dir), cfg.transport.max_frame_bytes)
+            code = _follow(LearnerRank(cfg, args.init, args.weights_dir, args.resume),
+                           cfg.transport.max_frame_bytes)
         except Exception as e:  # rank 0 reports to the coordinator; here one line is enough
             log.error("learner.rank_failed", error=f"{type(e).__name__}: {e}")
             time.sleep(2 * _REPORT_GRACE_S)  # torchrun kills rank 0 once we exit: let it send its ErrorReport

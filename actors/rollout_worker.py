@@ -1,13 +1,18 @@
-"""Rollout worker: generates groups with a backend and sends every finished response back at once.
+"""Rollout worker: continuous batched decoding that streams every response in chunks and takes new weights in flight.
 
-consumes: GenerateRequest, LoadWeights, Shutdown (coordinator)
-produces: Completion (one per response, with behaviour log-probs, the policy version of every token and, when
-          asked, the MoE routes: the group's prompt routes ride on its first completion), WeightsLoaded
-blocks on: the backend's generate, run in a thread so heartbeats keep flowing
+consumes: GenerateRequest, ContinueRequest, CancelRequest, LoadWeights, Shutdown (coordinator)
+produces: ResponseChunk (every ``rollout.chunk_tokens`` tokens of each response: tokens, behaviour log-probs, the
+          policy version of every token and, when asked, MoE routes; a group's prompt routes ride on its first
+          chunk), WeightsLoaded (with idle and paused time)
+blocks on: decode steps, run in a thread so heartbeats keep flowing
 
-Requests queue up while a batch is being generated; the next batch takes as many whole groups as fit in
-``rollout.max_batch_samples`` (one temperature per batch). New weights are applied between batches, and every
-token records the version that produced it.
+The batch never drains to take work or weights. Between chunks the worker (1) drops cancelled groups, (2) applies
+the newest weights if any arrived (the decode loop also stops early for them, so a pause lasts at most one decode
+step plus the load), then either keeps the KV cache or recomputes it under the new weights
+(``rollout.kv_on_update``), and (3) admits queued requests while the batch holds fewer than
+``rollout.max_batch_samples`` unfinished responses. A response can therefore span several policy versions;
+each token records the one that sampled it. Weights never travel on this socket: ``LoadWeights`` names a
+safetensors file the learner wrote atomically, and the worker swaps it in between two decode steps.
 """
 
 from __future__ import annotations
@@ -23,15 +28,17 @@ import torch
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from configs.schema import RunConfig
-from engine.model import Generated, generate, load_model, load_weights
+from engine.decode import DecodeBatch, Row
+from engine.model import load_model, load_weights, stack_routes
 from engine.tasks import build_task
-from transport import Completion, GenerateRequest, LoadWeights, Peer, Shutdown, WeightsLoaded
+from transport import (CancelRequest, ContinueRequest, GenerateRequest, LoadWeights, Peer, ResponseChunk, Shutdown,
+                       WeightsLoaded)
 
 log = structlog.get_logger()
 
 
 class HFBackend:
-    """transformers model on the CPU (the embedded default), sampling with a hand-written KV-cache loop."""
+    """transformers model on the CPU (the embedded default), decoded by engine/decode.py."""
 
     def __init__(self, init_dir: str, *, seed: int, eos_id: int, pad_id: int) -> None:
         self.model = load_model(init_dir).eval()
@@ -41,20 +48,25 @@ class HFBackend:
     def load(self, path: str) -> None:
         load_weights(self.model, path)
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 capture_routes: bool = False) -> list[Generated]:
-        return generate(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        eos_id=self.eos_id, pad_id=self._pad_id, generator=self._gen, capture_routes=capture_routes)
+    def new_batch(self, *, capture_routes: bool) -> DecodeBatch:
+        return DecodeBatch(self.model, eos_id=self.eos_id, pad_id=self._pad_id, capture_routes=capture_routes,
+                           generator=self._gen)
 
 
 class RolloutWorker:
-    def __init__(self, peer: Peer, backend: HFBackend, *, worker_id: int, max_batch_samples: int) -> None:
+    def __init__(self, peer: Peer, backend: HFBackend, *, worker_id: int, max_batch_samples: int,
+                 chunk_tokens: int = 4, kv_on_update: str = "recompute", capture_routes: bool = True) -> None:
         self._peer, self._backend = peer, backend
         self._worker_id, self._max_batch_samples = worker_id, max_batch_samples
-        self._queue: deque[GenerateRequest] = deque()
+        self._chunk_tokens, self._kv_on_update = chunk_tokens, kv_on_update
+        self._capture_routes = capture_routes
+        self._batch = backend.new_batch(capture_routes=capture_routes)
+        self._queue: deque[list[Row]] = deque()  # requests not yet in the batch, as rows
+        self._cancelled: set[str] = set()
         self._weights: LoadWeights | None = None  # newest weights not yet applied
         self._wake = asyncio.Event()
         self.version = 0
+        self._idle_s = self._paused_s = 0.0
 
     async def serve(self) -> None:
         await self._peer.start()
@@ -71,7 +83,11 @@ class RolloutWorker:
             msg = await self._peer.recv()
             match msg:
                 case GenerateRequest():
-                    self._queue.append(msg)
+                    self._queue.append([_row(msg, k, msg.prompt_ids.tolist(), []) for k in range(msg.num_samples)])
+                case ContinueRequest():
+                    self._queue.append([_row(msg, msg.sample_index, msg.prompt_ids.tolist(), msg.prefix.tolist())])
+                case CancelRequest():
+                    self._cancelled.update(msg.sample_keys)
                 case LoadWeights():
                     if self._weights is None or msg.version > self._weights.version:
                         self._weights = msg
@@ -84,55 +100,81 @@ class RolloutWorker:
 
     async def _generate_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            if not (self._batch.active or self._queue or self._weights or self._cancelled):
+                t0 = time.monotonic()
+                await self._wake.wait()
+                self._idle_s += time.monotonic() - t0
             self._wake.clear()
-            while self._weights is not None or self._queue:
-                if self._weights is not None:  # the newest weights, before every batch
-                    await self._apply_weights()
-                if self._queue:
-                    await self._generate_batch(self._next_batch())
+            self._drop_cancelled()
+            if self._weights is not None:
+                await self._apply_weights()
+            while self._queue and (not self._batch.active
+                                   or self._batch.active + len(self._queue[0]) <= self._max_batch_samples):
+                self._batch.add(self._queue.popleft())
+            if self._batch.active:
+                await asyncio.to_thread(self._decode_chunk)
+            await self._emit()
+
+    def _decode_chunk(self) -> None:
+        """Up to ``chunk_tokens`` decode steps (all the way with 0); stop early when new weights arrive."""
+        steps = 0
+        while self._batch.active and (self._chunk_tokens <= 0 or steps < self._chunk_tokens):
+            self._batch.step(self.version)
+            steps += 1
+            if self._weights is not None:
+                break
 
     async def _apply_weights(self) -> None:
         msg, self._weights, t0 = self._weights, None, time.monotonic()
         await asyncio.to_thread(self._backend.load, msg.path)
+        if self._kv_on_update == "recompute":
+            self._batch.invalidate()  # the next step re-prefills every unfinished response under the new weights
         self.version = msg.version
-        await self._peer.send(WeightsLoaded(version=msg.version, worker_id=self._worker_id,
-                                            load_s=time.monotonic() - t0))
+        load_s = time.monotonic() - t0
+        self._paused_s += load_s
+        await self._peer.send(WeightsLoaded(version=msg.version, worker_id=self._worker_id, load_s=load_s,
+                                            idle_s=self._idle_s, paused_s=self._paused_s))
 
-    def _next_batch(self) -> list[GenerateRequest]:
-        """Whole groups of one temperature, up to max_batch_samples sequences (at least one group)."""
-        batch = [self._queue.popleft()]
-        n = batch[0].num_samples
-        while self._queue and self._queue[0].temperature == batch[0].temperature \
-                and n + self._queue[0].num_samples <= self._max_batch_samples:
-            n += self._queue[0].num_samples
-            batch.append(self._queue.popleft())
-        return batch
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        gone, self._cancelled = self._cancelled, set()
+        self._batch.remove([r for r in self._batch.rows if f"{r.key[0]}/{r.key[1]}" in gone])
+        queue = ([r for r in rows if f"{r.key[0]}/{r.key[1]}" not in gone] for rows in self._queue)
+        self._queue = deque(rows for rows in queue if rows)
 
-    async def _generate_batch(self, requests: list[GenerateRequest]) -> None:
-        prompts = [r.prompt_ids.tolist() for r in requests for _ in range(r.num_samples)]
-        version = self.version
-        outputs = await asyncio.to_thread(self._backend.generate, prompts, max_new_tokens=max(
-            r.max_new_tokens for r in requests), temperature=requests[0].temperature,
-            capture_routes=any(r.return_routes for r in requests))
-        i = 0
-        for r in requests:
-            for k in range(r.num_samples):
-                out = outputs[i]
-                i += 1
-                token_ids, logprobs = out.token_ids[:r.max_new_tokens], out.logprobs[:r.max_new_tokens]
-                stopped = bool(token_ids) and token_ids[-1] == self._backend.eos_id
-                routes = {}
-                if r.return_routes:  # prompt routes once per group: with its first completion
-                    routes["routes"] = out.routes[:max(len(token_ids) - 1, 0)]
-                    if k == 0:
-                        routes["prompt_routes"] = out.prompt_routes
-                await self._peer.send(Completion(
-                    group_id=r.group_id, sample_index=k, prompt_id=r.prompt_id,
-                    token_ids=np.asarray(token_ids, dtype=np.int32),
-                    behavior_logprobs=np.asarray(logprobs, dtype=np.float32),
-                    token_versions=np.full(len(token_ids), version, dtype=np.int32),
-                    finish_reason="stop" if stopped else "length", worker_id=self._worker_id, **routes))
+    async def _emit(self) -> None:
+        """Send every response's ready tokens (fed, so their routes are known; or final) as one chunk each."""
+        finished = []
+        for r in self._batch.rows:
+            ready = r.ready(self._capture_routes)
+            final = r.done and ready == len(r.tokens)
+            if ready == r.emitted and not final:
+                continue
+            group_id, sample_index, prompt_id, want_routes = r.key
+            lo, extra = r.emitted, {}
+            if want_routes:
+                extra["routes"] = stack_routes(r.routes[lo - r.route_base:ready - r.route_base], self._backend.model)
+                if r.want_prompt_routes and r.prompt_routes is not None:
+                    extra["prompt_routes"], r.want_prompt_routes = r.prompt_routes, False
+            await self._peer.send(ResponseChunk(
+                group_id=group_id, sample_index=sample_index, prompt_id=prompt_id, offset=lo,
+                token_ids=np.asarray(r.tokens[lo:ready], dtype=np.int32),
+                behavior_logprobs=np.asarray(r.logprobs[lo:ready], dtype=np.float32),
+                token_versions=np.asarray(r.versions[lo:ready], dtype=np.int32),
+                finish_reason=r.finish_reason if final else "", worker_id=self._worker_id, **extra))
+            r.emitted = ready
+            if final:
+                finished.append(r)
+        self._batch.remove(finished)
+
+
+def _row(req: GenerateRequest | ContinueRequest, sample_index: int, prompt: list[int], prefix: list[int]) -> Row:
+    key = (req.group_id, sample_index, req.prompt_id, req.return_routes)
+    first = sample_index == 0 if isinstance(req, GenerateRequest) else req.send_prompt_routes
+    kw = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+              want_prompt_routes=req.return_routes and first)
+    return Row.continuing(key, prompt, prefix, **kw) if prefix else Row(key=key, prompt=prompt, **kw)
 
 
 def _build(cfg: RunConfig, init_dir: str, worker_id: int) -> HFBackend:
@@ -148,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = setup_actor(args, "rollout")
     backend = _build(cfg, args.init, args.worker_id)
     worker = RolloutWorker(make_peer(args, cfg, "rollout"), backend, worker_id=args.worker_id,
-                           max_batch_samples=cfg.rollout.max_batch_samples)
+                           max_batch_samples=cfg.rollout.max_batch_samples, chunk_tokens=cfg.rollout.chunk_tokens,
+                           kv_on_update=cfg.rollout.kv_on_update, capture_routes=cfg.rollout.return_routes)
     return run_actor(worker.serve(), "rollout")
 
 

@@ -1,4 +1,4 @@
-"""Codec throughput on frames shaped like real traffic: a Completion and a TrainBatch."""
+"""Codec throughput on frames shaped like real traffic: a ResponseChunk and a TrainBatch."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 
-from transport import Completion, TrainBatch, decode, encode
+from transport import ResponseChunk, TrainBatch, decode, encode
 
 
 def _frames(response_len: int, batch: int) -> dict[str, object]:
     rng = np.random.default_rng(0)
-    completion = Completion(group_id="g1", sample_index=0, prompt_id=1,
+    completion = ResponseChunk(group_id="g1", sample_index=0, prompt_id=1, offset=0,
                             token_ids=rng.integers(0, 100, response_len, dtype=np.int32),
                             behavior_logprobs=rng.standard_normal(response_len).astype(np.float32),
                             token_versions=np.zeros(response_len, np.int32), finish_reason="stop")

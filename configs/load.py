@@ -22,6 +22,9 @@ from configs.schema import RunConfig
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+RENAMED = {"train.max_policy_lag": "train.max_staleness"}  # old key -> new key
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message says what to change."""
 
@@ -44,6 +47,8 @@ def _explain(err: BaseException) -> str:
     full_key = getattr(cause, "full_key", None) or ""
     text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if "not in" in text and full_key:
+        if full_key in RENAMED:
+            return f"config key '{full_key}' was renamed: use {RENAMED[full_key]}"
         close = difflib.get_close_matches(full_key, _schema_keys(), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}?" if close else "see configs/schema.py for the valid keys"
         return f"unknown config key '{full_key}': {hint}"

@@ -50,6 +50,8 @@ def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int)
     # what the routes cost on the rollout -> coordinator wire: prompt routes once per group, then per token
     route_bytes = sum((g.prompt_routes.nbytes if g.prompt_routes is not None else 0)
                       + sum(s.routes.nbytes for s in g.ordered() if s.routes is not None) for g in groups)
+    lags = lag.astype(np.int64)
+    partial = [len(np.unique(s.token_versions)) > 1 for s in samples]
     return {
         "reward": float(rewards.mean()),
         "accuracy": float(correct.mean()),
@@ -58,7 +60,34 @@ def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int)
         "num_samples": len(samples),
         "version_lag_mean": float(lag.mean()),
         "version_lag_max": int(lag.max()),
+        "staleness_hist": np.bincount(lags, minlength=1).tolist(),  # trained tokens by staleness 0, 1, ...
+        "partial_sample_frac": float(np.mean(partial)),  # responses spanning more than one policy version
         "valid_frac": float(np.mean([s.valid for s in samples])),
         "route_bytes_per_token": route_bytes / max(int(batch.response_lens.sum()), 1),
         "routed_frac": float(np.mean(batch.routed_lens > 0)) if batch.routed_lens.size else 0.0,
     }
+
+
+class RunTotals:
+    """What the run summary reports about staleness, accumulated over steps (and kept in checkpoints)."""
+
+    def __init__(self, max_token_staleness: int = 0, samples: int = 0, partial_samples: int = 0) -> None:
+        self.max_token_staleness, self.samples, self.partial_samples = max_token_staleness, samples, partial_samples
+
+    def add(self, groups: list[Group], stats: dict) -> None:
+        n = sum(g.num_samples for g in groups)
+        self.max_token_staleness = max(self.max_token_staleness, int(stats["version_lag_max"]))
+        self.samples += n
+        self.partial_samples += round(stats["partial_sample_frac"] * n)
+
+    def summary(self, counts: dict[str, int]) -> dict:
+        return {"max_token_staleness": self.max_token_staleness, "samples_over_bound": counts["samples_over_bound"],
+                "discarded_samples": counts["discarded_samples"],
+                "partial_sample_frac": self.partial_samples / max(self.samples, 1)}
+
+    def to_dict(self) -> dict:
+        return vars(self).copy()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunTotals":
+        return cls(**d)

@@ -1,8 +1,9 @@
-"""Finished groups waiting for the learner, and the records they are made of.
+"""Groups waiting for the learner, and the records they are made of (built chunk by chunk while generated).
 
-The buffer serves the oldest policy version first (FIFO within a version) for now and enforces the staleness
-bound: ``take`` never returns a group holding a token older than ``min_version``; such groups are counted as discarded (the admission control in engine/loop.py keeps
-this at zero in steady state).
+The buffer serves the oldest policy version first (FIFO within a version) and enforces the per-token staleness
+bound: ``take`` never returns a group holding a token older than ``min_version``. Groups over the bound are handed
+to ``on_over_bound`` (engine/rollouts.py regenerates their stale samples, or drops them, by policy); admission
+pacing keeps this at zero in steady state.
 """
 
 from __future__ import annotations
@@ -13,23 +14,61 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+_I32 = np.int32
+
 
 @dataclass
 class Sample:
-    """One response of a group, as it came back from a rollout worker and a reward worker."""
+    """One response of a group: its chunks as they stream in, then the whole response and its reward."""
 
     sample_index: int
-    token_ids: np.ndarray  # int32 [T]
-    behavior_logprobs: np.ndarray  # float32 [T]
-    token_versions: np.ndarray  # int32 [T]
-    finish_reason: str
-    routes: np.ndarray | None = None  # [T - 1, layers, k] MoE routes, None when not recorded
+    token_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, _I32))  # int32 [T]
+    behavior_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # float32 [T]
+    token_versions: np.ndarray = field(default_factory=lambda: np.zeros(0, _I32))  # int32 [T]
+    routes: np.ndarray | None = None  # [T - 1, layers, k] MoE routes (None when not recorded)
+    finish_reason: str = ""  # "" while generating
     reward: float | None = None  # None until scored
     valid: bool = False
     reward_parts: dict[str, float] = field(default_factory=dict)
+    _chunks: list[tuple] = field(default_factory=list, repr=False)  # appended, not yet concatenated
+    _length: int = 0
+    _unrouted: bool = False  # some chunk came without routes
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.finish_reason)
+
+    def append(self, tokens: np.ndarray, logprobs: np.ndarray, versions: np.ndarray,
+               routes: np.ndarray | None) -> None:
+        self._chunks.append((tokens, logprobs, versions, routes))
+        self._length += len(tokens)
+        self._unrouted |= routes is None
+
+    def flush(self) -> "Sample":
+        """Concatenate the streamed chunks into the arrays (cheap to call again)."""
+        if self._chunks:
+            chunks, self._chunks = self._chunks, []
+            self.token_ids = np.concatenate([self.token_ids] + [c[0] for c in chunks]).astype(_I32, copy=False)
+            self.behavior_logprobs = np.concatenate([self.behavior_logprobs] + [c[1] for c in chunks]).astype(
+                np.float32, copy=False)
+            self.token_versions = np.concatenate([self.token_versions] + [c[2] for c in chunks]).astype(
+                _I32, copy=False)
+            old = [] if self.routes is None else [self.routes]
+            self.routes = None if self._unrouted else np.concatenate(old + [c[3] for c in chunks])
+        return self
+
+    def reset(self) -> None:
+        """Forget everything generated (the sample will be generated again)."""
+        fresh = Sample(self.sample_index)
+        self.__dict__.update(fresh.__dict__)
 
     @property
     def min_version(self) -> int:
+        self.flush()
         return int(self.token_versions.min()) if len(self.token_versions) else 1 << 30
 
 
@@ -46,43 +85,48 @@ class Group:
     prompt_routes: np.ndarray | None = None  # [P, layers, k], sent once per group
     samples: dict[int, Sample] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for i in range(self.num_samples):
+            self.samples.setdefault(i, Sample(i))
+
     @property
     def complete(self) -> bool:
-        return len(self.samples) == self.num_samples and all(s.reward is not None for s in self.samples.values())
+        return all(s.finished and s.reward is not None for s in self.samples.values())
 
     @property
     def min_version(self) -> int:
         return min(s.min_version for s in self.samples.values())
 
     def ordered(self) -> list[Sample]:
-        return [self.samples[i] for i in range(self.num_samples)]
+        return [self.samples[i].flush() for i in range(self.num_samples)]
 
 
 class GroupBuffer:
     """consumes: complete groups (rollout + reward)   produces: lists of groups (learner)   blocks on: take()"""
 
-    def __init__(self, on_discard=None) -> None:
-        self._on_discard = on_discard  # called after stale groups were dropped (admission replaces them)
+    def __init__(self, on_over_bound=None) -> None:
+        self._on_over_bound = on_over_bound  # called with the groups that hold a token older than the bound
         self._groups: deque[Group] = deque()
         self._changed = asyncio.Event()
-        self.num_discarded_stale = 0
 
     def __len__(self) -> int:
         return len(self._groups)
+
+    def groups(self) -> list[Group]:
+        return list(self._groups)
 
     def put(self, group: Group) -> None:
         self._groups.append(group)
         self._changed.set()
 
     async def take(self, n: int, *, min_version: int) -> list[Group]:
-        """Wait for ``n`` groups whose every token is at least ``min_version``; drop staler ones (counted)."""
+        """Wait for ``n`` groups whose every token is at least ``min_version``; staler ones go to on_over_bound."""
         while True:
-            fresh = [g for g in self._groups if g.min_version >= min_version]
-            if len(fresh) < len(self._groups):
-                self.num_discarded_stale += len(self._groups) - len(fresh)
-                self._groups = deque(fresh)
-                if self._on_discard is not None:
-                    self._on_discard()
+            stale = [g for g in self._groups if g.min_version < min_version]
+            if stale:
+                self._groups = deque(g for g in self._groups if g.min_version >= min_version)
+                if self._on_over_bound is not None:
+                    await self._on_over_bound(stale, min_version)
             if len(self._groups) >= n:  # oldest policy first, so nothing ages past the bound while waiting
                 ordered = sorted(self._groups, key=lambda g: g.min_version)
                 self._groups = deque(ordered[n:])

@@ -22,8 +22,8 @@ from configs.schema import RunConfig
 from engine.buffer import GroupBuffer
 from engine.procs import Child, python_module, respawn, spawn, stop_all
 from engine.rollouts import Rollouts
-from transport import (Completion, ErrorReport, Hello, Hub, Scored, Shutdown, TrainBatch, TrainResult,
-                       WeightsLoaded)
+from transport import (CheckpointSaved, ErrorReport, Hello, Hub, ResponseChunk, SaveCheckpoint, Scored, Shutdown,
+                       TrainBatch, TrainResult, WeightsLoaded)
 
 log = structlog.get_logger()
 
@@ -40,14 +40,20 @@ class Learner:
         self._pending: asyncio.Future | None = None
 
     async def train(self, batch: TrainBatch) -> TrainResult:
+        return await self._call(batch)
+
+    async def checkpoint(self, step: int, path: str) -> CheckpointSaved:
+        return await self._call(SaveCheckpoint(step=step, path=path))
+
+    async def _call(self, msg):
         self._pending = asyncio.get_running_loop().create_future()
-        await self._hub.send(self._peer, batch)
+        await self._hub.send(self._peer, msg)
         try:
             return await self._pending
         finally:
             self._pending = None
 
-    def on_result(self, msg: TrainResult) -> None:
+    def on_result(self, msg: TrainResult | CheckpointSaved) -> None:
         if self._pending is not None and not self._pending.done():
             self._pending.set_result(msg)
         else:
@@ -111,11 +117,11 @@ class Actors:
     supervisor: Supervisor
 
     def counters(self) -> dict[str, int]:
-        return {"discarded_stale": self.buffer.num_discarded_stale, "buffered_groups": len(self.buffer),
-                "actor_restarts": self.supervisor.num_restarts, **self.rollouts.counters()}
+        return {"buffered_groups": len(self.buffer), "actor_restarts": self.supervisor.num_restarts,
+                **self.rollouts.counters()}
 
 
-def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str) -> list[Child]:
+def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str, resume: str | None) -> list[Child]:
     config_path, logs = str(run_dir / "config.yaml"), run_dir / "logs"
     common = ["--endpoint", endpoint, "--config", config_path]
     children = []
@@ -127,7 +133,7 @@ def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str) -> l
         children.append(spawn(f"reward-{i}", python_module("actors.reward_worker", *common, "--worker-id", str(i)),
                               log_dir=logs, env={"OMP_NUM_THREADS": "1"}))
     argv = learner_command(cfg, config_path=config_path, endpoint=endpoint, init_dir=init_dir,
-                           weights_dir=str(run_dir / "weights"), master_port=cfg.learner.master_port)
+                           weights_dir=str(run_dir / "weights"), master_port=cfg.learner.master_port, resume=resume)
     children.append(spawn("learner", argv, log_dir=logs, env=learner_env(cfg)))
     return children
 
@@ -166,13 +172,13 @@ async def _pump(hub: Hub, a: Actors) -> None:
         except TimeoutError:
             peer, msg = None, None
         match msg:
-            case Completion():
-                await a.rollouts.on_completion(msg)
+            case ResponseChunk():
+                await a.rollouts.on_chunk(peer, msg)
             case Scored():
                 a.rollouts.on_scored(msg)
             case WeightsLoaded():
                 a.rollouts.on_weights_loaded(peer, msg)
-            case TrainResult():
+            case TrainResult() | CheckpointSaved():
                 a.learner.on_result(msg)
             case Hello():  # a restarted worker
                 a.supervisor.joined(peer, msg)
@@ -191,22 +197,24 @@ async def _pump(hub: Hub, a: Actors) -> None:
 
 
 @contextlib.asynccontextmanager
-async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str):
-    """Every process up and connected; on exit (normal, error or Ctrl-C) every process stopped."""
+async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_learner: str | None = None):
+    """Every process up and connected; on exit (normal, error or Ctrl-C) every process stopped. With
+    ``resume_learner`` the learner continues from that checkpoint directory."""
     hub = Hub(host=cfg.transport.host, heartbeat_s=cfg.transport.heartbeat_s,
               peer_timeout_s=cfg.transport.peer_timeout_s, max_frame_bytes=cfg.transport.max_frame_bytes)
     await hub.start()
     children: list[Child] = []
     sup: Supervisor | None = None
     try:
-        children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir)
+        children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner)
         sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts)
         peers = await _wait_for_hellos(hub, cfg, sup)
-        buffer = GroupBuffer(on_discard=lambda: rollouts.capacity_freed())
+        buffer = GroupBuffer(on_over_bound=lambda groups, floor: rollouts.over_bound(groups, floor))
         rollouts = Rollouts(hub, workers=peers["rollout"], rewards=peers["reward"], buffer=buffer,
                             group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
                             max_new_tokens=cfg.task.max_answer_tokens,
-                            groups_per_step=cfg.train.groups_per_step, max_policy_lag=cfg.train.max_policy_lag,
+                            groups_per_step=cfg.train.groups_per_step, max_staleness=cfg.train.max_staleness,
+                            stale_policy=cfg.train.stale_policy,
                             return_routes=cfg.rollout.return_routes)
         actors = Actors(rollouts=rollouts, buffer=buffer, learner=Learner(hub, peers["learner"][0]),
                         supervisor=sup)

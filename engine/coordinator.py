@@ -32,12 +32,20 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare_run_dir(out_dir: str, name: str) -> Path:
-    """runs/<name>/ for a fresh run: earlier outputs of the same name are replaced."""
+def prepare_run_dir(out_dir: str, name: str, *, resume: bool = False) -> Path:
+    """runs/<name>/ for a fresh run (earlier outputs of the same name are replaced), or for resuming it from its
+    latest checkpoint (its metrics and checkpoints are kept; engine/loop.py trims what came after)."""
     run_dir = Path(out_dir) / name
-    for stale in ("metrics.jsonl", "report.png", "summary.json"):
+    if resume:
+        from engine.checkpoint import latest
+
+        if latest(run_dir) is None:
+            raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete checkpoint "
+                              f"(train.checkpoint_every saves them); drop resume=true to start afresh")
+    stale_files = ("report.png", "summary.json") + (() if resume else ("metrics.jsonl", "prompts.jsonl"))
+    for stale in stale_files:
         (run_dir / stale).unlink(missing_ok=True)
-    for stale in ("logs", "weights"):
+    for stale in ("logs", "weights") + (() if resume else ("checkpoints",)):
         shutil.rmtree(run_dir / stale, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -54,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.loop import run  # heavy imports only after the config is valid
     from transport import run as run_async
 
-    run_dir = prepare_run_dir(cfg.out_dir, cfg.name)
+    try:
+        run_dir = prepare_run_dir(cfg.out_dir, cfg.name, resume=cfg.resume)
+    except ConfigError as e:
+        print(f"everyprompt-train: config error: {e}", file=sys.stderr)
+        return 2
     save(cfg, run_dir / "config.yaml")
     log.info("run.start", run_dir=str(run_dir))
     t0, code, summary = time.monotonic(), 0, None

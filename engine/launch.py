@@ -24,13 +24,13 @@ def _free_port(host: str = "127.0.0.1") -> int:
 
 
 def learner_command(cfg: RunConfig, *, config_path: str, endpoint: str, init_dir: str, weights_dir: str,
-                    master_port: int) -> list[str]:
+                    master_port: int, resume: str | None = None) -> list[str]:
     """The torchrun argv that starts ``cfg.learner.num_ranks`` learner ranks (run it with ``learner_env``)."""
     port = master_port or _free_port()  # a small race with other binders; torchrun fails loudly if it loses
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.learner.num_ranks}",
             "--nnodes=1", "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}",
             "--max-restarts=0", "-m", "actors.learner", "--config", str(config_path), "--endpoint", endpoint,
-            "--init", str(init_dir), "--weights-dir", str(weights_dir)]
+            "--init", str(init_dir), "--weights-dir", str(weights_dir)] + (["--resume", str(resume)] if resume else [])
 
 
 def learner_env(cfg: RunConfig) -> dict[str, str]:

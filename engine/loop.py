@@ -1,9 +1,11 @@
 """The whole RL run, top to bottom. Start reading here.
 
-Stage 1 is a cached cold-start SFT. Stage 2 is asynchronous RL: rollout workers keep generating groups
-(paced so that no token is older than ``train.max_policy_lag`` versions when it is trained), reward workers score
-each sample as soon as it arrives, and the learner trains on whatever complete groups are ready. New weights go
-back to the workers without anyone waiting for them: generation of the next batch overlaps the current step.
+Stage 1 is a cached cold-start SFT. Stage 2 is asynchronous RL: rollout workers decode continuously and stream
+every response in chunks, taking new weights between decode steps, so a response may span several policy
+versions; admission is paced so that no token is more than ``train.max_staleness`` versions old when it is
+trained; reward workers score each response as soon as it finishes; the learner trains on whatever complete
+groups are ready. Every ``train.checkpoint_every`` steps the whole asynchronous state is saved, and
+``resume=true`` continues from there without skipping or repeating a prompt.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from configs.schema import RunConfig
-from engine.batch import batch_stats, pack_batch
+from engine import checkpoint
+from engine.batch import RunTotals, batch_stats, pack_batch
 from engine.cluster import Actors, start_actors
-from engine.metrics import MetricsWriter
+from engine.metrics import MetricsWriter, truncate_jsonl
 from engine.rollouts import PromptItem
 from engine.sft import ensure_sft_checkpoint
 from engine.tasks import Task, build_task
@@ -27,39 +31,84 @@ from transport import LoadWeights
 
 
 async def run(cfg: RunConfig, run_dir: Path) -> dict:
-    """Cold-start SFT, greedy eval, async RL for ``train.num_steps`` steps, greedy eval. Returns the summary."""
+    """Cold-start SFT, greedy eval, async RL up to step ``train.num_steps``, greedy eval. Returns the summary."""
     t_start, task = time.monotonic(), build_task(cfg.task)
     init_dir, sft = ensure_sft_checkpoint(cfg, task, progress=cfg.progress)  # stage 1 (cached across runs)
     torch.set_num_threads(1)  # the actor processes own the cores from here on
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    ckpt = checkpoint.latest(run_dir) if cfg.resume else None
+    state = checkpoint.load_coordinator(ckpt) if ckpt else None
+    first = ckpt.step + 1 if ckpt else 1
+    for name in ("metrics.jsonl", "prompts.jsonl"):  # forget what happened after the checkpoint
+        truncate_jsonl(run_dir / name, last_step=first - 1)
+    metrics, ledger = MetricsWriter(run_dir / "metrics.jsonl"), MetricsWriter(run_dir / "prompts.jsonl")
+    totals = RunTotals.from_dict(state["totals"] if state else {})
     eval_items = [_item(task, i, ex) for i, ex in enumerate(task.eval_set)]
-    async with start_actors(cfg, run_dir, init_dir) as a:  # every process up and connected, weights v0
-        eval_start = await _evaluate(a, eval_items, 0, metrics)
-        a.rollouts.start(_prompt_stream(task, cfg.seed), total_groups=cfg.train.num_steps * cfg.train.groups_per_step)
-        version, t_rl = 0, time.monotonic()
-        for step in tqdm(range(1, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress, unit="step"):
-            t0, tokens0 = time.monotonic(), a.rollouts.num_generated_tokens
-            groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_policy_lag)
-            t_wait = time.monotonic() - t0
-            batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id)
-            stats = batch_stats(groups, batch, learner_version=version)
-            result = await a.learner.train(batch)  # fwd/bwd/optimizer step on every learner rank
-            version = result.version
-            await a.rollouts.load_weights(LoadWeights(version=version, path=result.weights_path))  # no waiting
-            step_s = time.monotonic() - t0
-            metrics.write({"step": step, "version": version, **stats, **result.stats, "step_s": step_s,
-                           "learner_wait_s": t_wait, "elapsed_s": time.monotonic() - t_start,
-                           "gen_tokens_per_s": (a.rollouts.num_generated_tokens - tokens0) / step_s,
-                           "train_tokens_per_s": result.stats.get("tokens", 0.0) / step_s,
-                           **a.counters()})
+    async with start_actors(cfg, run_dir, init_dir, resume_learner=ckpt and str(ckpt.learner_dir)) as a:
+        version = await _restore(a, ckpt, state) if ckpt else 0
+        eval_start = state["eval_start"] if state else await _evaluate(a, eval_items, 0, metrics)
+        a.rollouts.start(islice(_prompt_stream(task, cfg.seed), a.rollouts.counts["prompts_taken"], None),
+                         total_groups=cfg.train.num_steps * cfg.train.groups_per_step)
+        t_rl = time.monotonic()
+        for step in tqdm(range(first, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress, unit="step"):
+            version = await _train_step(a, cfg, task, step, version, metrics, ledger, totals, t_start)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.num_steps:
                 await _evaluate(a, eval_items, version, metrics)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                await _checkpoint(a, run_dir, step, version, totals, eval_start)
         rl_s = time.monotonic() - t_rl
         eval_end = await _evaluate(a, eval_items, version, metrics)
     metrics.close()
-    return {"steps": cfg.train.num_steps, "eval_accuracy_start": eval_start["accuracy"],
-            "eval_accuracy_end": eval_end["accuracy"], "sft_cached": sft["cached"], "sft_s": sft["seconds"],
+    ledger.close()
+    return {"steps": cfg.train.num_steps, "resumed_from_step": ckpt.step if ckpt else 0,
+            "eval_accuracy_start": eval_start["accuracy"], "eval_accuracy_end": eval_end["accuracy"],
+            **totals.summary(a.rollouts.counts), "sft_cached": sft["cached"], "sft_s": sft["seconds"],
             "rl_s": rl_s, "wall_s": time.monotonic() - t_start}
+
+
+async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version: int, metrics: MetricsWriter,
+                      ledger: MetricsWriter, totals: RunTotals, t_start: float) -> int:
+    """Take the oldest ready groups (none over the staleness bound), train one batch, send the new weights."""
+    t0, tokens0, busy0 = time.monotonic(), a.rollouts.num_generated_tokens, a.rollouts.worker_time.copy()
+    groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_staleness)
+    t_wait = time.monotonic() - t0
+    batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id)
+    stats = batch_stats(groups, batch, learner_version=version)
+    totals.add(groups, stats)
+    result = await a.learner.train(batch)  # fwd/bwd/optimizer step on every learner rank
+    await a.rollouts.load_weights(LoadWeights(version=result.version, path=result.weights_path))  # no waiting
+    step_s = time.monotonic() - t0
+    ledger.write({"step": step, "prompt_ids": [g.prompt_id for g in groups]})
+    metrics.write({"step": step, "version": result.version, **stats, **result.stats, "step_s": step_s,
+                   "learner_wait_s": t_wait, "elapsed_s": time.monotonic() - t_start,
+                   "gen_tokens_per_s": (a.rollouts.num_generated_tokens - tokens0) / step_s,
+                   "train_tokens_per_s": result.stats.get("tokens", 0.0) / step_s,
+                   **_worker_idle(a, busy0, step_s), **a.counters()})
+    return result.version
+
+
+def _worker_idle(a: Actors, before: dict[str, tuple[float, float]], step_s: float) -> dict[str, float]:
+    """Fraction of the step the rollout workers spent with nothing to decode, and paused loading weights."""
+    now = a.rollouts.worker_time
+    idle = sum(now[w][0] - before.get(w, now[w])[0] for w in now)
+    paused = sum(now[w][1] - before.get(w, now[w])[1] for w in now)
+    n = max(len(now), 1) * step_s
+    return {"gen_idle_frac": idle / n, "gen_paused_frac": paused / n}
+
+
+async def _checkpoint(a: Actors, run_dir: Path, step: int, version: int, totals: RunTotals, eval_start: dict):
+    path = checkpoint.checkpoint_dir(run_dir, step)
+    await a.learner.checkpoint(step, str(path / "learner"))  # every rank: model, optimizer, RNG
+    checkpoint.save_coordinator(path, step=step, version=version, rollouts_state=a.rollouts.state(),
+                                extra={"totals": totals.to_dict(), "eval_start": eval_start},
+                                policy_file=str(run_dir / "weights" / f"policy_v{version}.safetensors"))
+
+
+async def _restore(a: Actors, ckpt: checkpoint.Checkpoint, state: dict) -> int:
+    """Workers take the checkpoint's weights; partial responses and buffered groups continue."""
+    version = int(ckpt.meta["version"])
+    await a.rollouts.load_weights(LoadWeights(version=version, path=str(ckpt.policy_path)))
+    await a.rollouts.restore(state)
+    return version
 
 
 async def _evaluate(a: Actors, items: list[PromptItem], version: int, metrics: MetricsWriter) -> dict:
@@ -75,7 +124,7 @@ def _item(task: Task, prompt_id: int, ex) -> PromptItem:
 
 
 def _prompt_stream(task: Task, seed: int) -> Iterator[PromptItem]:
-    """Endless training prompts, disjoint from the eval and dev sets."""
+    """Endless training prompts, disjoint from the eval and dev sets; the same sequence for the same seed."""
     rng, prompt_id = random.Random(seed), 1_000_000
     while True:
         for ex in task.sample_train(rng, 256):

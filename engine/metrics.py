@@ -23,6 +23,17 @@ class MetricsWriter:
             self._f.close()
 
 
+def truncate_jsonl(path: Path, *, last_step: int) -> None:
+    """Keep the records of steps <= last_step (and eval events of versions <= last_step): what a run resumed
+    from the checkpoint of step ``last_step`` has already done. A missing file is left missing."""
+    if not Path(path).exists():
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", r.get("version", 0)) <= last_step]
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp.replace(path)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Read metrics.jsonl, skipping a torn last line (a run killed mid-write)."""
     rows = []

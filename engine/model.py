@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from configs.schema import ModelConfig
 from engine.entropy import logprobs_and_entropy
-from engine.routing import route_dtype, route_hooks, route_shape
+from engine.decode import DecodeBatch, Row
+from engine.routing import route_dtype, route_shape
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, seed: int, pad_id: int = 0, bos_id: int = 1,
@@ -89,7 +90,6 @@ class Generated(NamedTuple):
     routes: np.ndarray | None = None
 
 
-@torch.no_grad()
 def generate(model: Qwen3MoeForCausalLM, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
              eos_id: int, pad_id: int, generator: torch.Generator | None = None, capture_routes: bool = False,
              ) -> list[Generated]:
@@ -97,72 +97,26 @@ def generate(model: Qwen3MoeForCausalLM, prompts: list[list[int]], *, max_new_to
 
     Token ids end with eos when the sequence stopped. The log-prob of each token is taken under the
     distribution it was drawn from: log_softmax(logits / temperature), or log_softmax(logits) when
-    temperature == 0 (greedy). Prompts are left-padded; position ids skip the padding. With
-    ``capture_routes`` every MoE router's top-k ids are recorded by forward hooks during the prefill and every
-    decode step (no second forward pass).
+    temperature == 0 (greedy). With ``capture_routes`` every MoE router's top-k ids are recorded by forward hooks
+    during the prefill and every decode step (no second forward pass). One ``engine.decode.DecodeBatch`` run to
+    completion: the rollout worker drives the same class step by step.
     """
-    if not capture_routes:
-        return _generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
-                         pad_id=pad_id, generator=generator)
-    with route_hooks(model) as calls:
-        outs = _generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
-                         pad_id=pad_id, generator=generator)
-    _, _, num_experts = route_shape(model)
-    dtype = route_dtype(num_experts)
-    B, P = len(prompts), max(len(p) for p in prompts)
-    prefill_BPLK = calls.stacked(0).reshape(B, P, len(calls.calls), -1).numpy().astype(dtype)
-    steps = len(calls.calls[0]) - 1
-    decode_BSLK = (torch.stack([calls.stacked(j) for j in range(1, steps + 1)], dim=1).numpy().astype(dtype)
-                   if steps else np.zeros((B, 0) + prefill_BPLK.shape[2:], dtype=dtype))
-    return [g._replace(prompt_routes=prefill_BPLK[i, P - len(prompts[i]):],
-                       routes=decode_BSLK[i, :max(len(g.token_ids) - 1, 0)])
-            for i, g in enumerate(outs)]
+    batch = DecodeBatch(model, eos_id=eos_id, pad_id=pad_id, capture_routes=capture_routes, generator=generator)
+    rows = [Row(key=i, prompt=list(p), max_new_tokens=max_new_tokens, temperature=temperature,
+                want_prompt_routes=capture_routes) for i, p in enumerate(prompts)]
+    batch.add(rows)
+    while batch.active:
+        batch.step(0)
+    return [Generated(r.tokens, r.logprobs, r.prompt_routes if capture_routes else None,
+                      stack_routes(r.routes, model) if capture_routes else None) for r in rows]
 
 
-def _generate(model: Qwen3MoeForCausalLM, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-              eos_id: int, pad_id: int, generator: torch.Generator | None) -> list[Generated]:
-    was_training = model.training
-    model.eval()
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids_BP = torch.full((B, P), pad_id, dtype=torch.long)
-    mask_BP = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids_BP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask_BP[i, P - len(p):] = 1
-    pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=pos_BP, cache=cache, use_cache=True,
-                logits_to_keep=1)
-    logits_BV = out.logits[:, -1]
-    mask_BL = mask_BP
-    next_pos_B1 = pos_BP[:, -1:] + 1
-    tokens, logps = [], []
-    done_B = torch.zeros(B, dtype=torch.bool)
-    for t in range(max_new_tokens):
-        if temperature > 0:
-            logp_BV = torch.log_softmax(logits_BV.float() / temperature, dim=-1)
-            tok_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(1)
-        else:
-            logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
-            tok_B = logp_BV.argmax(-1)
-        tok_B = torch.where(done_B, torch.full_like(tok_B, pad_id), tok_B)
-        tokens.append(tok_B)
-        logps.append(logp_BV.gather(1, tok_B[:, None]).squeeze(1))
-        done_B |= tok_B == eos_id
-        if bool(done_B.all()) or t == max_new_tokens - 1:
-            break
-        mask_BL = torch.cat([mask_BL, torch.ones((B, 1), dtype=torch.long)], dim=1)
-        out = model(input_ids=tok_B[:, None], attention_mask=mask_BL, position_ids=next_pos_B1, cache=cache,
-                    use_cache=True)
-        logits_BV = out.logits[:, -1]
-        next_pos_B1 = next_pos_B1 + 1
-    model.train(was_training)
-    tok_BN, logp_BN = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
-    results = []
-    for toks, lps in zip(tok_BN, logp_BN):
-        n = toks.index(eos_id) + 1 if eos_id in toks else len(toks)
-        results.append(Generated(toks[:n], lps[:n]))
-    return results
+def stack_routes(routes: list[np.ndarray], model) -> np.ndarray:
+    """Per-token routes [layers, k] -> one [T, layers, k] array (empty with the right trailing shape)."""
+    if routes:
+        return np.stack(routes)
+    layers, k, experts = route_shape(model)
+    return np.zeros((0, layers, k), dtype=route_dtype(experts))
 
 
 def token_logprobs(model: Qwen3MoeForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,

@@ -1,18 +1,22 @@
-"""The coordinator's view of generation: admission, group assembly, scoring and evaluation.
+"""The coordinator's view of generation: admission, streaming assembly of responses, scoring and evaluation.
 
-consumes: Completion (rollout workers), Scored (reward workers), WeightsLoaded (rollout workers)
-produces: GenerateRequest, ScoreRequest, LoadWeights; complete groups into the GroupBuffer
-waits for: capacity (pacing), so that no group waits longer than the staleness bound allows
+consumes: ResponseChunk (rollout workers), Scored (reward workers), WeightsLoaded (rollout workers)
+produces: GenerateRequest, ContinueRequest, CancelRequest, ScoreRequest, LoadWeights; complete groups into the
+          GroupBuffer
+waits for: capacity (pacing), so that no token waits longer than the staleness bound allows
 
-Pacing is by version, not by count: groups are trained in order of admission (oldest first), ``groups_per_step``
-at a time, so the k-th admitted group trains at step k // groups_per_step + 1. Admitting it only once the weights
-sent to the workers have version >= that step - 1 - max_policy_lag (workers apply weights before the requests
-queued behind them) bounds the staleness of every token without discarding samples in steady state. Any group
-that is discarded anyway (see GroupBuffer) is replaced. Every sample is scored as soon as it arrives.
+Pacing is by version, not by count: groups are trained oldest first, ``groups_per_step`` at a time, so the k-th
+admitted group trains at step k // groups_per_step + 1 or later. Admitting it only once the weights sent to the
+workers have version >= that step - 1 - max_staleness (workers apply new weights before admitting the requests
+queued behind them) bounds the staleness of every token without discarding samples in steady state.
 
-Nothing is lost with an actor: when engine/cluster.py declares a rollout worker dead, each of its unfinished
-groups is generated again, whole, on a live worker (a group lives on one worker); when a reward worker dies, its
-unanswered score requests go to another one. Replies that the dead actor still had in flight are ignored.
+Responses arrive in chunks and are assembled as they stream. That lets the coordinator act before they finish:
+- when new weights go out, every unfinished or unscored sample already holding a token that no later step may
+  train is cancelled at once and generated again (``stale_policy=regenerate``) or its group dropped (``drop``);
+- a dead worker's partial responses continue on a live worker from the tokens already received
+  (``ContinueRequest``): nothing generated is thrown away;
+- a checkpoint captures partial responses with their tokens, log-probs, versions and routes (``state()``).
+Groups found over the bound at training time (a slow worker) get the same policy. Every case is counted.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import numpy as np
 import structlog
 
 from engine.buffer import Group, GroupBuffer, Sample
-from transport import Completion, GenerateRequest, Hub, LoadWeights, ScoreRequest, Scored, WeightsLoaded
+from transport import (CancelRequest, ContinueRequest, GenerateRequest, Hub, LoadWeights, ResponseChunk,
+                       ScoreRequest, Scored, WeightsLoaded)
 
 log = structlog.get_logger()
 
@@ -38,12 +43,12 @@ class PromptItem:
     answer: str
 
 
-def _checked_routes(msg: Completion) -> np.ndarray | None:
-    """The completion's response routes, or None when it has none (or ones that do not fit its tokens)."""
+def _chunk_routes(msg: ResponseChunk) -> np.ndarray | None:
+    """The chunk's routes, or None when it has none (or ones that do not fit its tokens)."""
     routes = msg.routes
     if routes.ndim != 3 or routes.shape[1] == 0:
         return None
-    if len(routes) != max(len(msg.token_ids) - 1, 0):
+    if len(routes) not in (len(msg.token_ids), len(msg.token_ids) - 1 if msg.finish_reason else -1):
         log.warning("rollouts.bad_routes", group_id=msg.group_id, sample_index=msg.sample_index,
                     routes=list(routes.shape), tokens=len(msg.token_ids))
         return None
@@ -53,29 +58,32 @@ def _checked_routes(msg: Completion) -> np.ndarray | None:
 class Rollouts:
     def __init__(self, hub: Hub, *, workers: list[str], rewards: list[str], buffer: GroupBuffer,
                  group_size: int, temperature: float, max_new_tokens: int, groups_per_step: int,
-                 max_policy_lag: int, return_routes: bool = False) -> None:
+                 max_staleness: int, stale_policy: str = "regenerate", return_routes: bool = False) -> None:
         self._hub, self._workers, self._rewards, self._buffer = hub, workers, rewards, buffer
         self._group_size, self._temperature, self._max_new_tokens = group_size, temperature, max_new_tokens
-        self._groups_per_step, self._max_policy_lag = groups_per_step, max_policy_lag
-        self._return_routes = return_routes
+        self._groups_per_step, self._max_staleness = groups_per_step, max_staleness
+        self._stale_policy, self._return_routes = stale_policy, return_routes
         self.sent_version = 0  # newest weights sent to every worker
         self._inflight: dict[str, Group] = {}  # group_id -> group being generated or scored
-        self._assigned: dict[str, str] = {}  # group_id -> worker peer id
+        self._owner: dict[tuple[str, int], str] = {}  # (group_id, sample_index) -> worker generating it
         self._eval_results: dict[str, asyncio.Future] = {}
         self._scoring: dict[str, tuple[str, ScoreRequest]] = {}  # sample_key -> (reward peer, request)
         self._unsent_scores: list[ScoreRequest] = []  # while no reward worker is alive
         self._num_scored = 0  # round-robin position over reward workers
-        self._unassigned: list[str] = []  # groups waiting for a live worker
+        self._unassigned: list[tuple] = []  # requests waiting for a live worker
         self._latest_weights: LoadWeights | None = None
-        self.num_requeued_groups = 0
-        self.num_requeued_scores = 0
         self._capacity_freed = asyncio.Event()
         self.worker_versions: dict[str, int] = {w: 0 for w in workers}
+        self.worker_time: dict[str, tuple[float, float]] = {}  # peer -> (idle_s, paused_s), cumulative
         self._versions_changed = asyncio.Event()
-        self.num_generated_tokens = 0
-        self.num_generated_samples = 0
-        self.num_submitted_groups = 0
+        self.counts = {"generated_tokens": 0, "generated_samples": 0, "prompts_taken": 0, "admitted_groups": 0,
+                       "samples_over_bound": 0, "regenerated_samples": 0, "discarded_samples": 0,
+                       "continued_samples": 0, "requeued_scores": 0, "cancelled_samples": 0}
         self._admit_task: asyncio.Task | None = None
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return self.counts["generated_tokens"]
 
     # ---- RL groups ---------------------------------------------------------------------------------------
 
@@ -84,15 +92,15 @@ class Rollouts:
         self._admit_task = asyncio.create_task(self._admit(prompts, total_groups), name="rollouts.admit")
 
     async def _admit(self, prompts: Iterator[PromptItem], total_groups: int) -> None:
-        while (admitted := self.num_submitted_groups - self._buffer.num_discarded_stale) < total_groups:
-            if admitted >= (self.sent_version + 1 + self._max_policy_lag) * self._groups_per_step:
-                self._capacity_freed.clear()  # set by load_weights() and by discards
+        while self.counts["admitted_groups"] < total_groups:
+            if self.counts["admitted_groups"] >= (self.sent_version + 1 + self._max_staleness) * self._groups_per_step:
+                self._capacity_freed.clear()  # set by load_weights() and by drops
                 await self._capacity_freed.wait()
                 continue
             item = next(prompts)
-            group_id = f"g{self.num_submitted_groups}"
-            await self._submit(group_id, item, self._group_size, self._temperature)
-            self.num_submitted_groups += 1
+            self.counts["prompts_taken"] += 1
+            self.counts["admitted_groups"] += 1
+            await self._submit(f"g{self.counts['prompts_taken']}", item, self._group_size, self._temperature)
 
     def capacity_freed(self) -> None:
         self._capacity_freed.set()
@@ -101,38 +109,57 @@ class Rollouts:
         self._inflight[group_id] = Group(group_id=group_id, prompt_id=item.prompt_id,
                                          prompt_ids=np.asarray(item.prompt_ids, dtype=np.int32), answer=item.answer,
                                          num_samples=num_samples, temperature=temperature)
-        if self._workers:
-            await self._send_group(group_id)
-        else:  # every worker is being restarted: add_worker() hands it out (never wait here: see cluster._pump)
-            self._unassigned.append(group_id)
+        await self._dispatch(("group", group_id))
 
-    async def _send_group(self, group_id: str) -> None:
-        g = self._inflight[group_id]
-        worker = min(self._workers, key=self._outstanding_samples)  # least-loaded; a group stays on one worker
-        self._assigned[group_id] = worker
-        await self._hub.send(worker, GenerateRequest(
-            group_id=group_id, prompt_id=g.prompt_id, prompt_ids=g.prompt_ids, num_samples=g.num_samples,
-            max_new_tokens=self._max_new_tokens, temperature=g.temperature,
-            return_routes=self._return_routes and g.temperature > 0))  # not for greedy evals
+    async def _dispatch(self, job: tuple) -> None:
+        """Send a whole group (``("group", id)``) or one sample's remainder (``("sample", id, index)``) to the
+        least-loaded live worker (a group stays on one worker: its prompt is prefilled once)."""
+        if not self._workers:  # every worker is being restarted: add_worker() hands it out
+            self._unassigned.append(job)
+            return
+        worker = min(self._workers, key=self._outstanding_samples)
+        g = self._inflight[job[1]]
+        routes = self._return_routes and g.temperature > 0  # not for greedy evals
+        if job[0] == "group":
+            for i in range(g.num_samples):
+                self._owner[(g.group_id, i)] = worker
+            await self._hub.send(worker, GenerateRequest(
+                group_id=g.group_id, prompt_id=g.prompt_id, prompt_ids=g.prompt_ids, num_samples=g.num_samples,
+                max_new_tokens=self._max_new_tokens, temperature=g.temperature, return_routes=routes))
+            return
+        s = g.samples[job[2]].flush()
+        self._owner[(g.group_id, s.sample_index)] = worker
+        await self._hub.send(worker, ContinueRequest(
+            group_id=g.group_id, sample_index=s.sample_index, prompt_id=g.prompt_id, prompt_ids=g.prompt_ids,
+            prefix=s.token_ids, max_new_tokens=self._max_new_tokens, temperature=g.temperature,
+            return_routes=routes, send_prompt_routes=routes and g.prompt_routes is None))
 
     def _outstanding_samples(self, worker: str) -> int:
-        return sum(g.num_samples - len(g.samples) for gid, g in self._inflight.items()
-                   if self._assigned.get(gid) == worker)
+        return sum(w == worker for w in self._owner.values())
 
-    async def on_completion(self, msg: Completion) -> None:
+    async def on_chunk(self, peer: str, msg: ResponseChunk) -> None:
+        key = (msg.group_id, msg.sample_index)
         group = self._inflight.get(msg.group_id)
-        if group is None or msg.sample_index in group.samples:
-            log.info("rollouts.ignored_completion", group_id=msg.group_id, sample_index=msg.sample_index)
+        if group is None or self._owner.get(key) != peer:  # e.g. from a worker declared dead, or cancelled
+            log.info("rollouts.ignored_chunk", group_id=msg.group_id, sample_index=msg.sample_index, peer=peer)
             return
-        group.samples[msg.sample_index] = Sample(
-            sample_index=msg.sample_index, token_ids=msg.token_ids, behavior_logprobs=msg.behavior_logprobs,
-            token_versions=msg.token_versions, finish_reason=msg.finish_reason,
-            routes=_checked_routes(msg))
+        sample = group.samples[msg.sample_index]
+        if msg.offset != sample.length:
+            log.warning("rollouts.chunk_out_of_order", group_id=msg.group_id, sample_index=msg.sample_index,
+                        offset=msg.offset, have=sample.length)
+            return
+        sample.append(msg.token_ids, msg.behavior_logprobs, msg.token_versions,
+                      _chunk_routes(msg) if self._return_routes and group.temperature > 0 else None)
         if msg.prompt_routes.size and group.prompt_routes is None:
             group.prompt_routes = msg.prompt_routes
-        self.num_generated_tokens += len(msg.token_ids)
-        self.num_generated_samples += 1
-        await self._score(ScoreRequest(sample_key=f"{msg.group_id}/{msg.sample_index}", token_ids=msg.token_ids,
+        self.counts["generated_tokens"] += len(msg.token_ids)
+        if not msg.finish_reason:
+            return
+        del self._owner[key]
+        sample.finish_reason = msg.finish_reason
+        sample.flush()
+        self.counts["generated_samples"] += 1
+        await self._score(ScoreRequest(sample_key=f"{msg.group_id}/{msg.sample_index}", token_ids=sample.token_ids,
                                        answer=group.answer))
 
     async def _score(self, req: ScoreRequest) -> None:
@@ -148,32 +175,76 @@ class Rollouts:
         self._scoring.pop(msg.sample_key, None)
         group_id, _, index = msg.sample_key.rpartition("/")
         group = self._inflight.get(group_id)
-        sample = group.samples.get(int(index)) if group is not None else None
-        if sample is None or sample.reward is not None:  # e.g. a group re-queued after its worker died
+        sample = group.samples.get(int(index)) if group is not None and index.isdigit() else None
+        if sample is None or not sample.finished or sample.reward is not None:  # e.g. regenerated meanwhile
             log.info("rollouts.ignored_score", sample_key=msg.sample_key)
             return
         sample.reward, sample.valid, sample.reward_parts = msg.reward, msg.valid, dict(msg.reward_parts)
         if not group.complete:
             return
         del self._inflight[group_id]
-        self._assigned.pop(group_id, None)
         if group_id in self._eval_results:
             self._eval_results.pop(group_id).set_result(group)
         else:
             self._buffer.put(group)
 
+    # ---- the staleness bound -----------------------------------------------------------------------------
+
+    async def over_bound(self, groups: list[Group], min_version: int) -> None:
+        """Groups that hold a token older than ``min_version``: regenerate their stale samples, or drop them."""
+        for g in groups:
+            self._inflight[g.group_id] = g  # back in flight (regenerate) or about to be forgotten (drop)
+            await self._handle_stale(g, [s for s in g.samples.values() if s.min_version < min_version])
+
+    async def _handle_stale(self, g: Group, stale: list[Sample]) -> None:
+        self.counts["samples_over_bound"] += len(stale)
+        mine = [(g.group_id, s.sample_index) for s in stale if (g.group_id, s.sample_index) in self._owner]
+        if mine:  # still being generated: stop spending decode steps on it
+            for worker in {self._owner[k] for k in mine}:
+                keys = [f"{gid}/{i}" for gid, i in mine if self._owner[(gid, i)] == worker]
+                await self._hub.send(worker, CancelRequest(sample_keys=keys))
+            for k in mine:
+                del self._owner[k]
+            self.counts["cancelled_samples"] += len(mine)
+        if self._stale_policy == "drop":
+            for i in range(g.num_samples):
+                self._owner.pop((g.group_id, i), None)
+                self._scoring.pop(f"{g.group_id}/{i}", None)
+            del self._inflight[g.group_id]
+            self.counts["discarded_samples"] += g.num_samples
+            self.counts["admitted_groups"] -= 1  # admission replaces it with a new prompt
+            self.capacity_freed()
+            log.warning("rollouts.dropped_stale_group", group_id=g.group_id, prompt_id=g.prompt_id)
+            return
+        for s in stale:  # regenerate from the prompt under the newest weights
+            self._scoring.pop(f"{g.group_id}/{s.sample_index}", None)
+            s.reset()
+            self.counts["regenerated_samples"] += 1
+            await self._dispatch(("sample", g.group_id, s.sample_index))
+
+    async def _cancel_doomed(self) -> None:
+        """After version v went out, every later step trains with weights >= v and accepts no token older than
+        v - max_staleness. In-flight samples already holding one are doomed: act now, not when they finish."""
+        floor = self.sent_version - self._max_staleness
+        for g in [g for gid, g in self._inflight.items() if gid not in self._eval_results]:
+            doomed = [s for s in g.samples.values() if s.length and s.min_version < floor]
+            if doomed:
+                await self._handle_stale(g, doomed)
+
     # ---- weights -----------------------------------------------------------------------------------------
 
     async def load_weights(self, msg: LoadWeights) -> None:
-        """Send new weights to every worker; each applies them before its next batch (no waiting here)."""
+        """Send new weights to every worker; each swaps them in between two decode steps (no waiting here)."""
         for w in self._workers:
             await self._hub.send(w, msg)
         self._latest_weights = msg
         self.sent_version = max(self.sent_version, msg.version)
+        await self._cancel_doomed()
         self.capacity_freed()
 
     def on_weights_loaded(self, peer: str, msg: WeightsLoaded) -> None:
         self.worker_versions[peer] = max(self.worker_versions.get(peer, 0), msg.version)
+        self.worker_time[peer] = (msg.idle_s, msg.paused_s)
         self._versions_changed.set()
 
     async def wait_weights(self, version: int) -> None:
@@ -190,25 +261,20 @@ class Rollouts:
         if self._latest_weights is not None:
             await self._hub.send(peer, self._latest_weights)
         unassigned, self._unassigned = self._unassigned, []
-        for group_id in unassigned:
-            await self._send_group(group_id)
+        for job in unassigned:
+            await self._dispatch(job)
 
     async def remove_worker(self, peer: str) -> None:
-        """A dead rollout worker: generate each of its unfinished groups again, whole, on a live worker."""
+        """A dead rollout worker: each of its unfinished responses continues on a live worker from the tokens
+        already received (an empty prefix for one that had not started)."""
         self._workers.remove(peer)
         self.worker_versions.pop(peer, None)
+        self.worker_time.pop(peer, None)
         self._versions_changed.set()
-        for group_id in [g for g, w in self._assigned.items() if w == peer]:
-            group = self._inflight.pop(group_id)
-            del self._assigned[group_id]
-            for key in [k for k in self._scoring if k.rpartition("/")[0] == group_id]:
-                del self._scoring[key]
-            new_id = f"{group_id}.r{self.num_requeued_groups}"
-            if group_id in self._eval_results:
-                self._eval_results[new_id] = self._eval_results.pop(group_id)
-            self.num_requeued_groups += 1
-            item = PromptItem(prompt_id=group.prompt_id, prompt_ids=group.prompt_ids.tolist(), answer=group.answer)
-            await self._submit(new_id, item, group.num_samples, group.temperature)
+        for key in [k for k, w in self._owner.items() if w == peer]:
+            del self._owner[key]
+            self.counts["continued_samples"] += 1
+            await self._dispatch(("sample", *key))
 
     async def add_reward(self, peer: str) -> None:
         self._rewards.append(peer)
@@ -220,11 +286,39 @@ class Rollouts:
         """A dead reward worker: send its unanswered requests to the others (or keep them for the next one)."""
         self._rewards.remove(peer)
         for _, req in [v for v in self._scoring.values() if v[0] == peer]:
-            self.num_requeued_scores += 1
+            self.counts["requeued_scores"] += 1
             await self._score(req)
 
     def counters(self) -> dict[str, int]:
-        return {"requeued_groups": self.num_requeued_groups, "requeued_scores": self.num_requeued_scores}
+        return {k: v for k, v in self.counts.items() if k not in ("generated_tokens", "prompts_taken")}
+
+    # ---- checkpoint --------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """Everything needed to continue without losing or repeating a prompt: in-flight groups with their
+        partial responses, the buffer, the prompt-stream frontier and the counters."""
+        return {"inflight": [g for gid, g in self._inflight.items() if gid not in self._eval_results],
+                "buffer": self._buffer.groups(), "counts": dict(self.counts), "sent_version": self.sent_version}
+
+    async def restore(self, state: dict) -> None:
+        """Continue a checkpointed run: buffered groups go back to the buffer, partial responses continue where
+        they stopped, finished but unscored responses are scored again."""
+        self.counts.update(state["counts"])
+        self.sent_version = state["sent_version"]
+        for g in state["buffer"]:
+            self._buffer.put(g)
+        for g in state["inflight"]:
+            self._inflight[g.group_id] = g
+            for s in g.ordered():
+                if not s.finished:
+                    self.counts["continued_samples"] += 1
+                    await self._dispatch(("sample", g.group_id, s.sample_index))
+                elif s.reward is None:
+                    await self._score(ScoreRequest(sample_key=f"{g.group_id}/{s.sample_index}",
+                                                   token_ids=s.token_ids, answer=g.answer))
+            if g.complete:
+                del self._inflight[g.group_id]
+                self._buffer.put(g)
 
     # ---- evaluation --------------------------------------------------------------------------------------
 

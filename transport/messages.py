@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROTOCOL_VERSION = 2  # bump on any incompatible change to a message below
+PROTOCOL_VERSION = 3  # bump on any incompatible change to a message below
 
 
 def _no_routes() -> np.ndarray:
@@ -73,24 +73,54 @@ class GenerateRequest:
 
 
 @_msg
-class Completion:
-    """One finished response of a group.
+class ResponseChunk:
+    """The next tokens of one response, streamed while it is generated (every ``rollout.chunk_tokens`` tokens).
+
+    ``offset`` is the index in the response of ``token_ids[0]``; chunks of a response arrive in order and the last
+    one has ``finish_reason`` "stop" (EOS included) or "length" ("" before that). Every token carries its behaviour
+    log-prob and the policy version that sampled it: a response may span several versions.
 
     Routes (engine/routing.py) are uint8 when the model has <= 256 experts. ``routes[j]`` is the routing of
-    ``token_ids[j]`` ([T - 1, layers, k]: the last token was never fed to the model). ``prompt_routes``
-    ([P, layers, k]) travel once per group, in the first completion a worker sends for it; empty otherwise.
+    ``token_ids[j]``; a response's final token is never fed to the model, so the last chunk has one route fewer
+    than tokens. ``prompt_routes`` ([P, layers, k]) travel once per group, with the first chunk a worker sends
+    for it; empty otherwise.
     """
 
     group_id: str
     sample_index: int
     prompt_id: int
-    token_ids: np.ndarray  # int32 [T], EOS included when finish_reason == "stop"
-    behavior_logprobs: np.ndarray  # float32 [T], log-prob under the sampling policy (temperature applied)
-    token_versions: np.ndarray  # int32 [T], policy version that produced each token
-    finish_reason: str  # "stop" | "length"
+    offset: int
+    token_ids: np.ndarray  # int32 [n]
+    behavior_logprobs: np.ndarray  # float32 [n], log-prob under the sampling policy (temperature applied)
+    token_versions: np.ndarray  # int32 [n], policy version that sampled each token
+    finish_reason: str = ""  # "" (more to come) | "stop" | "length"
     worker_id: int = 0
-    routes: np.ndarray = field(default_factory=_no_routes)  # uint8/uint16 [T - 1, layers, k]
+    routes: np.ndarray = field(default_factory=_no_routes)  # uint8/uint16 [n or n - 1, layers, k]
     prompt_routes: np.ndarray = field(default_factory=_no_routes)  # [P, layers, k], or empty
+
+
+@_msg
+class ContinueRequest:
+    """Generate the rest of one response whose first tokens (``prefix``) were generated elsewhere (a worker that
+    died, a resumed run). The worker streams chunks from ``offset = len(prefix)``; routes of the prefix tokens are
+    already known (every streamed token but a final one carries its route)."""
+
+    group_id: str
+    sample_index: int
+    prompt_id: int
+    prompt_ids: np.ndarray  # int32 [P]
+    prefix: np.ndarray  # int32 [n] response tokens so far
+    max_new_tokens: int  # limit on the whole response, prefix included
+    temperature: float
+    return_routes: bool = False
+    send_prompt_routes: bool = False
+
+
+@_msg
+class CancelRequest:
+    """Stop generating these responses (f"{group_id}/{sample_index}"); nothing more is sent for them."""
+
+    sample_keys: list[str]
 
 
 @_msg
@@ -103,9 +133,14 @@ class LoadWeights:
 
 @_msg
 class WeightsLoaded:
+    """A worker applied ``version``. ``idle_s`` is its total time so far with nothing to decode (waiting for work
+    or weights), ``paused_s`` its total time paused to load weights."""
+
     version: int
     worker_id: int = 0
     load_s: float = 0.0
+    idle_s: float = 0.0
+    paused_s: float = 0.0
 
 
 # ---- reward --------------------------------------------------------------------------------------------
@@ -149,6 +184,21 @@ class TrainBatch:
 
 
 @_msg
+class SaveCheckpoint:
+    """Learner: save every rank's model, optimizer and RNG state under directory ``path``, then answer."""
+
+    step: int
+    path: str
+
+
+@_msg
+class CheckpointSaved:
+    step: int
+    path: str
+    seconds: float = 0.0
+
+
+@_msg
 class TrainResult:
     step: int
     version: int  # policy version after this step
@@ -162,11 +212,15 @@ MESSAGE_TYPES: tuple[type, ...] = (
     Shutdown,
     ErrorReport,
     GenerateRequest,
-    Completion,
+    ResponseChunk,
+    ContinueRequest,
+    CancelRequest,
     LoadWeights,
     WeightsLoaded,
     ScoreRequest,
     Scored,
     TrainBatch,
     TrainResult,
+    SaveCheckpoint,
+    CheckpointSaved,
 )

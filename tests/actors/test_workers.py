@@ -11,14 +11,14 @@ from configs.load import load, save
 from engine.model import build_model, save_model, save_weights
 from engine.procs import python_module, spawn, stop_all
 from engine.tasks import build_task
-from transport import (Completion, GenerateRequest, Hello, Hub, LoadWeights, ScoreRequest, Scored, Shutdown,
+from transport import (ResponseChunk, GenerateRequest, Hello, Hub, LoadWeights, ScoreRequest, Scored, Shutdown,
                        WeightsLoaded, run)
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def _setup(tmp_path):
-    cfg = load(["transport.heartbeat_s=0.5"], config_name="tiny")
+def _setup(tmp_path, *overrides):
+    cfg = load(["transport.heartbeat_s=0.5", *overrides], config_name="tiny")
     save(cfg, tmp_path / "config.yaml")
     task = build_task(cfg.task)
     model = build_model(cfg.model, task.tokenizer.vocab_size, seed=0)
@@ -46,8 +46,19 @@ async def _exit_code(child, timeout: float = 10.0):
     return child.exited()
 
 
-def test_rollout_worker_process_generates_loads_weights_and_records_versions(tmp_path):
-    cfg, task, model = _setup(tmp_path)
+async def _responses(hub: Hub, child, want: int) -> dict[tuple[str, int], list]:
+    """Collect chunks until ``want`` responses finished: (group, sample) -> its chunks in arrival order."""
+    chunks: dict[tuple[str, int], list] = {}
+    done = 0
+    while done < want:
+        c = await _recv(hub, ResponseChunk, child)
+        chunks.setdefault((c.group_id, c.sample_index), []).append(c)
+        done += bool(c.finish_reason)
+    return chunks
+
+
+def test_rollout_worker_streams_chunks_and_takes_weights_in_flight(tmp_path):
+    cfg, task, model = _setup(tmp_path, "rollout.chunk_tokens=2")
     prompt = np.asarray(task.prompt_ids(task.eval_set[0]), dtype=np.int32)
 
     async def scenario():
@@ -57,29 +68,41 @@ def test_rollout_worker_process_generates_loads_weights_and_records_versions(tmp
             "actors.rollout_worker", "--endpoint", hub.endpoint, "--config", str(tmp_path / "config.yaml"),
             "--worker-id", "0", "--init", str(tmp_path / "init")), log_dir=tmp_path / "logs")
         try:
-            hello = await _recv(hub, Hello, child)
-            assert hello.role == "rollout"
+            assert (await _recv(hub, Hello, child)).role == "rollout"
             peer = next(iter(hub.peers))
             await hub.send(peer, GenerateRequest(group_id="g0", prompt_id=7, prompt_ids=prompt, num_samples=3,
-                                                 max_new_tokens=5, temperature=1.0))
-            first = [await _recv(hub, Completion, child) for _ in range(3)]
-            assert sorted(c.sample_index for c in first) == [0, 1, 2]
-            for c in first:
-                assert c.group_id == "g0" and c.prompt_id == 7 and 1 <= len(c.token_ids) <= 5
-                assert len(c.behavior_logprobs) == len(c.token_ids) == len(c.token_versions)
-                assert np.all(c.behavior_logprobs <= 0) and np.all(c.token_versions == 0)
-
-            with torch.no_grad():  # version 1: different weights, written where a learner would write them
+                                                 max_new_tokens=9, temperature=1.0, return_routes=True))
+            for (group, _), chunks in (await _responses(hub, child, 3)).items():
+                assert group == "g0" and [c.offset for c in chunks] == list(
+                    np.cumsum([0] + [len(c.token_ids) for c in chunks[:-1]]))  # in order, no gap
+                assert all(len(c.token_ids) <= 2 for c in chunks[:-1]) and not any(c.finish_reason for c in chunks[:-1])
+                for c in chunks:  # routes ride with their tokens; the final token has none
+                    assert len(c.routes) == len(c.token_ids) - bool(c.finish_reason) and c.routes.dtype == np.uint8
+                    assert np.all(c.token_versions == 0) and np.all(c.behavior_logprobs <= 0)
+            # weights in flight: a long batch is running when version 1 arrives
+            with torch.no_grad():
                 for p in model.parameters():
                     p.add_(0.01)
             save_weights(model, tmp_path / "policy_v1.safetensors")
+            await hub.send(peer, GenerateRequest(group_id="g1", prompt_id=8, prompt_ids=prompt, num_samples=64,
+                                                 max_new_tokens=200, temperature=1.0))
+            seen: list[ResponseChunk] = []
+            first = await _recv(hub, ResponseChunk, child)
             await hub.send(peer, LoadWeights(version=1, path=str(tmp_path / "policy_v1.safetensors")))
-            await hub.send(peer, GenerateRequest(group_id="g1", prompt_id=8, prompt_ids=prompt, num_samples=1,
-                                                 max_new_tokens=5, temperature=0.0))
-            assert (await _recv(hub, WeightsLoaded, child)).version == 1
-            greedy = await _recv(hub, Completion, child)
-            assert greedy.group_id == "g1" and np.all(greedy.token_versions == 1)
-
+            loaded = None
+            while sum(bool(c.finish_reason) for c in [first] + seen) < 64:
+                _, msg = await hub.recv(timeout=30)
+                if isinstance(msg, WeightsLoaded):
+                    loaded = msg
+                elif isinstance(msg, ResponseChunk):
+                    seen.append(msg)
+            assert loaded is not None and loaded.version == 1 and loaded.paused_s > 0
+            versions: dict[int, list[int]] = {}
+            for c in [first] + seen:
+                versions.setdefault(c.sample_index, []).extend(c.token_versions.tolist())
+            spanning = [v for v in versions.values() if v[0] == 0 and v[-1] == 1]
+            assert spanning, "no response spans the weight update"
+            assert all(v == sorted(v) for v in versions.values())  # a version boundary, never back
             await hub.send(peer, Shutdown(reason="test"))
             assert await _exit_code(child) == 0, child.log_tail()
         finally:

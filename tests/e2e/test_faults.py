@@ -59,7 +59,7 @@ def test_hung_rollout_and_killed_reward_worker_are_restarted_and_nothing_is_lost
     rows = steps()
     assert [r["step"] for r in rows] == list(range(1, 401))
     assert rows[-1]["actor_restarts"] == 2
-    assert rows[-1]["requeued_groups"] >= 1  # the silent worker held groups; without re-queueing no step follows
+    assert rows[-1]["continued_samples"] >= 1  # the silent worker held responses; without re-queueing no step follows
     assert max(r["version_lag_max"] for r in rows) <= 1
     assert "actor.restarting" in err and "rollout-0" in err and "reward-0" in err
     assert processes_mentioning(str(tmp_path)) == []

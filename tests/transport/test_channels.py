@@ -15,7 +15,7 @@ from transport.channels import Hub, Peer, PeerInfo, PeerLost, run
 from transport.codec import encode, decode
 from transport.messages import (
     PROTOCOL_VERSION,
-    Completion,
+    ResponseChunk,
     GenerateRequest,
     Heartbeat,
     Hello,
@@ -29,9 +29,9 @@ def _request(n: int = 4) -> GenerateRequest:
                            max_new_tokens=n, temperature=1.0)
 
 
-def _echo(req: GenerateRequest, worker_id: int) -> Completion:
+def _echo(req: GenerateRequest, worker_id: int) -> ResponseChunk:
     n = len(req.prompt_ids)
-    return Completion(group_id=req.group_id, sample_index=0, prompt_id=req.prompt_id,
+    return ResponseChunk(group_id=req.group_id, sample_index=0, prompt_id=req.prompt_id, offset=0,
                       token_ids=req.prompt_ids,
                       behavior_logprobs=np.zeros(n, np.float32), token_versions=np.zeros(n, np.int32),
                       finish_reason="length", worker_id=worker_id)
@@ -72,7 +72,7 @@ def test_hello_registers_peer_and_messages_flow_both_ways():
             assert isinstance(req, GenerateRequest) and req.prompt_ids.tolist() == list(range(6))
             await peer.send(_echo(req, worker_id=0))
             got_from, done = await hub.recv(timeout=5)
-            assert got_from == peer_id and isinstance(done, Completion)
+            assert got_from == peer_id and isinstance(done, ResponseChunk)
             assert done.token_ids.tolist() == list(range(6)) and not done.token_ids.flags.writeable
 
             with pytest.raises(KeyError, match="unknown peer"):
@@ -255,7 +255,7 @@ def test_a_crashed_background_task_surfaces_on_recv(breaker):
 BUSY_S = 1.5  # the child's "generation" time, longer than the hub's peer_timeout_s below
 
 
-def _busy_echo(req: GenerateRequest, seconds: float) -> Completion:
+def _busy_echo(req: GenerateRequest, seconds: float) -> ResponseChunk:
     end = time.monotonic() + seconds
     total = 0
     while time.monotonic() < end:  # pure-Python CPU work: holds the GIL like a slow torch step would

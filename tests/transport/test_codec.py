@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from transport.codec import DEFAULT_MAX_FRAME_BYTES, FrameError, decode, encode
-from transport.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, Completion, ErrorReport, GenerateRequest, Heartbeat,
+from transport.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, CancelRequest, CheckpointSaved, ContinueRequest,
+                                SaveCheckpoint, ResponseChunk, ErrorReport, GenerateRequest, Heartbeat,
                                 Hello, LoadWeights, Scored, ScoreRequest, Shutdown, TrainBatch, TrainResult,
                                 WeightsLoaded)
 
@@ -34,9 +35,14 @@ def _samples():
         ErrorReport(where="rollout-0", error="Traceback ...\nValueError: x"),
         GenerateRequest(group_id="g1", prompt_id=7, prompt_ids=np.arange(9, dtype=i32), num_samples=8,
                         max_new_tokens=64, temperature=0.0),
-        Completion(group_id="g1", sample_index=2, prompt_id=7, token_ids=np.arange(5, dtype=i32),
+        ResponseChunk(group_id="g1", sample_index=2, prompt_id=7, offset=0, token_ids=np.arange(5, dtype=i32),
                    behavior_logprobs=-np.linspace(0, 1, 5, dtype=f32), token_versions=np.full(5, 3, i32),
                    finish_reason="stop", worker_id=1),
+        ContinueRequest(group_id="g1", sample_index=3, prompt_id=7, prompt_ids=np.arange(9, dtype=i32),
+                        prefix=np.arange(4, dtype=i32), max_new_tokens=64, temperature=1.0, return_routes=True),
+        CancelRequest(sample_keys=["g1/3", "g2/0"]),
+        SaveCheckpoint(step=50, path="/tmp/run/checkpoints/step_000050/learner"),
+        CheckpointSaved(step=50, path="/tmp/run/checkpoints/step_000050/learner", seconds=1.5),
         LoadWeights(version=12, path="/tmp/run/weights/v12.safetensors"),
         WeightsLoaded(version=12, worker_id=1, load_s=0.5),
         ScoreRequest(sample_key="g1/2", token_ids=np.zeros(0, i32), answer="42"),
@@ -93,7 +99,7 @@ def test_non_contiguous_and_big_endian_arrays_are_sent_as_c_order_little_endian(
 
 
 def test_arrays_are_read_only_zero_copy_views_of_the_frame():
-    msg = Completion(group_id="g", sample_index=0, prompt_id=0, token_ids=np.arange(6, dtype=np.int32),
+    msg = ResponseChunk(group_id="g", sample_index=0, prompt_id=0, offset=0, token_ids=np.arange(6, dtype=np.int32),
                      behavior_logprobs=np.zeros(6, np.float32), token_versions=np.zeros(6, np.int32),
                      finish_reason="length")
     frame = bytearray(encode(msg))
