@@ -140,10 +140,10 @@ class LearnerRank:
         self.gap_probe_seqs = max(cfg.learner.gap_probe_seqs // self.world, 1) if cfg.learner.gap_probe_seqs else 0
         self.probe_model = load_model(init_dir).eval() if self.gap_probe_seqs else None  # the previous version
         self.decoupled, self.decoupled_cap = cfg.learner.decoupled, cfg.learner.decoupled_is_cap
-        if resume:
-            self.load(resume)
         self.weights_dir = Path(weights_dir)
         self.version = 0
+        if resume:
+            self.load(resume)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """Old-policy pass over the whole batch, then one optimizer step per mini-batch -> stats of the batch.
@@ -446,7 +446,8 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
     try:
         t0 = time.perf_counter()
         learner = await asyncio.to_thread(LearnerRank, cfg, args.init, args.weights_dir, args.resume)
-        log.info("learner.ready", world=learner.world, init_s=round(time.perf_counter() - t0, 2))
+        log.info("learner.ready", world=learner.world, version=learner.version, resumed_from=args.resume,
+                 init_s=round(time.perf_counter() - t0, 2))
         while True:
             try:
                 msg: LearnerInbox = await peer.recv(timeout=_TICK_S)
