@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from configs.schema import RunConfig
 from engine import checkpoint
-from engine.batch import RunTotals, batch_stats, pack_batch
+from engine.batch import RunStats, batch_stats, pack_batch
 from engine.cluster import Actors, start_actors
 from engine.metrics import MetricsWriter, truncate_jsonl
 from engine.rollouts import PromptItem
@@ -41,7 +41,7 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
     for name in ("metrics.jsonl", "prompts.jsonl"):  # forget what happened after the checkpoint
         truncate_jsonl(run_dir / name, last_step=first - 1)
     metrics, ledger = MetricsWriter(run_dir / "metrics.jsonl"), MetricsWriter(run_dir / "prompts.jsonl")
-    totals = RunTotals.from_dict(state["totals"] if state else {})
+    totals = RunStats.from_dict(state["totals"] if state else {})
     eval_items = [_item(task, i, ex) for i, ex in enumerate(task.eval_set)]
     async with start_actors(cfg, run_dir, init_dir, resume_learner=ckpt and str(ckpt.learner_dir)) as a:
         version = await _restore(a, ckpt, state) if ckpt else 0
@@ -66,9 +66,9 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
 
 
 async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version: int, metrics: MetricsWriter,
-                      ledger: MetricsWriter, totals: RunTotals, t_start: float) -> int:
+                      ledger: MetricsWriter, totals: RunStats, t_start: float) -> int:
     """Take the oldest ready groups (none over the staleness bound), train one batch, send the new weights."""
-    t0, tokens0, busy0 = time.monotonic(), a.rollouts.num_generated_tokens, a.rollouts.worker_time.copy()
+    t0, tokens0 = time.monotonic(), a.rollouts.num_generated_tokens
     groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_staleness)
     t_wait = time.monotonic() - t0
     batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id)
@@ -82,20 +82,11 @@ async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version:
                    "learner_wait_s": t_wait, "elapsed_s": time.monotonic() - t_start,
                    "gen_tokens_per_s": (a.rollouts.num_generated_tokens - tokens0) / step_s,
                    "train_tokens_per_s": result.stats.get("tokens", 0.0) / step_s,
-                   **_worker_idle(a, busy0, step_s), **a.counters()})
+                   **a.rollouts.worker_idle(), **a.counters()})
     return result.version
 
 
-def _worker_idle(a: Actors, before: dict[str, tuple[float, float]], step_s: float) -> dict[str, float]:
-    """Fraction of the step the rollout workers spent with nothing to decode, and paused loading weights."""
-    now = a.rollouts.worker_time
-    idle = sum(now[w][0] - before.get(w, now[w])[0] for w in now)
-    paused = sum(now[w][1] - before.get(w, now[w])[1] for w in now)
-    n = max(len(now), 1) * step_s
-    return {"gen_idle_frac": idle / n, "gen_paused_frac": paused / n}
-
-
-async def _checkpoint(a: Actors, run_dir: Path, step: int, version: int, totals: RunTotals, eval_start: dict):
+async def _checkpoint(a: Actors, run_dir: Path, step: int, version: int, totals: RunStats, eval_start: dict):
     path = checkpoint.checkpoint_dir(run_dir, step)
     await a.learner.checkpoint(step, str(path / "learner"))  # every rank: model, optimizer, RNG
     checkpoint.save_coordinator(path, step=step, version=version, rollouts_state=a.rollouts.state(),

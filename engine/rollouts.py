@@ -74,7 +74,8 @@ class Rollouts:
         self._latest_weights: LoadWeights | None = None
         self._capacity_freed = asyncio.Event()
         self.worker_versions: dict[str, int] = {w: 0 for w in workers}
-        self.worker_time: dict[str, tuple[float, float]] = {}  # peer -> (idle_s, paused_s), cumulative
+        self.worker_time: dict[str, tuple[float, float]] = {}  # peer -> (idle, paused) fractions, last interval
+        self._worker_clock: dict[str, tuple[float, float, float]] = {}  # peer -> (when, idle_s, paused_s) reported
         self._versions_changed = asyncio.Event()
         self.counts = {"generated_tokens": 0, "generated_samples": 0, "prompts_taken": 0, "admitted_groups": 0,
                        "samples_over_bound": 0, "regenerated_samples": 0, "discarded_samples": 0,
@@ -244,8 +245,22 @@ class Rollouts:
 
     def on_weights_loaded(self, peer: str, msg: WeightsLoaded) -> None:
         self.worker_versions[peer] = max(self.worker_versions.get(peer, 0), msg.version)
-        self.worker_time[peer] = (msg.idle_s, msg.paused_s)
+        now, last = time.monotonic(), self._worker_clock.get(peer)
+        if last is not None and now > last[0]:  # fractions over the interval since this worker's last report
+            span = now - last[0]
+            self.worker_time[peer] = (min((msg.idle_s - last[1]) / span, 1.0),
+                                      min((msg.paused_s - last[2]) / span, 1.0))
+        self._worker_clock[peer] = (now, msg.idle_s, msg.paused_s)
         self._versions_changed.set()
+
+    def worker_idle(self) -> dict[str, float]:
+        """Mean over rollout workers of the fraction of time they had nothing to decode (waiting for work or
+        weights) and were paused loading weights, over each one's last interval between weight updates."""
+        fracs = list(self.worker_time.values())
+        if not fracs:
+            return {}
+        return {"gen_idle_frac": float(np.mean([f[0] for f in fracs])),
+                "gen_paused_frac": float(np.mean([f[1] for f in fracs]))}
 
     async def wait_weights(self, version: int) -> None:
         while not self.worker_versions or min(self.worker_versions.values()) < version:
@@ -270,6 +285,7 @@ class Rollouts:
         self._workers.remove(peer)
         self.worker_versions.pop(peer, None)
         self.worker_time.pop(peer, None)
+        self._worker_clock.pop(peer, None)
         self._versions_changed.set()
         for key in [k for k, w in self._owner.items() if w == peer]:
             del self._owner[key]

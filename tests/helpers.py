@@ -1,6 +1,7 @@
 """Helpers shared by the end-to-end tests."""
 
 import os
+import time
 from pathlib import Path
 
 
@@ -16,3 +17,14 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def wait_for(predicate, proc, timeout: float, what: str, poll_s: float = 0.2) -> None:
+    """Poll ``predicate`` until it holds; fail if ``proc`` (a Popen) ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"run ended early (rc={proc.returncode}) while waiting for {what}"
+        if predicate():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -27,7 +27,7 @@ START_S = 240.0  # torchrun, imports and DeepSpeed init on a busy 2-core box (no
 
 
 def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0, router_replay: str = "R3",
-           num_minibatches: int = 1) -> tuple[RunConfig, str, str]:
+           num_minibatches: int = 1, decoupled: bool = False) -> tuple[RunConfig, str, str]:
     cfg = RunConfig()
     cfg.out_dir = str(tmp_path)
     cfg.model = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -35,6 +35,7 @@ def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0, router_replay: str =
     cfg.learner.num_ranks = 2
     cfg.learner.lr = 1e-2
     cfg.learner.router_replay, cfg.learner.num_minibatches = router_replay, num_minibatches
+    cfg.learner.decoupled = decoupled
     cfg.transport.heartbeat_s = 0.5
     cfg.transport.peer_timeout_s = peer_timeout_s
     config_path = tmp_path / "config.yaml"
@@ -144,9 +145,10 @@ def test_learner_command_is_a_torchrun_argv(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("replay, minibatches", [("R3", 2), ("R2", 1)])
-def test_two_ranks_train_publish_and_shut_down(tmp_path, replay, minibatches):
-    cfg, config_path, init_dir = _setup(tmp_path, router_replay=replay, num_minibatches=minibatches)
+@pytest.mark.parametrize("replay, minibatches, decoupled", [("R3", 2, False), ("R2", 1, True)])
+def test_two_ranks_train_publish_and_shut_down(tmp_path, replay, minibatches, decoupled):
+    cfg, config_path, init_dir = _setup(tmp_path, router_replay=replay, num_minibatches=minibatches,
+                                        decoupled=decoupled)
     rollout_model = load_model(init_dir).eval()
     initial = rollout_model.state_dict()  # HF files hold experts unfused; the learner saves these
 
@@ -185,6 +187,9 @@ def test_two_ranks_train_publish_and_shut_down(tmp_path, replay, minibatches):
     assert results[1].stats["logprob_gap_mean"] > 0.1 and results[1].stats["routing_mismatch_frac"] > 0.2
     # step 3: recomputed with a frozen copy of version 1, not the updated weights (lr 1e-2 moved them visibly)
     assert results[2].stats["logprob_gap_max"] < 1e-4 and results[2].stats["behavior_proximal_abs_diff"] > 1e-3
+    if decoupled:  # behaviour -> proximal importance weights: exactly 1 at step 1 (same weights), not at step 2
+        assert abs(first.stats["is_weight_mean"] - 1.0) < 1e-4 and first.stats["is_truncated_frac"] == 0.0
+        assert 1e-3 < abs(results[1].stats["is_weight_mean"] - 1.0) and results[1].stats["is_weight_mean"] <= 2.0
     weights = load_file(first.weights_path.replace("v1", "v3"))
     assert weights.keys() == initial.keys()
     assert any(not torch.equal(weights[k], initial[k]) for k in initial)

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from engine.metrics import read_metrics
-from tests.helpers import processes_mentioning
+from tests.helpers import processes_mentioning, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -21,16 +20,6 @@ def _pid_of(tmp_path, module: str) -> int:
             if module in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")]
     assert len(pids) == 1, pids
     return pids[0]
-
-
-def _wait_for(predicate, proc, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"run ended early (rc={proc.returncode}) while waiting for {what}"
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_hung_rollout_and_killed_reward_worker_are_restarted_and_nothing_is_lost(tmp_path):
@@ -44,10 +33,10 @@ def test_hung_rollout_and_killed_reward_worker_are_restarted_and_nothing_is_lost
         return [r for r in read_metrics(metrics) if "step" in r] if metrics.exists() else []
 
     try:
-        _wait_for(lambda: len(steps()) >= 2, proc, 240, "the first steps")
+        wait_for(lambda: len(steps()) >= 2, proc, 240, "the first steps")
         os.kill(_pid_of(tmp_path, "actors.rollout_worker"), signal.SIGSTOP)  # hung: alive but silent
         n = len(steps())
-        _wait_for(lambda: len(steps()) >= n + 3 and steps()[-1]["actor_restarts"] == 1, proc, 120,
+        wait_for(lambda: len(steps()) >= n + 3 and steps()[-1]["actor_restarts"] == 1, proc, 120,
                   "steps after the rollout worker restart")
         os.kill(_pid_of(tmp_path, "actors.reward_worker"), signal.SIGKILL)  # dead
         out, err = proc.communicate(timeout=300)

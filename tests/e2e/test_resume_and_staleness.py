@@ -15,7 +15,7 @@ import time
 import pytest
 
 from engine.metrics import read_metrics
-from tests.helpers import processes_mentioning
+from tests.helpers import processes_mentioning, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 GROUPS_PER_STEP = 8  # the tiny preset's train.groups_per_step
@@ -29,16 +29,6 @@ def _argv(tmp_path, *overrides):
 def _steps(tmp_path) -> list[dict]:
     path = tmp_path / "tiny" / "metrics.jsonl"
     return [r for r in read_metrics(path) if "step" in r] if path.exists() else []
-
-
-def _wait_for(predicate, proc, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"run ended early (rc={proc.returncode}) while waiting for {what}"
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _signal_all(tmp_path, words: tuple[str, ...], sig) -> None:
@@ -64,7 +54,8 @@ def test_killed_run_resumes_and_trains_every_prompt_exactly_once(tmp_path):
     proc = subprocess.Popen(_argv(tmp_path, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _wait_for(lambda: len(_steps(tmp_path)) >= 5, proc, 300, "step 5 (a checkpoint at 3, two steps after it)")
+        wait_for(lambda: len(_steps(tmp_path)) >= 5, proc, 300, "step 5 (a checkpoint at 3, two steps after it)",
+                 poll_s=0.02)
         os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and everything it started, mid-flight
         proc.wait()
     finally:
@@ -103,7 +94,7 @@ def test_staleness_bound_holds_when_the_learner_or_a_worker_is_slow(tmp_path, fr
                                   "train.max_staleness=1", *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(_steps(tmp_path)) >= 3, proc, 300, "the first steps")
+        wait_for(lambda: len(_steps(tmp_path)) >= 3, proc, 300, "the first steps", poll_s=0.02)
         _signal_all(tmp_path, frozen, signal.SIGSTOP)
         time.sleep(3.0)
         _signal_all(tmp_path, frozen, signal.SIGCONT)
