@@ -54,6 +54,7 @@ from configs.load import load_resolved
 from configs.schema import LearnerConfig, RunConfig
 from engine.log import configure_logging
 from engine.procs import die_with_parent
+from engine.advantages import zvp_token_advantages
 from engine.espo import batch_entropy_threshold
 from engine.losses import LOSSES
 from engine.model import load_model, load_weights, old_policy_pass, save_weights, token_logprobs
@@ -140,6 +141,7 @@ class LearnerRank:
         self.gap_probe_seqs = max(cfg.learner.gap_probe_seqs // self.world, 1) if cfg.learner.gap_probe_seqs else 0
         self.probe_model = load_model(init_dir).eval() if self.gap_probe_seqs else None  # the previous version
         self.decoupled, self.decoupled_cap = cfg.learner.decoupled, cfg.learner.decoupled_is_cap
+        self.rl_zvp_alpha = cfg.learner.rl_zvp_alpha
         self.weights_dir = Path(weights_dir)
         self.version = 0
         if resume:
@@ -179,9 +181,11 @@ class LearnerRank:
                              routed_N=forced[1] if forced else None, record=False):
                 logp_NL = token_logprobs(self.engine, sh.ids_NL, sh.attn_NL, temperature=self.temperature)
             old_logp_NL, adv = sh.old_logp_NL, sh.adv_N
+            if self.rl_zvp_alpha > 0 and sh.zvp_sign_N is not None and bool((sh.zvp_sign_N != 0).any()):
+                adv = self._rl_zvp(sh, acc)
             if self.decoupled:  # ratio vs the proximal policy; behaviour -> proximal by truncated IS (AReaL)
                 w_NL = (sh.prox_logp_NL - sh.old_logp_NL).exp().clamp(max=self.decoupled_cap) * sh.mask_NL
-                old_logp_NL, adv = sh.prox_logp_NL, sh.adv_N[:, None] * w_NL
+                old_logp_NL, adv = sh.prox_logp_NL, (adv if adv.dim() == 2 else adv[:, None]) * w_NL
                 tokens = sh.mask_NL.sum().double()
                 acc.add("is_weight_mean", w_NL.sum(), tokens)
                 truncated = ((sh.prox_logp_NL - sh.old_logp_NL).exp() > self.decoupled_cap) & sh.mask_NL
@@ -203,6 +207,16 @@ class LearnerRank:
         out = acc.reduce()
         out.update(sequences=float(num_seqs), lr=float(self.engine.get_lr()[0]), train_s=time.perf_counter() - t0)
         return out
+
+    def _rl_zvp(self, sh: "_Shard", acc: "_StatSums") -> torch.Tensor:
+        """Token advantages [N, L]: RL-ZVP (entropy-shaped, signed by correctness) for responses of
+        zero-variance groups, the group advantage broadcast for the rest."""
+        zvp_NL = zvp_token_advantages(sh.entropy_NL, sh.mask_NL, sh.zvp_sign_N, alpha=self.rl_zvp_alpha)
+        shaped_N = sh.zvp_sign_N != 0
+        tokens = (sh.mask_NL & shaped_N[:, None]).sum().double()
+        acc.add("rl_zvp_token_frac", tokens, sh.mask_NL.sum().double())
+        acc.add("rl_zvp_abs_adv", zvp_NL.abs().sum(), tokens)
+        return torch.where(shaped_N[:, None], zvp_NL, sh.adv_N[:, None] * sh.mask_NL)
 
     @torch.no_grad()
     def _old_policy_pass(self, sh: "_Shard", acc: "_StatSums") -> None:
@@ -338,6 +352,8 @@ class _Shard:
         self.old_logp_NL = torch.from_numpy(np.array(batch.behavior_logprobs[lo:hi, :length], dtype=np.float32))
         self.versions_NL = torch.from_numpy(batch.token_versions[lo:hi, :length].astype(np.int64))
         self.adv_N = torch.from_numpy(np.array(batch.advantages[lo:hi], dtype=np.float32))
+        self.zvp_sign_N = (torch.from_numpy(batch.zvp_sign[lo:hi].astype(np.int64)) if batch.zvp_sign.size
+                           else None)
         self.routes_NLLK = self.routed_N = None
         if batch.routes.size:
             width = min(length, batch.routes.shape[1])

@@ -52,6 +52,8 @@ class TaskConfig:
     num_dev: int = 200  # held-out prompts used only to stop SFT
     max_answer_tokens: int = 8  # generation length limit (answer digits + EOS)
     reverse_answer: bool = True  # arithmetic: answer digits least significant first (learns much faster)
+    train_pool: Optional[str] = None  # RL prompts from this jsonl (everyprompt-filter-pool output) instead of
+    # the task's own training distribution; eval and dev sets are unchanged
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -97,6 +99,12 @@ class RolloutConfig:
     max_batch_samples: int = 512  # sequences decoded together by one worker
     threads_per_worker: int = 1  # torch threads per worker process (split the cores!)
     return_routes: bool = True  # record MoE routes at generation (needed by learner.router_replay=R3)
+    adaptive_group_size: bool = False  # zero-variance elimination, rollout stage: raise N for prompts likely to
+    # come out zero-variance (offline pass rate, else per-source rate), within the extra-sample budget
+    max_group_size: int = 16
+    zv_target: float = 0.5  # ... while the predicted zero-variance probability is above this
+    top_up: int = 0  # extra samples for a group whose samples all agree in raw correctness (0 = off)
+    extra_sample_frac: float = 0.25  # budget for adaptive N and top-ups: this fraction of the base samples
     chunk_tokens: int = 4  # stream each response every this many tokens (0 = only whole responses)
     kv_on_update: str = "recompute"  # new weights mid-response: recompute the KV cache under them, or "keep" it
 
@@ -108,6 +116,10 @@ class RolloutConfig:
                  "group-relative advantages need at least 2 samples; pass rollout.group_size=8")
         _require(self.temperature > 0, "rollout.temperature", self.temperature,
                  "RL sampling needs temperature > 0; pass rollout.temperature=1.0")
+        _require(self.max_group_size >= self.group_size, "rollout.max_group_size", self.max_group_size,
+                 f"it must be >= rollout.group_size={self.group_size}")
+        _require(self.top_up >= 0 and self.extra_sample_frac >= 0, "rollout.top_up", self.top_up,
+                 "rollout.top_up and rollout.extra_sample_frac must be >= 0")
         _require(self.chunk_tokens >= 0, "rollout.chunk_tokens", self.chunk_tokens, "it must be >= 0")
         _require(self.kv_on_update in ("recompute", "keep"), "rollout.kv_on_update", self.kv_on_update,
                  "choose recompute (exact under the new weights) or keep (no prefill; older keys/values)")
@@ -117,7 +129,20 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
+    """Reward shaping (engine/rewards.py). Zero-variance decisions always use the raw correctness."""
+
     num_workers: int = 1
+    graded: bool = False  # partial credit (fraction of the answer right) instead of 0/1
+    overlong_coef: float = 0.0  # weight of DAPO's soft overlong penalty (0 .. -1)
+    overlong_cache: int = 2  # the penalty ramps over the last this-many tokens before task.max_answer_tokens
+    repetition_coef: float = 0.0  # weight of the n-gram repetition penalty (0 .. -1)
+    repetition_ngram: int = 3
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "reward.num_workers", self.num_workers, "it must be >= 1")
+        _require(self.overlong_coef >= 0 and self.repetition_coef >= 0, "reward.overlong_coef",
+                 self.overlong_coef, "penalty weights must be >= 0 (the penalties themselves are <= 0)")
+        _require(self.repetition_ngram >= 1, "reward.repetition_ngram", self.repetition_ngram, "it must be >= 1")
 
 
 @dataclass
@@ -141,6 +166,8 @@ class LearnerConfig:
     entropy_chunk_tokens: int = 1024  # old-policy pass: tokens per chunk of full-vocabulary entropy
     router_replay: str = "R3"  # R3: rollout routes; R2: the learner's own old-pass routes; off (spec B.4)
     num_minibatches: int = 1  # optimizer steps per TrainBatch (PPO mini-batches); the version counts batches
+    rl_zvp_alpha: float = 0.0  # RL-ZVP (actor stage): zero-variance groups get entropy-shaped token advantages
+    # of this scale (0 = off: such groups get zero advantage); spec B.2.3
     decoupled: bool = False  # decoupled PPO: ratio vs the proximal policy (this learner before the batch's
     # updates), times a truncated importance weight behaviour -> proximal (min(w, decoupled_is_cap))
     decoupled_is_cap: float = 2.0
@@ -171,6 +198,7 @@ class LearnerConfig:
         _require(self.router_replay in ("off", "R2", "R3"), "learner.router_replay", self.router_replay,
                  "choose R3 (replay rollout routes), R2 (replay the learner's old-pass routes) or off")
         _require(self.num_minibatches >= 1, "learner.num_minibatches", self.num_minibatches, "it must be >= 1")
+        _require(self.rl_zvp_alpha >= 0, "learner.rl_zvp_alpha", self.rl_zvp_alpha, "it must be >= 0 (0 = off)")
         _require(self.decoupled_is_cap > 0, "learner.decoupled_is_cap", self.decoupled_is_cap, "it must be > 0")
         _require(self.gap_probe_seqs >= 0, "learner.gap_probe_seqs", self.gap_probe_seqs, "it must be >= 0")
 
@@ -182,6 +210,9 @@ class TrainConfig:
     max_staleness: int = 1  # a token sampled by version v trains with weights of version <= v + max_staleness
     stale_policy: str = "regenerate"  # a sample over the bound anyway: regenerate it (same prompt) or drop its group
     checkpoint_every: int = 50  # save the whole async state every this many steps (0 = never); resume=true
+    buffer_order: str = "fifo"  # or "variance": groups at the staleness bound first, then highest reward spread
+    buffer_staleness_weight: float = 0.1  # variance order: priority = reward std - this x versions behind
+    sample_budget: int = 0  # stop after the step at which this many rollout samples were generated (0 = none)
     eval_every: int = 50  # held-out greedy eval every this many steps (0 = only before and after RL)
 
     def __post_init__(self) -> None:
@@ -190,6 +221,9 @@ class TrainConfig:
         _require(self.max_staleness >= 0, "train.max_staleness", self.max_staleness, "it must be >= 0")
         _require(self.stale_policy in ("regenerate", "drop"), "train.stale_policy", self.stale_policy,
                  "choose regenerate (no prompt is lost) or drop (counted in discarded_samples)")
+        _require(self.buffer_order in ("fifo", "variance"), "train.buffer_order", self.buffer_order,
+                 "choose fifo or variance")
+        _require(self.sample_budget >= 0, "train.sample_budget", self.sample_budget, "it must be >= 0 (0 = none)")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "it must be >= 0")
 
 

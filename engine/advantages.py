@@ -79,10 +79,21 @@ def rl_zvp_advantages(
     hi_NG = rewards_NG.masked_fill(~valid_NG, float("-inf")).amax(-1, keepdim=True)
     lo_NG = rewards_NG.masked_fill(~valid_NG, float("inf")).amin(-1, keepdim=True)
     zero_var_N1 = valid_NG.any(-1, keepdim=True) & (hi_NG == lo_NG)
-    correct_N1 = hi_NG >= success_threshold
-    h_NGT = torch.where(m_NGT, entropy_NGT.detach(), torch.zeros_like(entropy_NGT))
-    hmax_NG1 = torch.where(m_NGT, h_NGT, torch.full_like(h_NGT, float("-inf"))).amax(-1, keepdim=True)
-    hmax_NG1 = torch.where(torch.isfinite(hmax_NG1), hmax_NG1, torch.zeros_like(hmax_NG1))
-    zvp_NGT = torch.where(correct_N1[..., None], alpha * h_NGT, -alpha * (hmax_NG1 - h_NGT))
+    sign_NG = torch.where(hi_NG >= success_threshold, 1, -1).expand_as(rewards_NG)
+    zvp_NGT = zvp_token_advantages(entropy_NGT, m_NGT, sign_NG, alpha=alpha)
     shaped_NGT = (zero_var_N1 & valid_NG)[..., None] & m_NGT
     return torch.where(shaped_NGT, zvp_NGT, adv_NGT)
+
+
+def zvp_token_advantages(entropy_NT: Tensor, mask_NT: Tensor, sign_N: Tensor, *, alpha: float) -> Tensor:
+    """RL-ZVP's token advantages of responses from zero-variance groups -> float [..., T] (0 off the mask).
+
+    sign_N: +1 (the group is all-correct): A_t = +alpha * H_t; -1 (all-wrong): A_t = -alpha * (max_k H_k - H_t),
+    the max over the response's own trained tokens; 0: A_t = 0. Leading dims of entropy_NT match sign_N."""
+    m_NT = mask_NT.to(torch.bool)
+    h_NT = torch.where(m_NT, entropy_NT.detach(), torch.zeros_like(entropy_NT))
+    hmax_N1 = torch.where(m_NT, h_NT, torch.full_like(h_NT, float("-inf"))).amax(-1, keepdim=True)
+    hmax_N1 = torch.where(torch.isfinite(hmax_N1), hmax_N1, torch.zeros_like(hmax_N1))
+    sign_N1 = sign_N[..., None]
+    zvp_NT = torch.where(sign_N1 > 0, alpha * h_NT, -alpha * (hmax_N1 - h_NT))
+    return torch.where(m_NT & (sign_N1 != 0), zvp_NT, torch.zeros_like(h_NT))

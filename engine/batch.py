@@ -7,6 +7,7 @@ import torch
 
 from engine.advantages import group_advantages
 from engine.buffer import Group
+from engine.rewards import is_zero_variance
 from engine.routing import pack_routes
 from transport import TrainBatch
 
@@ -15,9 +16,8 @@ def pack_batch(groups: list[Group], *, step: int, pad_id: int) -> TrainBatch:
     """Right-pad prompt+response of every sample to one length L; advantages per ESPO Eq. 11; MoE routes
     (when the rollout recorded them) aligned with the tokens they belong to."""
     samples = [s for g in groups for s in g.ordered()]
-    rewards = torch.tensor([[s.reward for s in g.ordered()] for g in groups], dtype=torch.float32)  # [groups, G]
-    valid = torch.tensor([[s.valid for s in g.ordered()] for g in groups], dtype=torch.bool)
-    adv = group_advantages(rewards, valid).reshape(-1).numpy().astype(np.float32)  # [N]
+    adv = np.concatenate([_advantages(g) for g in groups]).astype(np.float32)  # [N]; groups may differ in size
+    zvp_sign = np.array([_zvp_sign(g) for g in groups for _ in g.ordered()], dtype=np.int8)
     prompt_lens = np.array([len(g.prompt_ids) for g in groups for _ in g.ordered()], dtype=np.int32)
     response_lens = np.array([len(s.token_ids) for s in samples], dtype=np.int32)
     n, length = len(samples), int((prompt_lens + response_lens).max())
@@ -36,15 +36,44 @@ def pack_batch(groups: list[Group], *, step: int, pad_id: int) -> TrainBatch:
                                   and s.routes is not None else None for g in groups for s in g.ordered()], length)
     return TrainBatch(step=step, input_ids=input_ids, prompt_lens=prompt_lens, response_lens=response_lens,
                       behavior_logprobs=behavior, token_versions=versions, advantages=adv, routes=routes,
-                      routed_lens=routed)
+                      routed_lens=routed, zvp_sign=zvp_sign)
 
 
-def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int) -> dict[str, float]:
-    """Reward, accuracy, zero-variance rate and per-token policy lag of what the learner is about to train on."""
+def _advantages(g: Group) -> np.ndarray:
+    samples = g.ordered()
+    rewards = torch.tensor([[s.reward for s in samples]], dtype=torch.float32)
+    valid = torch.tensor([[s.valid for s in samples]], dtype=torch.bool)
+    return group_advantages(rewards, valid)[0].numpy()
+
+
+def _correct(g: Group) -> list[float]:
+    return [s.reward_parts.get("correct", s.reward) for s in g.ordered() if s.valid]
+
+
+def _zvp_sign(g: Group) -> int:
+    """For RL-ZVP (actor stage): +1 / -1 when the group's shaped rewards carry no signal (zero advantage for
+    all), by whether its raw correctness is high or low; 0 for an informative group."""
+    if not is_zero_variance([s.reward for s in g.ordered() if s.valid]) or not _correct(g):
+        return 0
+    return 1 if float(np.mean(_correct(g))) >= 0.5 else -1
+
+
+def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int, rl_zvp: bool = False
+                ) -> dict[str, float]:
+    """Reward, accuracy, per-token policy lag and the zero-variance rate after each stage of elimination, for
+    what the learner is about to train on. Zero-variance tests use raw correctness except ``zv_rate_shaped``:
+    ``zv_rate_first`` (the first rollout.group_size samples), ``zv_rate_raw`` (after top-ups),
+    ``zv_rate_shaped`` (the shaped rewards, i.e. zero advantage), ``zv_rate_final`` (no gradient at all: shaped
+    zero variance left without RL-ZVP). ``wasted_sample_frac``: samples that contribute no gradient."""
     samples = [s for g in groups for s in g.ordered()]
     rewards = np.array([s.reward for s in samples], dtype=np.float64)
     correct = np.array([s.reward_parts.get("correct", s.reward) for s in samples], dtype=np.float64)
-    zero_var = [len({s.reward for s in g.ordered() if s.valid}) <= 1 for g in groups]
+    zv_first = [is_zero_variance([s.reward_parts.get("correct", s.reward) for s in g.ordered()[:g.initial_samples]
+                                  if s.valid]) for g in groups]
+    zero_var = [is_zero_variance(_correct(g)) for g in groups]
+    shaped_zv = [_zvp_sign(g) != 0 or not _correct(g) for g in groups]
+    final_zv = [z and not (rl_zvp and _zvp_sign(g) != 0) for z, g in zip(shaped_zv, groups)]
+    wasted = sum(g.num_samples if z else sum(not s.valid for s in g.ordered()) for z, g in zip(final_zv, groups))
     token_versions = batch.token_versions[batch.token_versions >= 0]
     lag = learner_version - token_versions if token_versions.size else np.zeros(1)
     # what the routes cost on the rollout -> coordinator wire: prompt routes once per group, then per token
@@ -56,6 +85,12 @@ def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int)
         "reward": float(rewards.mean()),
         "accuracy": float(correct.mean()),
         "zero_variance_rate": float(np.mean(zero_var)),
+        "zv_rate_first": float(np.mean(zv_first)),
+        "zv_rate_raw": float(np.mean(zero_var)),
+        "zv_rate_shaped": float(np.mean(shaped_zv)),
+        "zv_rate_final": float(np.mean(final_zv)),
+        "wasted_sample_frac": wasted / max(len(samples), 1),
+        "group_size_mean": len(samples) / max(len(groups), 1),
         "response_len": float(batch.response_lens.mean()),
         "num_samples": len(samples),
         "version_lag_mean": float(lag.mean()),

@@ -84,10 +84,21 @@ class Group:
     temperature: float = 1.0
     prompt_routes: np.ndarray | None = None  # [P, layers, k], sent once per group
     samples: dict[int, Sample] = field(default_factory=dict)
+    source: str = ""  # where the prompt comes from (per-source zero-variance statistics)
+    initial_samples: int = 0  # samples asked for at admission (more may be added by a top-up); 0 = num_samples
 
     def __post_init__(self) -> None:
+        self.initial_samples = self.initial_samples or self.num_samples
         for i in range(self.num_samples):
             self.samples.setdefault(i, Sample(i))
+
+    def add_samples(self, n: int) -> list[int]:
+        """Top-up: ``n`` more samples of the same prompt; returns their indices."""
+        new = list(range(self.num_samples, self.num_samples + n))
+        for i in new:
+            self.samples[i] = Sample(i)
+        self.num_samples += n
+        return new
 
     @property
     def complete(self) -> bool:
@@ -101,13 +112,27 @@ class Group:
         return [self.samples[i].flush() for i in range(self.num_samples)]
 
 
-class GroupBuffer:
-    """consumes: complete groups (rollout + reward)   produces: lists of groups (learner)   blocks on: take()"""
+def priority(g: Group, *, newest_version: int, staleness_weight: float) -> float:
+    """Variance-aware priority: the std of the group's rewards (an informative group has spread) minus
+    ``staleness_weight`` per version it is behind the newest buffered group."""
+    rewards = [s.reward for s in g.ordered() if s.valid]
+    spread = float(np.std(rewards)) if len(rewards) > 1 else 0.0
+    return spread - staleness_weight * (newest_version - g.min_version)
 
-    def __init__(self, on_over_bound=None) -> None:
+
+class GroupBuffer:
+    """consumes: complete groups (rollout + reward)   produces: lists of groups (learner)   blocks on: take()
+
+    ``order="fifo"``: oldest policy version first. ``order="variance"``: groups that would be over the staleness
+    bound at the next step go first (oldest first), then the highest ``priority``; so priority never pushes a
+    group past the bound. ``last_take`` describes the priorities of the latest take."""
+
+    def __init__(self, on_over_bound=None, *, order: str = "fifo", staleness_weight: float = 0.1) -> None:
         self._on_over_bound = on_over_bound  # called with the groups that hold a token older than the bound
         self._groups: deque[Group] = deque()
         self._changed = asyncio.Event()
+        self._order, self._staleness_weight = order, staleness_weight
+        self.last_take: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -127,9 +152,25 @@ class GroupBuffer:
                 self._groups = deque(g for g in self._groups if g.min_version >= min_version)
                 if self._on_over_bound is not None:
                     await self._on_over_bound(stale, min_version)
-            if len(self._groups) >= n:  # oldest policy first, so nothing ages past the bound while waiting
-                ordered = sorted(self._groups, key=lambda g: g.min_version)
+            if len(self._groups) >= n:
+                ordered, prio = self._ordered(min_version)
                 self._groups = deque(ordered[n:])
+                self.last_take = {"buffer_groups": float(len(ordered)),
+                                  "buffer_priority_taken": float(np.mean(prio[:n])),
+                                  "buffer_priority_left": float(np.mean(prio[n:])) if len(prio) > n else 0.0,
+                                  "buffer_priority_max": float(prio.max()), "buffer_priority_min": float(prio.min())}
                 return ordered[:n]
             self._changed.clear()
             await self._changed.wait()
+
+    def _ordered(self, min_version: int) -> tuple[list[Group], np.ndarray]:
+        newest = max(g.min_version for g in self._groups)
+        prio = {id(g): priority(g, newest_version=newest, staleness_weight=self._staleness_weight)
+                for g in self._groups}
+        if self._order == "fifo":  # FIFO within a version
+            ordered = sorted(self._groups, key=lambda g: g.min_version)
+        else:
+            urgent = sorted((g for g in self._groups if g.min_version <= min_version), key=lambda g: g.min_version)
+            rest = sorted((g for g in self._groups if g.min_version > min_version), key=lambda g: -prio[id(g)])
+            ordered = urgent + rest
+        return ordered, np.array([prio[id(g)] for g in ordered])

@@ -111,14 +111,16 @@ def _group_meta(g: Group, key: str, arrays: dict[str, np.ndarray]) -> dict:
         samples.append({"index": s.sample_index, "finish_reason": s.finish_reason, "reward": s.reward,
                         "valid": s.valid, "reward_parts": s.reward_parts})
     return {"key": key, "group_id": g.group_id, "prompt_id": g.prompt_id, "answer": g.answer,
-            "num_samples": g.num_samples, "temperature": g.temperature, "samples": samples}
+            "num_samples": g.num_samples, "temperature": g.temperature, "source": g.source,
+            "initial_samples": g.initial_samples, "samples": samples}
 
 
 def _group_from(meta: dict, arrays: dict[str, np.ndarray]) -> Group:
     key = meta["key"]
     g = Group(group_id=meta["group_id"], prompt_id=meta["prompt_id"], prompt_ids=arrays[f"{key}.prompt_ids"],
               answer=meta["answer"], num_samples=meta["num_samples"], temperature=meta["temperature"],
-              prompt_routes=arrays.get(f"{key}.prompt_routes"))
+              prompt_routes=arrays.get(f"{key}.prompt_routes"), source=meta["source"],
+              initial_samples=meta["initial_samples"])
     for sm in meta["samples"]:
         sk = f"{key}.{sm['index']}"
         g.samples[sm["index"]] = Sample(

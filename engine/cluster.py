@@ -21,7 +21,7 @@ from engine.launch import learner_command, learner_env
 from configs.schema import RunConfig
 from engine.buffer import GroupBuffer
 from engine.procs import Child, python_module, respawn, spawn, stop_all
-from engine.rollouts import Rollouts
+from engine.rollouts import Rollouts, Sampling
 from transport import (CheckpointSaved, ErrorReport, Hello, Hub, ResponseChunk, SaveCheckpoint, Scored, Shutdown,
                        TrainBatch, TrainResult, WeightsLoaded)
 
@@ -118,7 +118,7 @@ class Actors:
 
     def counters(self) -> dict[str, int]:
         return {"buffered_groups": len(self.buffer), "actor_restarts": self.supervisor.num_restarts,
-                **self.rollouts.counters()}
+                **self.buffer.last_take, **self.rollouts.counters()}
 
 
 def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str, resume: str | None) -> list[Child]:
@@ -175,7 +175,7 @@ async def _pump(hub: Hub, a: Actors) -> None:
             case ResponseChunk():
                 await a.rollouts.on_chunk(peer, msg)
             case Scored():
-                a.rollouts.on_scored(msg)
+                await a.rollouts.on_scored(msg)
             case WeightsLoaded():
                 a.rollouts.on_weights_loaded(peer, msg)
             case TrainResult() | CheckpointSaved():
@@ -209,12 +209,16 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_l
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner)
         sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts)
         peers = await _wait_for_hellos(hub, cfg, sup)
-        buffer = GroupBuffer(on_over_bound=lambda groups, floor: rollouts.over_bound(groups, floor))
+        buffer = GroupBuffer(on_over_bound=lambda groups, floor: rollouts.over_bound(groups, floor),
+                             order=cfg.train.buffer_order, staleness_weight=cfg.train.buffer_staleness_weight)
         rollouts = Rollouts(hub, workers=peers["rollout"], rewards=peers["reward"], buffer=buffer,
                             group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
                             max_new_tokens=cfg.task.max_answer_tokens,
                             groups_per_step=cfg.train.groups_per_step, max_staleness=cfg.train.max_staleness,
-                            stale_policy=cfg.train.stale_policy,
+                            stale_policy=cfg.train.stale_policy, sampling=Sampling(
+                                adaptive=cfg.rollout.adaptive_group_size, max_group_size=cfg.rollout.max_group_size,
+                                zv_target=cfg.rollout.zv_target, top_up=cfg.rollout.top_up,
+                                extra_sample_frac=cfg.rollout.extra_sample_frac),
                             return_routes=cfg.rollout.return_routes)
         actors = Actors(rollouts=rollouts, buffer=buffer, learner=Learner(hub, peers["learner"][0]),
                         supervisor=sup)

@@ -10,7 +10,6 @@ groups are ready. Every ``train.checkpoint_every`` steps the whole asynchronous 
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -46,20 +45,23 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
     async with start_actors(cfg, run_dir, init_dir, resume_learner=ckpt and str(ckpt.learner_dir)) as a:
         version = await _restore(a, ckpt, state) if ckpt else 0
         eval_start = state["eval_start"] if state else await _evaluate(a, eval_items, 0, metrics)
-        a.rollouts.start(islice(_prompt_stream(task, cfg.seed), a.rollouts.counts["prompts_taken"], None),
+        a.rollouts.start(islice(_prompt_stream(task, cfg), a.rollouts.counts["prompts_taken"], None),
                          total_groups=cfg.train.num_steps * cfg.train.groups_per_step)
-        t_rl = time.monotonic()
+        t_rl, step = time.monotonic(), first - 1
         for step in tqdm(range(first, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress, unit="step"):
             version = await _train_step(a, cfg, task, step, version, metrics, ledger, totals, t_start)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.num_steps:
                 await _evaluate(a, eval_items, version, metrics)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 await _checkpoint(a, run_dir, step, version, totals, eval_start)
+            if cfg.train.sample_budget and a.rollouts.counts["generated_samples"] >= cfg.train.sample_budget:
+                break  # the rollout budget is spent
         rl_s = time.monotonic() - t_rl
         eval_end = await _evaluate(a, eval_items, version, metrics)
     metrics.close()
     ledger.close()
-    return {"steps": cfg.train.num_steps, "resumed_from_step": ckpt.step if ckpt else 0,
+    return {"steps": step, "resumed_from_step": ckpt.step if ckpt else 0,
+            "generated_samples": a.rollouts.counts["generated_samples"],
             "eval_accuracy_start": eval_start["accuracy"], "eval_accuracy_end": eval_end["accuracy"],
             **totals.summary(a.rollouts.counts), "sft_cached": sft["cached"], "sft_s": sft["seconds"],
             "rl_s": rl_s, "wall_s": time.monotonic() - t_start}
@@ -72,7 +74,7 @@ async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version:
     groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_staleness)
     t_wait = time.monotonic() - t0
     batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id)
-    stats = batch_stats(groups, batch, learner_version=version)
+    stats = batch_stats(groups, batch, learner_version=version, rl_zvp=cfg.learner.rl_zvp_alpha > 0)
     totals.add(groups, stats)
     result = await a.learner.train(batch)  # fwd/bwd/optimizer step on every learner rank
     await a.rollouts.load_weights(LoadWeights(version=result.version, path=result.weights_path))  # no waiting
@@ -114,10 +116,8 @@ def _item(task: Task, prompt_id: int, ex) -> PromptItem:
     return PromptItem(prompt_id=prompt_id, prompt_ids=task.prompt_ids(ex), answer=ex.answer)
 
 
-def _prompt_stream(task: Task, seed: int) -> Iterator[PromptItem]:
-    """Endless training prompts, disjoint from the eval and dev sets; the same sequence for the same seed."""
-    rng, prompt_id = random.Random(seed), 1_000_000
-    while True:
-        for ex in task.sample_train(rng, 256):
-            yield _item(task, prompt_id, ex)
-            prompt_id += 1
+def _prompt_stream(task: Task, cfg: RunConfig) -> Iterator[PromptItem]:
+    """Endless training prompts (the task's distribution, or task.train_pool), disjoint from eval and dev."""
+    for prompt_id, ex, pass_rate in task.train_stream(cfg.seed, cfg.task.train_pool):
+        yield PromptItem(prompt_id=prompt_id, prompt_ids=task.prompt_ids(ex), answer=ex.answer, source=ex.source,
+                         pass_rate=pass_rate)

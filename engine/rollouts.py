@@ -30,6 +30,7 @@ import numpy as np
 import structlog
 
 from engine.buffer import Group, GroupBuffer, Sample
+from engine.rewards import is_zero_variance
 from transport import (CancelRequest, ContinueRequest, GenerateRequest, Hub, LoadWeights, ResponseChunk,
                        ScoreRequest, Scored, WeightsLoaded)
 
@@ -41,6 +42,21 @@ class PromptItem:
     prompt_id: int
     prompt_ids: list[int]
     answer: str
+    source: str = ""  # per-source zero-variance statistics (adaptive group size)
+    pass_rate: float | None = None  # an offline estimate (everyprompt-filter-pool), when the pool has one
+
+
+@dataclass
+class Sampling:
+    """The rollout stage of zero-variance elimination (engine/rollouts.py): adaptive group size and top-ups,
+    paid for from a budget of ``extra_sample_frac`` x the base samples (rollout.group_size per group)."""
+
+    adaptive: bool = False  # raise N for prompts likely to come out zero-variance
+    max_group_size: int = 16
+    zv_target: float = 0.5  # raise N while the predicted zero-variance probability is above this
+    top_up: int = 0  # extra samples for a group whose samples all agree in raw correctness (0 = off)
+    extra_sample_frac: float = 0.25
+    ema: float = 0.1  # weight of the newest group in the per-source zero-variance rate
 
 
 def _chunk_routes(msg: ResponseChunk) -> np.ndarray | None:
@@ -58,11 +74,15 @@ def _chunk_routes(msg: ResponseChunk) -> np.ndarray | None:
 class Rollouts:
     def __init__(self, hub: Hub, *, workers: list[str], rewards: list[str], buffer: GroupBuffer,
                  group_size: int, temperature: float, max_new_tokens: int, groups_per_step: int,
-                 max_staleness: int, stale_policy: str = "regenerate", return_routes: bool = False) -> None:
+                 max_staleness: int, stale_policy: str = "regenerate", return_routes: bool = False,
+                 sampling: Sampling = Sampling()) -> None:
         self._hub, self._workers, self._rewards, self._buffer = hub, workers, rewards, buffer
         self._group_size, self._temperature, self._max_new_tokens = group_size, temperature, max_new_tokens
         self._groups_per_step, self._max_staleness = groups_per_step, max_staleness
         self._stale_policy, self._return_routes = stale_policy, return_routes
+        self._sampling = sampling
+        self.source_zv: dict[str, float] = {}  # per-source EMA of the raw zero-variance rate
+        self._topped_up: set[str] = set()
         self.sent_version = 0  # newest weights sent to every worker
         self._inflight: dict[str, Group] = {}  # group_id -> group being generated or scored
         self._owner: dict[tuple[str, int], str] = {}  # (group_id, sample_index) -> worker generating it
@@ -79,7 +99,8 @@ class Rollouts:
         self._versions_changed = asyncio.Event()
         self.counts = {"generated_tokens": 0, "generated_samples": 0, "prompts_taken": 0, "admitted_groups": 0,
                        "samples_over_bound": 0, "regenerated_samples": 0, "discarded_samples": 0,
-                       "continued_samples": 0, "requeued_scores": 0, "cancelled_samples": 0}
+                       "continued_samples": 0, "requeued_scores": 0, "cancelled_samples": 0, "base_samples": 0,
+                       "adaptive_extra_samples": 0, "top_up_samples": 0}
         self._admit_task: asyncio.Task | None = None
 
     @property
@@ -101,15 +122,38 @@ class Rollouts:
             item = next(prompts)
             self.counts["prompts_taken"] += 1
             self.counts["admitted_groups"] += 1
-            await self._submit(f"g{self.counts['prompts_taken']}", item, self._group_size, self._temperature)
+            await self._submit(f"g{self.counts['prompts_taken']}", item, self._group_size_for(item),
+                               self._temperature)
 
     def capacity_freed(self) -> None:
         self._capacity_freed.set()
 
+    def _extra_budget(self) -> int:
+        c = self.counts
+        spent = c["adaptive_extra_samples"] + c["top_up_samples"]
+        return int(self._sampling.extra_sample_frac * c["base_samples"]) - spent
+
+    def _group_size_for(self, item: PromptItem) -> int:
+        """rollout.group_size, raised (within the extra-sample budget) for a prompt likely to come out
+        zero-variance: by its offline pass rate p (P(all N agree) = p^N + (1-p)^N), else by its source's rate."""
+        base, sp = self._group_size, self._sampling
+        self.counts["base_samples"] += base
+        if not sp.adaptive:
+            return base
+        if item.pass_rate is not None:
+            p = item.pass_rate
+            sizes = [n for n in range(base, sp.max_group_size + 1) if p ** n + (1 - p) ** n <= sp.zv_target]
+            want = sizes[0] if sizes else sp.max_group_size
+        else:
+            want = sp.max_group_size if self.source_zv.get(item.source, 0.0) > sp.zv_target else base
+        extra = max(min(want - base, self._extra_budget()), 0)
+        self.counts["adaptive_extra_samples"] += extra
+        return base + extra
+
     async def _submit(self, group_id: str, item: PromptItem, num_samples: int, temperature: float) -> None:
         self._inflight[group_id] = Group(group_id=group_id, prompt_id=item.prompt_id,
                                          prompt_ids=np.asarray(item.prompt_ids, dtype=np.int32), answer=item.answer,
-                                         num_samples=num_samples, temperature=temperature)
+                                         num_samples=num_samples, temperature=temperature, source=item.source)
         await self._dispatch(("group", group_id))
 
     async def _dispatch(self, job: tuple) -> None:
@@ -159,7 +203,7 @@ class Rollouts:
         del self._owner[key]
         sample.finish_reason = msg.finish_reason
         sample.flush()
-        self.counts["generated_samples"] += 1
+        self.counts["generated_samples"] += msg.group_id not in self._eval_results  # RL samples (the budget)
         await self._score(ScoreRequest(sample_key=f"{msg.group_id}/{msg.sample_index}", token_ids=sample.token_ids,
                                        answer=group.answer))
 
@@ -172,7 +216,7 @@ class Rollouts:
         self._scoring[req.sample_key] = (peer, req)
         await self._hub.send(peer, req)
 
-    def on_scored(self, msg: Scored) -> None:
+    async def on_scored(self, msg: Scored) -> None:
         self._scoring.pop(msg.sample_key, None)
         group_id, _, index = msg.sample_key.rpartition("/")
         group = self._inflight.get(group_id)
@@ -183,11 +227,31 @@ class Rollouts:
         sample.reward, sample.valid, sample.reward_parts = msg.reward, msg.valid, dict(msg.reward_parts)
         if not group.complete:
             return
+        if group_id not in self._eval_results and await self._after_group(group):
+            return  # topped up: more samples to come
         del self._inflight[group_id]
         if group_id in self._eval_results:
             self._eval_results.pop(group_id).set_result(group)
         else:
             self._buffer.put(group)
+
+    async def _after_group(self, g: Group) -> bool:
+        """A group just completed: update its source's zero-variance rate; top it up if its samples all agree in
+        raw correctness (never the shaped reward) and the budget allows. True = topped up."""
+        correct = [s.reward_parts.get("correct", s.reward) for s in g.ordered() if s.valid]
+        sp = self._sampling
+        if g.group_id not in self._topped_up:
+            zv = float(is_zero_variance(correct[:g.initial_samples]))
+            old = self.source_zv.get(g.source)
+            self.source_zv[g.source] = zv if old is None else (1 - sp.ema) * old + sp.ema * zv
+        if (not sp.top_up or g.group_id in self._topped_up or not is_zero_variance(correct)
+                or self._extra_budget() < sp.top_up):
+            return False
+        self._topped_up.add(g.group_id)
+        self.counts["top_up_samples"] += sp.top_up
+        for i in g.add_samples(sp.top_up):
+            await self._dispatch(("sample", g.group_id, i))
+        return True
 
     # ---- the staleness bound -----------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ _NOT_IN_KEY = {"enabled", "cache_dir", "max_time_s"}  # these do not change what
 def cache_key(cfg: RunConfig, task: Task) -> str:
     sft = {k: v for k, v in dataclasses.asdict(cfg.sft).items() if k not in _NOT_IN_KEY}
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "init_from"}
-    blob = json.dumps({"model": model, "task": dataclasses.asdict(cfg.task), "sft": sft,
+    task_cfg = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "train_pool"}  # RL prompts only
+    blob = json.dumps({"model": model, "task": task_cfg, "sft": sft,
                        "vocab": task.tokenizer.vocab, "version": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Callable
 
 from configs.schema import TaskConfig
@@ -91,6 +92,31 @@ class Task:
             return 0.0, False
         return (1.0 if normalise(response_text) == ref else 0.0), True
 
+    def train_stream(self, seed: int, pool_path: str | None = None) -> Iterator[tuple[int, Example, float | None]]:
+        """Endless RL prompts as (prompt id, example, offline pass rate or None), the same sequence for a seed.
+
+        Without a pool: fresh draws of the training distribution (ids from 1_000_000 on, each prompt once).
+        With ``pool_path`` (a jsonl of prompt/answer[/source/pass_rate], e.g. written by everyprompt-filter-pool):
+        the pool in a new seeded order every epoch; a prompt keeps its id (1_000_000 + its line) across epochs.
+        Eval and dev prompts never appear."""
+        if pool_path is None:
+            rng, prompt_id = random.Random(seed), 1_000_000
+            while True:
+                for ex in self.sample_train(rng, 256):
+                    yield prompt_id, ex, None
+                    prompt_id += 1
+        pool = [(i, ex, rate) for i, (ex, rate) in enumerate(read_pool(pool_path)) if ex.prompt not in self._held_out]
+        if not pool:
+            raise ValueError(f"{pool_path}: no training prompt left (empty, or all in the eval/dev sets)")
+        epoch = 0
+        while True:
+            order = list(range(len(pool)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            for j in order:
+                i, ex, rate = pool[j]
+                yield 1_000_000 + i, ex, rate
+            epoch += 1
+
     def prompt_ids(self, ex: Example) -> list[int]:
         return [self.tokenizer.bos_id] + self.tokenizer.encode(ex.prompt)
 
@@ -111,7 +137,7 @@ def _arithmetic(cfg: TaskConfig) -> Task:
         da, db = rng.randint(lo, hi), rng.randint(lo, hi)  # digit counts drawn independently
         a, b = operand(rng, da), operand(rng, db)
         answer = str(a + b)[::-1] if cfg.reverse_answer else str(a + b)
-        return Example(prompt=f"{a}+{b}=", answer=answer, source="arithmetic", difficulty=max(da, db))
+        return Example(prompt=f"{a}+{b}=", answer=answer, source=f"add-{max(da, db)}d", difficulty=max(da, db))
 
     rng = random.Random(cfg.seed)
     seen: set[str] = set()
@@ -156,6 +182,25 @@ def _jsonl(cfg: TaskConfig) -> Task:
     if not train:
         raise ValueError(f"{cfg.jsonl_path}: every training prompt also appears in eval/dev; add examples")
     return Task("jsonl", eval_set, dev_set, lambda rng: rng.choice(train), cfg.max_answer_tokens)
+
+
+def read_pool(path: str) -> list[tuple[Example, float | None]]:
+    """A prompt pool: jsonl lines {"prompt", "answer"[, "source", "pass_rate", "difficulty"]}."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                ex = Example(prompt=row["prompt"], answer=str(row["answer"]), source=str(row.get("source", path)),
+                             difficulty=int(row.get("difficulty", 1)))
+                rate = row.get("pass_rate")
+                out.append((ex, None if rate is None else float(rate)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: bad pool line ({e!r}); each line must be "
+                                 '{"prompt": "...", "answer": "..."} plus optional "source" and "pass_rate"') from None
+    return out
 
 
 def build_task(cfg: TaskConfig) -> Task:

@@ -181,6 +181,8 @@ class TrainBatch:
     routes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), dtype=np.uint8))  # [N, L, layers, k]
     routed_lens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))  # int32 [N]: positions
     # [0, routed_lens[i]) of row i carry the rollout's routes (prompt + response - 1); 0 = none recorded
+    zvp_sign: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))  # int8 [N]: RL-ZVP shaping
+    # of a zero-variance group's tokens (+1 all-correct, -1 all-wrong, 0 = use ``advantages``); empty = none
 
 
 @_msg
