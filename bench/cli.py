@@ -5,6 +5,7 @@ stdout line, one JSON object (config, hardware, metrics).
   everyprompt-bench generate    rollout tokens/s of the transformers backend by batch size and thread count
   everyprompt-bench losses      ESPO vs GSPO vs GRPO vs CISPO on the built-in task, same budget and seeds
   everyprompt-bench router-replay  rollout-vs-trainer log-prob gap of an MoE in bf16, replay off vs R3
+  everyprompt-bench zve         zero-variance elimination stage by stage at an equal rollout budget
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import os
 import platform
 import sys
 
-from bench import codec_bench, generate_bench, loss_bench, router_replay_bench
+from bench import codec_bench, generate_bench, loss_bench, router_replay_bench, zve_bench
 
 BENCHES = {"codec": codec_bench.main, "generate": generate_bench.main, "losses": loss_bench.main,
-           "router-replay": router_replay_bench.main}
+           "router-replay": router_replay_bench.main, "zve": zve_bench.main}
 
 
 def hardware() -> dict:

@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from engine.metrics import read_metrics
+from bench.training import train
 
 
 def _run(loss: str, seed: int, a: argparse.Namespace) -> dict:
-    name = f"{loss}-s{seed}"
-    argv = [sys.executable, "-m", "engine.coordinator", f"name={name}", f"out_dir={a.out_dir}", "progress=false",
-            f"learner.loss={loss}", f"seed={seed}", f"train.num_steps={a.steps}", f"train.eval_every={a.eval_every}",
-            f"sft.cache_dir={a.sft_cache}", *a.overrides]
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {a.out_dir}/{name}/logs. "
-                           f"stderr tail:\n{proc.stderr[-2000:]}")
-    rows = read_metrics(Path(a.out_dir) / name / "metrics.jsonl")
-    steps = [r for r in rows if "step" in r]
-    evals = [r for r in rows if r.get("event") == "eval"]
+    _, steps, evals = train(f"{loss}-s{seed}", [f"learner.loss={loss}", f"seed={seed}", f"train.num_steps={a.steps}",
+                                                f"train.eval_every={a.eval_every}", *a.overrides],
+                            out_dir=a.out_dir, sft_cache=a.sft_cache)
     start = evals[0]["accuracy"]
     plus10 = next((r["version"] for r in evals if r["accuracy"] >= start + 0.10), None)
     tail = steps[-max(1, len(steps) // 10):]

@@ -43,6 +43,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-k", "--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-pass-rate", type=float, default=1.0, help="drop prompts solved at least this often")
     p.add_argument("--drop-unsolved", action="store_true", help="also drop prompts the cheap policy never solves")
+    p.add_argument("--keep-all", action="store_true", help="drop nothing: only attach the pass rates")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch-prompts", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
@@ -121,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(len(idx))
 
     keep = select([done[i] for i in range(len(pool))], max_pass_rate=args.max_pass_rate,
-                  drop_unsolved=args.drop_unsolved)
+                  drop_unsolved=args.drop_unsolved) if not args.keep_all else [True] * len(pool)
     kept = [{"prompt": ex.prompt, "answer": ex.answer, "source": ex.source, "difficulty": ex.difficulty,
              "pass_rate": done[i]} for i, (ex, _) in enumerate(pool) if keep[i]]
-    dropped_solved = sum(done[i] >= args.max_pass_rate for i in range(len(pool)))
+    dropped_solved = sum(done[i] >= args.max_pass_rate and not args.keep_all for i in range(len(pool)))
     dropped_unsolved = len(pool) - len(kept) - dropped_solved
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = np.array([done[i] for i in range(len(pool))])
     g = cfg.rollout.group_size
     stats = {"pool": len(pool), "kept": len(kept), "dropped_solved": dropped_solved,
-             "dropped_unsolved": dropped_unsolved, "samples_per_prompt": args.samples, "model": str(model_dir),
+             "dropped_unsolved": dropped_unsolved, "samples_per_prompt": args.samples, "model": str(model_dir) if model_dir else None,
              "pass_rate_mean": float(rates.mean()) if len(rates) else 0.0,
              "pass_rate_hist": np.histogram(rates, bins=10, range=(0, 1))[0].tolist(),
              # expected share of groups of rollout.group_size whose raw correctness all agree, before / after

@@ -54,3 +54,27 @@ def test_user_jsonl_dataset_runs_end_to_end(tmp_path):
     assert summary["steps"] == 2 and 0.0 <= summary["eval_accuracy_end"] <= 1.0
     rows = [r for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "step" in r]
     assert [r["version"] for r in rows] == [1, 2]
+
+
+def test_every_zero_variance_stage_runs_end_to_end(tmp_path):
+    """Offline filter -> filtered pool -> adaptive N, top-ups, shaped rewards, RL-ZVP and the variance buffer."""
+    pool = tmp_path / "pool.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "engine.pool", "--out", str(pool), "--pool-size", "200",
+                           "--config-name", "tiny", f"sft.cache_dir={tmp_path / 'sft_cache'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["kept"] + stats["dropped_solved"] + stats["dropped_unsolved"] == stats["pool"] > 0
+    proc = _train(tmp_path, f"task.train_pool={pool}", "rollout.adaptive_group_size=true", "rollout.top_up=4",
+                  "reward.graded=true", "reward.overlong_coef=0.5", "reward.repetition_coef=0.5",
+                  "learner.rl_zvp_alpha=0.1", "train.buffer_order=variance", "train.num_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "step" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    pool_ids = {1_000_000 + i for i in range(stats["kept"])}
+    trained = [p for r in read_metrics(tmp_path / "tiny" / "prompts.jsonl") for p in r["prompt_ids"]]
+    assert set(trained) <= pool_ids  # RL prompts come from the filtered pool only
+    for r in rows:
+        assert r["zv_rate_final"] == 0.0 and r["wasted_sample_frac"] == 0.0  # RL-ZVP: every group has gradient
+        assert r["zv_rate_shaped"] <= r["zv_rate_raw"] and r["group_size_mean"] >= 4
+        assert r["buffer_priority_taken"] >= r["buffer_priority_min"]
