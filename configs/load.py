@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir, initialize_config_module
@@ -74,6 +75,17 @@ def load(overrides: list[str] | None = None, *, config_name: str = "run", config
         raise ConfigError(_explain(e)) from None
     except ValueError as e:  # raised by a schema __post_init__; already names the key and the fix
         raise ConfigError(str(e)) from None
+
+
+def load_cli(prog: str, overrides: list[str], *, config_name: str = "run", config_dir: str | None = None
+             ) -> RunConfig | None:
+    """``load`` for a command-line entry point: a config error is printed as ``prog: config error: ...`` on
+    stderr and gives None (the caller exits with status 2)."""
+    try:
+        return load(overrides, config_name=config_name, config_dir=config_dir)
+    except ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return None
 
 
 def to_yaml(cfg: RunConfig) -> str:

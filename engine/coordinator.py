@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from configs.load import ConfigError, load, save
+from configs.load import ConfigError, load_cli, save
 from engine.cluster import ActorFailed
 from engine.log import configure_logging
 from engine.metrics import write_report
@@ -53,10 +53,8 @@ def prepare_run_dir(out_dir: str, name: str, *, resume: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load(args.overrides, config_name=args.config_name, config_dir=args.config_dir)
-    except ConfigError as e:
-        print(f"everyprompt-train: config error: {e}", file=sys.stderr)
+    cfg = load_cli("everyprompt-train", args.overrides, config_name=args.config_name, config_dir=args.config_dir)
+    if cfg is None:
         return 2
     configure_logging(role="coordinator", json_lines=cfg.log_json)
     from engine.loop import run  # heavy imports only after the config is valid

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configs.load import ConfigError, load
+from configs.load import load_cli
 from engine.model import generate, load_model
 from engine.tasks import Example, Task, build_task, read_pool
 
@@ -85,10 +85,9 @@ def select(rates: list[float], *, max_pass_rate: float, drop_unsolved: bool) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load(args.overrides, config_name=args.config_name, config_dir=args.config_dir)
-    except ConfigError as e:
-        print(f"everyprompt-filter-pool: config error: {e}", file=sys.stderr)
+    cfg = load_cli("everyprompt-filter-pool", args.overrides, config_name=args.config_name,
+                   config_dir=args.config_dir)
+    if cfg is None:
         return 2
     torch.set_num_threads(args.threads)
     t0, task = time.monotonic(), build_task(cfg.task)
