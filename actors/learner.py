@@ -25,6 +25,11 @@ DeepSpeed on CPU JIT-builds its ``deepspeed_shm_comm`` op at every communication
 first time). That op only serves ``inference_all_reduce`` (AutoTP inference layers); training collectives go
 through torch.distributed either way. We mark it incompatible before init, so no compiler runs at all.
 
+Expert parallelism (``learner.expert_parallel=E``): DeepSpeed AutoEP shards every MoE layer's experts over groups
+of E ranks (engine/expert_parallel.py); the rest stays data-parallel. After each step every rank joins one
+all-gather of the expert shards, so rank 0 publishes, and the gap probe loads, plain transformers weights.
+``replica_drift`` (0 when the replicated weights agree across ranks) is logged every step with > 1 rank.
+
 Versions: version 0 is the --init weights; after k optimizer steps rank 0 writes
 ``<weights-dir>/policy_v{k}.safetensors`` atomically and keeps only the newest two files.
 """
@@ -57,7 +62,8 @@ from engine.procs import die_with_parent
 from engine.advantages import zvp_token_advantages
 from engine.espo import batch_entropy_threshold
 from engine.losses import LOSSES
-from engine.model import load_model, load_weights, old_policy_pass, save_weights, token_logprobs
+from engine.expert_parallel import autoep_config, hf_state_dict, patch_transformers, replica_check
+from engine.model import load_model, load_weights, old_policy_pass, save_state, save_weights, token_logprobs
 from engine.routing import mismatch_NT, route_hooks
 from transport.channels import PeerLost, run
 from transport.codec import decode, encode
@@ -82,8 +88,9 @@ def shard_bounds(num_items: int, rank: int, world: int) -> tuple[int, int]:
     return num_items * rank // world, num_items * (rank + 1) // world
 
 
-def _deepspeed_config(cfg: LearnerConfig) -> dict:
-    return {
+def _deepspeed_config(cfg: LearnerConfig, model_type: str = "qwen3_moe") -> dict:
+    ep = {"expert_parallel": autoep_config(cfg.expert_parallel, model_type)} if cfg.expert_parallel > 1 else {}
+    return {**ep,
         "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: a rank's whole shard is one micro-batch
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW",  # torch_adam: torch's AdamW, so no FusedAdam JIT build
@@ -130,8 +137,11 @@ class LearnerRank:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         model = load_model(init_dir)
         model.train()
+        self.expert_parallel = cfg.learner.expert_parallel
+        if self.expert_parallel > 1:
+            patch_transformers()
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=_deepspeed_config(cfg.learner))
+                                               config=_deepspeed_config(cfg.learner, model.config.model_type))
         self.temperature = cfg.rollout.temperature
         self.loss_fn = LOSSES[cfg.learner.loss]
         self.aggregation, self.loss_hyper = loss_settings(cfg.learner, vocab_size=model.config.vocab_size)
@@ -144,6 +154,7 @@ class LearnerRank:
         self.rl_zvp_alpha = cfg.learner.rl_zvp_alpha
         self.weights_dir = Path(weights_dir)
         self.version = 0
+        self._hf_state = self._gather_hf_state()  # the weights of self.version, as HF names (None: no EP)
         if resume:
             self.load(resume)
 
@@ -168,7 +179,7 @@ class LearnerRank:
         acc = _StatSums()
         if self.gap_probe_seqs:
             self._probe_rollout_gap(shards, acc)
-            self.probe_model.load_state_dict(self.engine.module.state_dict())  # version v: next step's v - 1
+            self.probe_model.load_state_dict(self.hf_state())  # version v: next step's v - 1
         for sh in shards:
             self._old_policy_pass(sh, acc)
         threshold = self._batch_entropy_threshold(shards) if self.batch_entropy_scope else None
@@ -204,7 +215,10 @@ class LearnerRank:
             for k, v in stats.items():
                 acc.add(k, v.double() * tokens, tokens)
         self.version += 1
+        self._hf_state = self._gather_hf_state()  # a collective under EP: every rank, before rank 0 publishes
         out = acc.reduce()
+        if self.world > 1:
+            out.update(replica_check(self.engine.module))
         out.update(sequences=float(num_seqs), lr=float(self.engine.get_lr()[0]), train_s=time.perf_counter() - t0)
         return out
 
@@ -289,6 +303,13 @@ class LearnerRank:
         everything = torch.cat(parts)
         return batch_entropy_threshold(everything[None], torch.isfinite(everything)[None], self.loss_hyper["rho"])
 
+    def _gather_hf_state(self) -> dict[str, torch.Tensor] | None:
+        return hf_state_dict(self.engine.module) if self.expert_parallel > 1 else None
+
+    def hf_state(self) -> dict[str, torch.Tensor]:
+        """The current weights under transformers' names (experts gathered from every expert-parallel rank)."""
+        return self._hf_state if self._hf_state is not None else self.engine.module.state_dict()
+
     def _stage0_grad_norm(self) -> torch.Tensor | None:
         """Without ZeRO, DeepSpeed clips but does not keep the norm; the gradients are already all-reduced."""
         if self.engine.zero_optimization_stage() != 0:
@@ -314,6 +335,7 @@ class LearnerRank:
         if client is None:
             raise FileNotFoundError(f"no learner checkpoint in {path} (tag 'state')")
         self.version = int(client["version"])
+        self._hf_state = self._gather_hf_state()
         rng = torch.load(Path(path) / f"rng_rank{self.rank}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         probe = Path(path) / "probe.safetensors"
@@ -321,12 +343,12 @@ class LearnerRank:
             if probe.exists():
                 load_weights(self.probe_model, probe)
             else:
-                self.probe_model.load_state_dict(self.engine.module.state_dict())
+                self.probe_model.load_state_dict(self.hf_state())
 
     def publish(self) -> str:
         """Rank 0: write the current weights as ``policy_v{version}`` and drop the older files."""
         path = self.weights_dir / f"policy_v{self.version}.safetensors"
-        save_weights(self.engine.module, path)
+        save_state(self.hf_state(), path)
         for old in self.weights_dir.glob("policy_v*.safetensors"):
             m = re.fullmatch(r"policy_v(\d+)\.safetensors", old.name)
             if m and int(m.group(1)) <= self.version - _KEEP_VERSIONS:
@@ -489,9 +511,11 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
         if learner is not None:
             await asyncio.to_thread(fanout_send, None, _PEER_LOST)
         return 1
-    except Exception:  # the actor boundary: report, then exit non-zero (torchrun stops the other ranks)
+    except Exception as e:  # the actor boundary: report, then exit non-zero (torchrun stops the other ranks)
         error = traceback.format_exc()
         log.error("learner.failed", error=error)
+        if _lost_a_rank(e):  # another rank died: not a bug to report but a crash the coordinator recovers from
+            return 1
         try:
             await peer.send(ErrorReport(where="learner", error=error))
             await asyncio.sleep(_REPORT_GRACE_S)  # close() drops unsent frames (linger 0)
@@ -500,6 +524,13 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
         return 1
     finally:
         await peer.close()
+
+
+def _lost_a_rank(e: Exception) -> bool:
+    """A collective failed because another rank is gone (killed, crashed): torchrun is stopping the group."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(s in text for s in ("Connection closed by peer", "Connection reset",
+                                                                     "Broken pipe"))
 
 
 def _fanout_and_save(learner: LearnerRank, msg: SaveCheckpoint, frame: bytes) -> None:

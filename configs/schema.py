@@ -171,6 +171,7 @@ class LearnerConfig:
     decoupled: bool = False  # decoupled PPO: ratio vs the proximal policy (this learner before the batch's
     # updates), times a truncated importance weight behaviour -> proximal (min(w, decoupled_is_cap))
     decoupled_is_cap: float = 2.0
+    expert_parallel: int = 1  # MoE experts sharded over this many ranks (DeepSpeed AutoEP); divides num_ranks
     gap_probe_seqs: int = 64  # sequences per step whose log-probs are recomputed under the weights that sampled
     # them (a frozen copy of the previous version is kept) to log the rollout-vs-trainer gap; 0 = off, no copy
     grad_clip: float = 1.0
@@ -201,6 +202,10 @@ class LearnerConfig:
         _require(self.rl_zvp_alpha >= 0, "learner.rl_zvp_alpha", self.rl_zvp_alpha, "it must be >= 0 (0 = off)")
         _require(self.decoupled_is_cap > 0, "learner.decoupled_is_cap", self.decoupled_is_cap, "it must be > 0")
         _require(self.gap_probe_seqs >= 0, "learner.gap_probe_seqs", self.gap_probe_seqs, "it must be >= 0")
+        _require(self.expert_parallel >= 1 and self.num_ranks % self.expert_parallel == 0, "learner.expert_parallel",
+                 self.expert_parallel, f"it must divide learner.num_ranks={self.num_ranks} (1 = no expert parallelism)")
+        _require(self.expert_parallel == 1 or self.zero_stage in (1, 2), "learner.zero_stage", self.zero_stage,
+                 "expert parallelism runs on ZeRO stage 1 or 2; pass learner.zero_stage=1")
 
 
 @dataclass
@@ -258,6 +263,8 @@ class RunConfig:
         n = self.learner.num_ranks
         _require(self.train.groups_per_step * self.rollout.group_size >= n, "train.groups_per_step",
                  self.train.groups_per_step, f"each of learner.num_ranks={n} ranks needs at least one sequence")
+        _require(self.model.num_experts % self.learner.expert_parallel == 0, "learner.expert_parallel",
+                 self.learner.expert_parallel, f"it must divide model.num_experts={self.model.num_experts}")
         _require(self.learner.router_replay != "R3" or self.rollout.return_routes, "learner.router_replay",
                  self.learner.router_replay, "R3 replays rollout routes: keep rollout.return_routes=true, "
                  "or pass learner.router_replay=R2 or off")

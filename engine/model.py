@@ -50,9 +50,14 @@ def save_model(model: Qwen3MoeForCausalLM, path: str | os.PathLike) -> None:
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write the state dict as one safetensors file atomically (a reader never sees a partial file)."""
+    save_state(model.state_dict(), path)
+
+
+def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``save_weights`` for a state dict."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -8,7 +8,8 @@ sequence is never fed to the model during generation, so a sequence of S tokens 
 
 Both recording and replay are forward hooks on the model's routers (every module whose class name ends in
 ``TopKRouter``: Qwen3-MoE, Qwen2-MoE, Mixtral and Qwen3.5-MoE in transformers share the layout: forward returns
-``(router_logits, routing_weights, expert_ids)`` over flattened ``[batch * seq, hidden]`` input). Replay keeps the
+``(router_logits, routing_weights, expert_ids)`` over flattened ``[batch * seq, hidden]`` input; DeepSpeed
+AutoEP's ``TokenChoiceTopKRouter`` in an expert-parallel learner returns ``(weights, expert_ids, counts)``). Replay keeps the
 router's own logits and recomputes the gate weights restricted to the forced experts (softmax over all experts,
 gathered at the forced ids, renormalised when ``norm_topk_prob``), so the router still receives gradient and the
 expert set equals the recorded one. Positions without a recorded route keep the router's own choice.
@@ -90,8 +91,9 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
             valid_rows = (torch.arange(t)[None, :] < routed_N.reshape(n, 1)).reshape(n * t)
 
     def make_hook(layer: int):
-        def hook(module, _inputs, output):
-            logits, weights, ids = output
+        def hook(module, inputs, output):
+            ep = _is_ep_router(module)
+            ids = output[1] if ep else output[2]
             if record:
                 log.calls[layer].append(ids.detach())
             if forced_rows is None or ids.shape[0] != forced_rows.shape[0]:
@@ -99,11 +101,7 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
             forced = forced_rows[:, layer].to(ids.device)
             if valid_rows is not None:
                 forced = torch.where(valid_rows.to(ids.device)[:, None], forced, ids)
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-            gate = probs.gather(-1, forced)
-            if getattr(module, "norm_topk_prob", False):
-                gate = gate / gate.sum(dim=-1, keepdim=True)
-            return logits, gate.to(weights.dtype), forced
+            return _replayed_ep(module, inputs[0], output, forced) if ep else _replayed_hf(module, output, forced)
 
         return hook
 
@@ -113,6 +111,35 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
     finally:
         for h in handles:
             h.remove()
+
+
+def _is_ep_router(module: nn.Module) -> bool:
+    """DeepSpeed AutoEP's ``TokenChoiceTopKRouter`` (expert-parallel learners): forward(x [T, H]) returns
+    ``(gate weights, expert_ids, tokens_per_expert)`` and has no logits in its output."""
+    return hasattr(module, "route_norm") and hasattr(module, "score_func")
+
+
+def _replayed_hf(module: nn.Module, output: tuple, forced: torch.Tensor) -> tuple:
+    """transformers' router output with ``forced`` experts and gate weights from the router's own logits."""
+    logits, weights, _ = output
+    gate = torch.softmax(logits, dim=-1, dtype=torch.float).gather(-1, forced)
+    if getattr(module, "norm_topk_prob", False):
+        gate = gate / gate.sum(dim=-1, keepdim=True)
+    return logits, gate.to(weights.dtype), forced
+
+
+def _replayed_ep(module: nn.Module, x: torch.Tensor, output: tuple, forced: torch.Tensor) -> tuple:
+    """The same for DeepSpeed's EP router: its scores are recomputed from ``module.gate(x)`` (one small matmul),
+    gathered at ``forced``, normalised and scaled as the router itself does; expert token counts follow."""
+    if module.score_func != "softmax":
+        raise NotImplementedError(f"router replay supports softmax routers, not score_func={module.score_func!r}")
+    weights = output[0]
+    gate = torch.softmax(module.gate(x).float(), dim=-1).gather(1, forced)
+    if module.route_norm:
+        gate = gate / (gate.sum(dim=-1, keepdim=True) + 1e-20)
+    gate = gate * module.route_scale
+    counts = torch.bincount(forced.reshape(-1), minlength=module.num_experts).to(output[2].dtype)
+    return gate.to(weights.dtype), forced, counts
 
 
 def mismatch_NT(own_NTLK: torch.Tensor, recorded_NTLK: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ START_S = 240.0  # torchrun, imports and DeepSpeed init on a busy 2-core box (no
 
 
 def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0, router_replay: str = "R3",
-           num_minibatches: int = 1, decoupled: bool = False) -> tuple[RunConfig, str, str]:
+           num_minibatches: int = 1, decoupled: bool = False, expert_parallel: int = 1
+           ) -> tuple[RunConfig, str, str]:
     cfg = RunConfig()
     cfg.out_dir = str(tmp_path)
     cfg.model = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -35,7 +36,7 @@ def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0, router_replay: str =
     cfg.learner.num_ranks = 2
     cfg.learner.lr = 1e-2
     cfg.learner.router_replay, cfg.learner.num_minibatches = router_replay, num_minibatches
-    cfg.learner.decoupled = decoupled
+    cfg.learner.decoupled, cfg.learner.expert_parallel = decoupled, expert_parallel
     cfg.transport.heartbeat_s = 0.5
     cfg.transport.peer_timeout_s = peer_timeout_s
     config_path = tmp_path / "config.yaml"
@@ -145,10 +146,12 @@ def test_learner_command_is_a_torchrun_argv(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("replay, minibatches, decoupled", [("R3", 2, False), ("R2", 1, True)])
-def test_two_ranks_train_publish_and_shut_down(tmp_path, replay, minibatches, decoupled):
+@pytest.mark.parametrize("replay, minibatches, decoupled, ep", [("R3", 2, False, 1), ("R2", 1, True, 1),
+                                                                 ("R3", 1, False, 2)])
+def test_two_ranks_train_publish_and_shut_down(tmp_path, replay, minibatches, decoupled, ep):
+    """Data-parallel, or (ep=2) expert-parallel with DeepSpeed AutoEP: each rank holds 2 of the 4 experts."""
     cfg, config_path, init_dir = _setup(tmp_path, router_replay=replay, num_minibatches=minibatches,
-                                        decoupled=decoupled)
+                                        decoupled=decoupled, expert_parallel=ep)
     rollout_model = load_model(init_dir).eval()
     initial = rollout_model.state_dict()  # HF files hold experts unfused; the learner saves these
 
@@ -185,8 +188,12 @@ def test_two_ranks_train_publish_and_shut_down(tmp_path, replay, minibatches, de
     assert first.stats["routing_mismatch_frac"] == 0.0
     # step 2's made-up log-probs (-3) and routes (experts 0, 1 everywhere) are far from what the trainer computes
     assert results[1].stats["logprob_gap_mean"] > 0.1 and results[1].stats["routing_mismatch_frac"] > 0.2
-    # step 3: recomputed with a frozen copy of version 1, not the updated weights (lr 1e-2 moved them visibly)
+    # step 3: recomputed with a frozen copy of version 1, not the updated weights (lr 1e-2 moved them visibly);
+    # under EP that copy is the all-gathered expert shards, so this also checks the gather
     assert results[2].stats["logprob_gap_max"] < 1e-4 and results[2].stats["behavior_proximal_abs_diff"] > 1e-3
+    for r in results:  # replicated weights stay identical across ranks; EP experts differ between ranks
+        assert r.stats["replica_drift"] == 0.0, r.stats
+        assert r.stats.get("expert_shards_distinct", 0.0) == float(ep > 1), r.stats
     if decoupled:  # behaviour -> proximal importance weights: exactly 1 at step 1 (same weights), not at step 2
         assert abs(first.stats["is_weight_mean"] - 1.0) < 1e-4 and first.stats["is_truncated_frac"] == 0.0
         assert 1e-3 < abs(results[1].stats["is_weight_mean"] - 1.0) and results[1].stats["is_weight_mean"] <= 2.0

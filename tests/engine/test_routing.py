@@ -124,3 +124,28 @@ def test_pack_routes_aligns_prompt_and_response():
     np.testing.assert_array_equal(routes[0, :3], p)
     np.testing.assert_array_equal(routes[0, 3:5], r)
     assert pack_routes([None], 4)[0].shape == (1, 0, 0, 0)
+
+
+def test_replay_on_deepspeed_autoep_router_matches_the_hf_router():
+    """The expert-parallel learner's router (DeepSpeed AutoEP's TokenChoiceTopKRouter, loaded with the HF gate
+    weights) replays forced experts with the same gate weights as the HF router, and its gate gets gradient."""
+    from deepspeed.moe.ep_router import TokenChoiceTopKRouter
+
+    hf = moe_routers(build_model(CFG, TOK.vocab_size, seed=5))[0]
+    ep = TokenChoiceTopKRouter(dim=hf.weight.shape[1], num_experts=8, num_expert_groups=None,
+                               num_limited_groups=None, top_k=2, score_func="softmax", route_norm=True,
+                               route_scale=1.0, gate_bias=False)
+    with torch.no_grad():
+        ep.gate.weight.copy_(hf.weight)
+    x = torch.randn(6, hf.weight.shape[1])
+    forced = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 7], [3, 0]])
+    with route_hooks(hf, forced_NTLK=forced.reshape(2, 3, 1, 2)) as hf_log:
+        _, hf_gate, hf_ids = hf(x)
+    with route_hooks(ep, forced_NTLK=forced.reshape(2, 3, 1, 2)) as ep_log:
+        ep_gate, ep_ids, counts = ep(x)
+    assert torch.equal(ep_ids, forced) and torch.equal(hf_ids, forced)
+    torch.testing.assert_close(ep_gate, hf_gate)
+    assert counts.tolist() == torch.bincount(forced.reshape(-1), minlength=8).tolist()
+    assert torch.equal(ep_log.stacked(0)[:, 0], hf_log.stacked(0)[:, 0])  # both record the router's own choice
+    (ep_gate * torch.arange(2.0)).sum().backward()  # route_norm: a plain sum would have zero gradient
+    assert ep.gate.weight.grad is not None and ep.gate.weight.grad.abs().sum() > 0
