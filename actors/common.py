@@ -9,6 +9,7 @@ from configs.load import load_resolved
 from configs.schema import RunConfig
 from engine.log import configure_logging
 from transport import Hello, Peer
+from transport.curve import client_keys
 
 
 def actor_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -26,9 +27,10 @@ def setup_actor(args: argparse.Namespace, role: str) -> RunConfig:
 
 
 def make_peer(args: argparse.Namespace, cfg: RunConfig, role: str) -> Peer:
+    tc = cfg.transport
     return Peer(args.endpoint, hello=Hello(role=role, worker_id=args.worker_id, pid=os.getpid()),
-                heartbeat_s=cfg.transport.heartbeat_s, peer_timeout_s=cfg.transport.peer_timeout_s,
-                max_frame_bytes=cfg.transport.max_frame_bytes)
+                heartbeat_s=tc.heartbeat_s, peer_timeout_s=tc.peer_timeout_s, max_frame_bytes=tc.max_frame_bytes,
+                hwm=tc.hwm, curve=client_keys(tc.curve_keys_dir, tc.curve_client) if tc.curve_keys_dir else None)
 
 
 def run_actor(coro, role: str) -> int:

@@ -1,65 +1,147 @@
-"""Reward worker: detokenizes and verifies each response as soon as it finishes.
+"""Reward worker: detokenizes and verifies each response as soon as it finishes; judges whole groups.
 
-consumes: ScoreRequest (coordinator, one per finished sample)   produces: Scored   blocks on: nothing
+consumes: ScoreRequest (one per finished response), JudgeRequest (one per complete group, reward.plugin=judge),
+          Shutdown (coordinator)
+produces: Scored, Judged
+blocks on: nothing: every response goes to the plugin pool (engine/plugins.py: ``reward.plugin_processes``
+           processes, a per-call timeout, hung or dead processes replaced) as soon as it arrives, and the judge
+           generates in a thread, so heartbeats keep flowing
+
 The reward is shaped as configured (``reward.*``: graded partial credit, soft overlong and n-gram repetition
-penalties, engine/rewards.py); every part, the raw ``correct`` included, travels in ``reward_parts``.
-A verifier that raises yields ``valid=False`` (the response is left out of the advantage statistics) and the
-worker keeps serving.
+penalties, engine/rewards.py); every part, the raw ``correct`` included, travels in ``reward_parts``. A plugin
+that raises, times out or crashes yields ``valid=False`` (the response is left out of the advantage statistics)
+with the reason as a part, and the worker keeps serving. With ``reward.plugin=judge`` each response is first
+verified by ``reward.judge.verifier`` (its raw correctness), then the coordinator asks for the group's judge
+margins (engine/judge.py), which replace the rewards.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import zlib
 
 import structlog
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
+from configs.schema import RunConfig
+from engine.plugins import PluginPool
 from engine.rewards import Shaping, reward_parts, shaped_reward
 from engine.tasks import Task, build_task
-from transport import ScoreRequest, Scored, Shutdown
+from engine.verifiers import PluginScore
+from transport import JudgeRequest, Judged, Peer, ScoreRequest, Scored, Shutdown
 
 log = structlog.get_logger()
 
 
-def score(task: Task, msg: ScoreRequest, shaping: Shaping = Shaping()) -> Scored:
-    """Verify one response -> Scored with the shaped reward and every part (``correct`` = raw 0/1)."""
+def to_scored(task: Task, msg: ScoreRequest, text: str, verdict: PluginScore, *, plugin: str,
+              shaping: Shaping = Shaping()) -> Scored:
+    """A plugin's verdict -> Scored with the shaped reward and every part (``correct`` = the raw verdict)."""
+    if not verdict.valid:
+        return Scored(sample_key=msg.sample_key, reward=0.0, valid=False, reward_parts=dict(verdict.parts), text=text)
     tokens = msg.token_ids.tolist()
-    text = task.tokenizer.decode(tokens)
-    try:
-        correct, valid = task.score(text, msg.answer)
-        parts = reward_parts(correct=correct, response=text, reference=msg.answer, tokens=tokens,
-                             max_length=task.max_answer_tokens, shaping=shaping)
-    except Exception as e:  # an actor boundary: a broken verifier is a recorded failure, not a dead worker
-        log.warning("reward.verifier_failed", sample_key=msg.sample_key, error=repr(e))
-        return Scored(sample_key=msg.sample_key, reward=0.0, valid=False, reward_parts={"verifier_error": 1.0},
-                      text=text)
-    return Scored(sample_key=msg.sample_key, reward=shaped_reward(parts, shaping), valid=bool(valid),
-                  reward_parts=parts, text=text)
+    parts = reward_parts(correct=verdict.score, response=text, reference=msg.answer, tokens=tokens,
+                         max_length=task.max_answer_tokens, shaping=shaping)
+    if plugin != "exact":  # a graded verifier (tests or constraints passed) is its own partial credit
+        parts["partial"] = verdict.score
+    parts.update(verdict.parts)
+    return Scored(sample_key=msg.sample_key, reward=shaped_reward(parts, shaping), valid=True, reward_parts=parts,
+                  text=text)
 
 
-async def serve(peer, task: Task, shaping: Shaping = Shaping()) -> None:
-    await peer.start()
-    try:
-        while True:
-            msg = await peer.recv()
-            match msg:
-                case ScoreRequest():
-                    await peer.send(score(task, msg, shaping))
-                case Shutdown():
-                    return
-                case _:
-                    log.warning("reward.unexpected_message", type=type(msg).__name__)
-    finally:
-        await peer.close()
+class RewardWorker:
+    def __init__(self, peer: Peer, task: Task, pool: PluginPool, *, plugin: str, shaping: Shaping = Shaping(),
+                 judge=None) -> None:
+        self._peer, self._task, self._pool, self._plugin, self._shaping = peer, task, pool, plugin, shaping
+        self._judge = judge  # (backend, JudgeSpec) when reward.plugin=judge
+        self._judge_lock = asyncio.Lock()  # one group at a time through the judge model
+        self._tasks: set[asyncio.Task] = set()
+
+    async def serve(self) -> None:
+        await self._peer.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    msg = await self._peer.recv()
+                    match msg:
+                        case ScoreRequest():
+                            self._track(tg.create_task(self._score(msg)))
+                        case JudgeRequest():
+                            self._track(tg.create_task(self._judge_group(msg)))
+                        case Shutdown():
+                            for t in self._tasks:
+                                t.cancel()
+                            break
+                        case _:
+                            log.warning("reward.unexpected_message", type=type(msg).__name__)
+        finally:
+            self._pool.close()
+            await self._peer.close()
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _score(self, msg: ScoreRequest) -> None:
+        text = self._task.tokenizer.decode(msg.token_ids.tolist())
+        verdict = await self._pool.score(text, msg.answer)
+        await self._peer.send(to_scored(self._task, msg, text, verdict, plugin=self._plugin, shaping=self._shaping))
+
+    async def _judge_group(self, msg: JudgeRequest) -> None:
+        from engine.judge import judge_group
+
+        tok = self._task.tokenizer
+        ids = msg.token_ids.tolist()
+        responses = [tok.decode(ids[a:b]) for a, b in zip(msg.offsets[:-1].tolist(), msg.offsets[1:].tolist())]
+        num = len(msg.sample_indices)
+        try:
+            if self._judge is None:
+                raise RuntimeError("this reward worker has no judge: set reward.plugin=judge")
+            backend, spec = self._judge
+            async with self._judge_lock:
+                out = await asyncio.to_thread(judge_group, backend, spec, question=tok.decode(msg.prompt_ids.tolist()),
+                                              responses=responses, reference=msg.answer,
+                                              seed=zlib.crc32(msg.group_id.encode()))
+            rewards, valid, parts = out.rewards, out.valid, out.parts
+        except Exception as e:  # an actor boundary: a failing judge is a recorded failure, not a dead worker
+            log.warning("reward.judge_failed", group_id=msg.group_id, error=repr(e))
+            rewards, valid, parts = [0.0] * num, [False] * num, {"judge_error": 1.0}
+        await self._peer.send(Judged(group_id=msg.group_id, sample_indices=list(msg.sample_indices),
+                                     rewards=[float(r) for r in rewards], valid=[bool(v) for v in valid],
+                                     parts=parts, request_id=msg.request_id))
+
+
+def _judge(cfg: RunConfig, init_dir: str | None, task: Task):
+    from actors.judge_backend import build_judge_backend
+    from engine.judge import DEFAULT_TEMPLATE, JudgeSpec
+
+    j = cfg.reward.judge
+    spec = JudgeSpec(construction=j.construction, anchor=j.anchor, max_calls_per_group=j.max_calls_per_group,
+                     both_orders=j.both_orders, template=j.template or DEFAULT_TEMPLATE,
+                     max_response_chars=j.max_response_chars, max_new_tokens=j.max_new_tokens,
+                     temperature=j.temperature, order_rule=j.order_rule, tie_margin=j.tie_margin,
+                     group_tie_frac=j.group_tie_frac)
+    return build_judge_backend(cfg, init_dir, task.tokenizer), spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = actor_parser("everyprompt-reward-worker", __doc__).parse_args(argv)
+    p = actor_parser("everyprompt-reward-worker", __doc__)
+    p.add_argument("--init", default=None, help="the run's initial policy (the default judge model)")
+    args = p.parse_args(argv)
     cfg = setup_actor(args, "reward")
     r = cfg.reward
     shaping = Shaping(graded=r.graded, overlong_coef=r.overlong_coef, overlong_cache=r.overlong_cache,
                       repetition_coef=r.repetition_coef, repetition_ngram=r.repetition_ngram)
-    return run_actor(serve(make_peer(args, cfg, "reward"), build_task(cfg.task), shaping), "reward")
+    plugin = r.judge.verifier if r.plugin == "judge" else r.plugin
+    sb = r.sandbox
+    options = {"sandbox": {"cpu_s": sb.cpu_s, "wall_s": sb.wall_s, "memory_bytes": sb.memory_mb << 20,
+                           "max_processes": sb.max_processes, "max_file_bytes": sb.max_file_mb << 20,
+                           "network": sb.network}}
+    task = build_task(cfg.task)
+    pool = PluginPool(plugin, options, num_procs=r.plugin_processes, timeout_s=r.plugin_timeout_s)
+    judge = _judge(cfg, args.init, task) if r.plugin == "judge" else None
+    worker = RewardWorker(make_peer(args, cfg, "reward"), task, pool, plugin=plugin, shaping=shaping, judge=judge)
+    return run_actor(worker.serve(), "reward")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ from collections import deque
 
 import numpy as np
 import structlog
-import torch
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from configs.schema import RunConfig
-from engine.decode import DecodeBatch, Row
-from engine.model import load_model, load_weights, stack_routes
+from engine.rows import Row
 from engine.tasks import build_task
 from transport import (CancelRequest, ContinueRequest, GenerateRequest, LoadWeights, Peer, ResponseChunk, Shutdown,
                        WeightsLoaded)
@@ -38,23 +36,44 @@ log = structlog.get_logger()
 
 
 class HFBackend:
-    """transformers model on the CPU (the embedded default), decoded by engine/decode.py."""
+    """transformers model on the CPU (the embedded default), decoded by engine/decode.py. torch is imported here,
+    not at module level, so that the simulated backend (actors/sim_backend.py) runs workers without it."""
 
     def __init__(self, init_dir: str, *, seed: int, eos_id: int, pad_id: int) -> None:
+        import torch
+
+        from engine.model import load_model
+
         self.model = load_model(init_dir).eval()
         self._gen = torch.Generator().manual_seed(seed)
         self.eos_id, self._pad_id = eos_id, pad_id
 
     def load(self, path: str) -> None:
+        from engine.model import load_weights
+
         load_weights(self.model, path)
 
-    def new_batch(self, *, capture_routes: bool) -> DecodeBatch:
+    async def load_async(self, path: str) -> None:
+        await asyncio.to_thread(self.load, path)
+
+    def new_batch(self, *, capture_routes: bool):
+        from engine.decode import DecodeBatch
+
         return DecodeBatch(self.model, eos_id=self.eos_id, pad_id=self._pad_id, capture_routes=capture_routes,
                            generator=self._gen)
 
+    async def run_decode(self, decode_chunk) -> None:
+        """Run ``decode_chunk`` (some decode steps) in a thread, so heartbeats keep flowing."""
+        await asyncio.to_thread(decode_chunk)
+
+    def stack_routes(self, routes: list[np.ndarray]) -> np.ndarray:
+        from engine.model import stack_routes
+
+        return stack_routes(routes, self.model)
+
 
 class RolloutWorker:
-    def __init__(self, peer: Peer, backend: HFBackend, *, worker_id: int, max_batch_samples: int,
+    def __init__(self, peer: Peer, backend, *, worker_id: int, max_batch_samples: int,
                  chunk_tokens: int = 4, kv_on_update: str = "recompute", capture_routes: bool = True) -> None:
         self._peer, self._backend = peer, backend
         self._worker_id, self._max_batch_samples = worker_id, max_batch_samples
@@ -108,25 +127,36 @@ class RolloutWorker:
             self._drop_cancelled()
             if self._weights is not None:
                 await self._apply_weights()
-            while self._queue and (not self._batch.active
-                                   or self._batch.active + len(self._queue[0]) <= self._max_batch_samples):
-                self._batch.add(self._queue.popleft())
+            self._admit()
             if self._batch.active:
-                await asyncio.to_thread(self._decode_chunk)
+                await self._backend.run_decode(self._decode_chunk)
             await self._emit()
 
+    def _admit(self) -> None:
+        """Fill free batch slots from the queue in order. A group may be split over two admissions when it does not
+        fit whole: its samples still run on this worker (prefix reuse), and no slot waits for a whole group."""
+        while self._queue and self._batch.active < self._max_batch_samples:
+            rows, room = self._queue[0], self._max_batch_samples - self._batch.active
+            self._batch.add(rows[:room])
+            if room >= len(rows):
+                self._queue.popleft()
+            else:
+                self._queue[0] = rows[room:]
+
     def _decode_chunk(self) -> None:
-        """Up to ``chunk_tokens`` decode steps (all the way with 0); stop early when new weights arrive."""
+        """Up to ``chunk_tokens`` decode steps (all the way with 0); stop early when new weights arrive, or when a
+        response finished and queued work can take its slot."""
         steps = 0
         while self._batch.active and (self._chunk_tokens <= 0 or steps < self._chunk_tokens):
+            active = self._batch.active
             self._batch.step(self.version)
             steps += 1
-            if self._weights is not None:
+            if self._weights is not None or (self._queue and self._batch.active < active):
                 break
 
     async def _apply_weights(self) -> None:
         msg, self._weights, t0 = self._weights, None, time.monotonic()
-        await asyncio.to_thread(self._backend.load, msg.path)
+        await self._backend.load_async(msg.path)
         if self._kv_on_update == "recompute":
             self._batch.invalidate()  # the next step re-prefills every unfinished response under the new weights
         self.version = msg.version
@@ -144,17 +174,30 @@ class RolloutWorker:
         self._queue = deque(rows for rows in queue if rows)
 
     async def _emit(self) -> None:
-        """Send every response's ready tokens (fed, so their routes are known; or final) as one chunk each."""
+        """Send each response's ready tokens (fed, so their routes are known; or final) in chunks of
+        ``chunk_tokens`` (0: the whole response at once); the last chunk carries the rest."""
         finished = []
         for r in self._batch.rows:
-            ready = r.ready(self._capture_routes)
-            final = r.done and ready == len(r.tokens)
-            if ready == r.emitted and not final:
-                continue
+            if await self._emit_row(r):
+                finished.append(r)
+        self._batch.remove(finished)
+
+    async def _emit_row(self, r: Row) -> bool:
+        """Send ``r``'s full chunks, and its last one once it finished; True = it is all sent."""
+        while True:
+            ready_all = r.ready(self._capture_routes)
+            final = r.done and ready_all == len(r.tokens)
+            step = self._chunk_tokens if self._chunk_tokens > 0 else len(r.tokens) + 1
+            if ready_all - r.emitted >= step:
+                ready, final = r.emitted + step, final and r.emitted + step == ready_all
+            elif final:
+                ready = ready_all
+            else:
+                return False
             group_id, sample_index, prompt_id, want_routes = r.key
             lo, extra = r.emitted, {}
             if want_routes:
-                extra["routes"] = stack_routes(r.routes[lo - r.route_base:ready - r.route_base], self._backend.model)
+                extra["routes"] = self._backend.stack_routes(r.routes[lo - r.route_base:ready - r.route_base])
                 if r.want_prompt_routes and r.prompt_routes is not None:
                     extra["prompt_routes"], r.want_prompt_routes = r.prompt_routes, False
             await self._peer.send(ResponseChunk(
@@ -165,8 +208,7 @@ class RolloutWorker:
                 finish_reason=r.finish_reason if final else "", worker_id=self._worker_id, **extra))
             r.emitted = ready
             if final:
-                finished.append(r)
-        self._batch.remove(finished)
+                return True
 
 
 def _row(req: GenerateRequest | ContinueRequest, sample_index: int, prompt: list[int], prefix: list[int]) -> Row:
@@ -178,8 +220,17 @@ def _row(req: GenerateRequest | ContinueRequest, sample_index: int, prompt: list
 
 
 def _build(cfg: RunConfig, init_dir: str, worker_id: int) -> HFBackend:
+    import torch
+
     torch.set_num_threads(cfg.rollout.threads_per_worker)  # processes sharing a machine must split its cores
     tok = build_task(cfg.task).tokenizer
+    if cfg.rollout.backend == "sglang":
+        from actors.sglang_backend import SGLangBackend
+
+        r = cfg.rollout
+        return SGLangBackend(init_dir, url=r.sglang_url, port=r.sglang_port + worker_id, eos_id=tok.eos_id,
+                             quantization=r.quantization, kv_cache_dtype=r.kv_cache_dtype,
+                             max_inflight=r.max_batch_samples)
     return HFBackend(init_dir, seed=cfg.seed * 1000 + worker_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
 
 

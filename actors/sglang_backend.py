@@ -20,11 +20,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 
 import numpy as np
 
 from engine.model import Generated
 from engine.routing import route_dtype
+
+
+def server_args(model_path: str, *, host: str = "127.0.0.1", port: int = 30000, quantization: str = "",
+                kv_cache_dtype: str = "auto") -> list[str]:
+    """The ``sglang.launch_server`` command line for a rollout worker's server. MoE routes are always returned
+    (router replay). ``quantization="fp8"`` quantizes the bf16 weights to FP8 for rollout (the paper's FP8
+    rollout; re-applied at every weight load, training stays bf16) and ``kv_cache_dtype`` ("fp8_e5m2" /
+    "fp8_e4m3") stores the KV cache in FP8; both are ``rollout.*`` options and only take effect on a GPU."""
+    argv = ["python", "-m", "sglang.launch_server", "--model-path", model_path, "--host", host, "--port", str(port),
+            "--enable-return-routed-experts"]
+    if quantization:
+        if quantization != "fp8":
+            raise ValueError(f"rollout.quantization={quantization!r} is invalid: use fp8 or leave it empty")
+        argv += ["--quantization", "fp8"]
+    if kv_cache_dtype != "auto":
+        argv += ["--kv-cache-dtype", kv_cache_dtype]
+    return argv
 
 
 def generate_payload(prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_id: int,
@@ -84,3 +102,292 @@ def parse_generate_response(items: list[dict] | dict, prompts: list[list[int]], 
                 num_layers=num_layers, top_k=top_k, num_experts=num_experts)
         out.append(Generated(token_ids, logprobs, prompt_routes, routes))
     return out
+
+
+# ---- the rollout backend: an sglang server driven over HTTP ----------------------------------------------
+
+_POLL_S = 0.05  # step(): how long to wait for a segment to finish before handing control back
+
+
+def hub_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers-5 in-memory names (fused ``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I])
+    -> the checkpoint layout sglang's Qwen3-MoE loader reads (``experts.{e}.gate_proj|up_proj|down_proj.weight``,
+    as ``save_pretrained`` writes it). Other tensors keep their names."""
+    out = {}
+    for name, value in state.items():
+        if name.endswith(".experts.gate_up_proj"):
+            prefix, inter = name[: -len("gate_up_proj")], value.shape[1] // 2
+            for e in range(value.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = np.ascontiguousarray(value[e, :inter])
+                out[f"{prefix}{e}.up_proj.weight"] = np.ascontiguousarray(value[e, inter:])
+        elif name.endswith(".experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(value.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = np.ascontiguousarray(value[e])
+        else:
+            out[name] = value
+    return out
+
+
+def write_model_dir(policy_file: str, config_dir: str, out_dir: str) -> str:
+    """A folder sglang's ``/update_weights_from_disk`` can read: ``config.json`` (and ``generation_config.json``)
+    from ``config_dir`` and the policy file's weights as ``model.safetensors`` in checkpoint layout. Written to a
+    temporary folder and renamed, so the server never sees half of it. Returns ``out_dir``."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+
+    out = Path(out_dir)
+    if out.exists():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for name in ("config.json", "generation_config.json"):
+            if (Path(config_dir) / name).exists():
+                shutil.copyfile(Path(config_dir) / name, tmp / name)
+        save_file(hub_layout(load_file(policy_file)), str(tmp / "model.safetensors"))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
+
+
+def moe_shape(config: dict) -> tuple[int, int, int]:
+    """(MoE layers, top_k, routed experts) from an HF MoE ``config.json`` (Qwen2/3-MoE, Mixtral keys)."""
+    experts = config.get("num_experts", config.get("num_local_experts"))
+    if experts is None or "num_experts_per_tok" not in config:
+        raise ValueError("config.json has no num_experts/num_local_experts or num_experts_per_tok: not an MoE model")
+    dense, step = set(config.get("mlp_only_layers") or []), int(config.get("decoder_sparse_step") or 1)
+    layers = sum(i not in dense and (i + 1) % step == 0 for i in range(int(config["num_hidden_layers"])))
+    return layers, int(config["num_experts_per_tok"]), int(experts)
+
+
+class SGLangClient:
+    """sglang's native HTTP endpoints (``/generate``, ``/pause_generation``, ``/update_weights_from_disk``,
+    ``/continue_generation``, ``/abort_request``, ``/health``), blocking; call them from threads."""
+
+    def __init__(self, url: str, *, timeout_s: float = 600.0) -> None:
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+
+    def post(self, path: str, body: dict, timeout_s: float | None = None) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"sglang {path} answered HTTP {e.code}: {e.read()[:500]!r}") from None
+        return json.loads(text) if text.strip() else {}
+
+    def healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+
+@dataclass
+class _Segment:
+    """One ``/generate`` request continuing a row from its current tokens, under one policy version."""
+
+    rid: str
+    version: int
+    start: int  # len(row.tokens) when it was sent
+    future: object
+
+
+class SGLangBatch:
+    """The DecodeBatch interface (``add``, ``step``, ``remove``, ``invalidate``, ``active``, ``rows``) over an sglang
+    server: every unfinished row has one ``/generate`` request in flight (one sample per request, so a group's
+    prompt is shared through sglang's radix cache), sent by ``step(version)`` and folded into the row when it
+    returns. A request cut short by a weight update (``/pause_generation`` with mode ``abort``) returns its partial
+    tokens, which keep the version they were sampled with; the row is then sent again with those tokens as a
+    prefix and continues under the new weights (the KV cache is recomputed: kv_on_update=recompute)."""
+
+    def __init__(self, backend: "SGLangBackend", *, capture_routes: bool) -> None:
+        self._backend, self._capture = backend, capture_routes
+        self.rows: list = []
+        self._inflight: dict[int, _Segment] = {}  # id(row) -> its request
+        self.discarded_partial_tokens = 0  # partial outputs returned without routes (sent again instead)
+
+    @property
+    def active(self) -> int:
+        return sum(not r.done for r in self.rows)
+
+    def add(self, rows: list) -> None:
+        self.rows.extend(rows)
+
+    def remove(self, rows: list) -> None:
+        gone = {id(r) for r in rows}
+        for key in gone & self._inflight.keys():
+            self._backend.abort(self._inflight.pop(key).rid)
+        self.rows = [r for r in self.rows if id(r) not in gone]
+
+    def invalidate(self) -> None:
+        """Nothing to do: rows in flight at a weight update were aborted and are re-sent (recomputed) anyway."""
+
+    def step(self, version: int) -> None:
+        """Send every idle unfinished row; fold in the requests that finished within a short wait."""
+        import concurrent.futures as cf
+        import uuid
+
+        for r in self.rows:
+            if not r.done and id(r) not in self._inflight:
+                rid = uuid.uuid4().hex
+                self._inflight[id(r)] = _Segment(rid, version, len(r.tokens),
+                                                 self._backend.submit(r, rid, self._capture))
+        if self._inflight:
+            cf.wait([s.future for s in self._inflight.values()], timeout=_POLL_S,
+                    return_when=cf.FIRST_COMPLETED)
+        self._collect(block=False)
+
+    def drain(self) -> None:
+        """Wait for every request in flight (after a pause they return at once) and fold them in."""
+        self._collect(block=True)
+
+    def _collect(self, *, block: bool) -> None:
+        by_id = {id(r): r for r in self.rows}
+        for key, seg in list(self._inflight.items()):
+            if not (block or seg.future.done()):
+                continue
+            del self._inflight[key]
+            row = by_id.get(key)
+            if row is not None:
+                self._fold(row, seg, seg.future.result())
+
+    def _fold(self, row, seg: _Segment, item: dict) -> None:
+        meta = item.get("meta_info") or {}
+        reason = (meta.get("finish_reason") or {}).get("type", "") if isinstance(meta.get("finish_reason"), dict) \
+            else str(meta.get("finish_reason") or "")
+        prompt = row.prompt + row.tokens[:seg.start]
+        [out] = parse_generate_response(
+            [item], [prompt], num_layers=self._backend.num_layers, top_k=self._backend.top_k,
+            num_experts=self._backend.num_experts, return_routes=self._capture and "routed_experts" in meta)
+        if self._capture and "routed_experts" not in meta:
+            if reason != "abort":
+                raise ValueError("sglang returned no meta_info.routed_experts: start it with "
+                                 "--enable-return-routed-experts (or pass rollout.return_routes=false)")
+            self.discarded_partial_tokens += len(out.token_ids)  # an aborted request without routes: redo it
+            return
+        row.tokens.extend(out.token_ids)
+        row.logprobs.extend(out.logprobs)
+        row.versions.extend([seg.version] * len(out.token_ids))
+        if self._capture:
+            if row.want_prompt_routes and row.prompt_routes is None:
+                row.prompt_routes = out.prompt_routes[: len(row.prompt)]
+            # every position of prompt + tokens but the last one is routed now; keep the rows not held yet
+            full = np.concatenate([out.prompt_routes, out.routes])
+            have = row.route_base + len(row.routes)
+            row.routes.extend(full[len(row.prompt) + have: len(row.prompt) + len(row.tokens) - 1])
+        if reason in ("stop", "length") or len(row.tokens) >= row.max_new_tokens:
+            row.finish_reason = "length" if reason == "length" or reason != "stop" else "stop"
+
+
+class SGLangBackend:
+    """A rollout worker's generation on an sglang server (GPU): the worker's actor, transport and coordinator
+    code are the same as with the transformers backend.
+
+    - ``url``: connect to a running server; without one the worker launches ``python -m sglang.launch_server``
+      (``server_args``: routed experts on, optional FP8) on ``port`` and waits for ``/health``.
+    - In-flight weight updates: ``/pause_generation`` (mode ``abort``: requests in flight return their partial
+      tokens) -> ``/update_weights_from_disk`` (a folder written from the learner's safetensors file) ->
+      ``/continue_generation``; unfinished rows are sent again with their tokens as prefix, so every token keeps
+      the version that sampled it and its routes.
+    """
+
+    def __init__(self, init_dir: str, *, url: str = "", port: int = 30000, eos_id: int, quantization: str = "",
+                 kv_cache_dtype: str = "auto", max_inflight: int = 512, start_timeout_s: float = 900.0) -> None:
+        import json
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path
+
+        self.num_layers, self.top_k, self.num_experts = moe_shape(json.loads((Path(init_dir) / "config.json").read_text()))
+        self.init_dir, self.eos_id = init_dir, eos_id
+        self._proc = None
+        if not url:
+            import subprocess
+
+            url = f"http://127.0.0.1:{port}"
+            self._proc = subprocess.Popen(server_args(init_dir, port=port, quantization=quantization,
+                                                      kv_cache_dtype=kv_cache_dtype))
+        self.client = SGLangClient(url)
+        self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="sglang")
+        self._batch: SGLangBatch | None = None
+        self._wait_healthy(start_timeout_s)
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not self.client.healthy():
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"sglang.launch_server exited with {self._proc.returncode} before serving")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no sglang server answered {self.client.url}/health within {timeout_s:.0f}s")
+            time.sleep(1.0)
+
+    def new_batch(self, *, capture_routes: bool) -> SGLangBatch:
+        self._batch = SGLangBatch(self, capture_routes=capture_routes)
+        return self._batch
+
+    def submit(self, row, rid: str, capture_routes: bool):
+        body = generate_payload([row.prompt + row.tokens], max_new_tokens=row.max_new_tokens - len(row.tokens),
+                                temperature=row.temperature, eos_id=self.eos_id, return_routes=capture_routes)
+        body["rid"] = rid
+        body["input_ids"] = body["input_ids"][0]  # a single request: its item comes back as one object
+        return self._pool.submit(self.client.post, "/generate", body)
+
+    def abort(self, rid: str) -> None:
+        self._pool.submit(self.client.post, "/abort_request", {"rid": rid})
+
+    async def run_decode(self, decode_chunk) -> None:
+        import asyncio
+
+        await asyncio.to_thread(decode_chunk)
+
+    async def load_async(self, path: str) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.load, path)
+
+    def load(self, path: str) -> None:
+        """Pause (requests in flight return), fold partial outputs in, load the new weights, continue."""
+        import re
+        from pathlib import Path
+
+        m = re.search(r"policy_v(\d+)\.safetensors$", path)
+        model_dir = write_model_dir(path, self.init_dir, str(Path(path).with_suffix("")) + "-sglang")
+        self.client.post("/pause_generation", {"mode": "abort"})
+        try:
+            if self._batch is not None:
+                self._batch.drain()
+            body = {"model_path": model_dir, "flush_cache": True}
+            if m:
+                body["weight_version"] = m.group(1)
+            result = self.client.post("/update_weights_from_disk", body)
+            if not result.get("success", False):
+                raise RuntimeError(f"sglang could not load {model_dir}: {result.get('message')}")
+        finally:
+            self.client.post("/continue_generation", {})
+
+    def stack_routes(self, routes: list[np.ndarray]) -> np.ndarray:
+        if routes:
+            return np.stack(routes)
+        return np.zeros((0, self.num_layers, self.top_k), dtype=route_dtype(self.num_experts))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()

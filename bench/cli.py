@@ -6,6 +6,9 @@ stdout line, one JSON object (config, hardware, metrics).
   everyprompt-bench losses      ESPO vs GSPO vs GRPO vs CISPO on the built-in task, same budget and seeds
   everyprompt-bench router-replay  rollout-vs-trainer log-prob gap of an MoE in bf16, replay off vs R3
   everyprompt-bench zve         zero-variance elimination stage by stage at an equal rollout budget
+  everyprompt-bench chaos       kills, hostile frames, codec fuzz, a stalled consumer, corrupt checkpoints
+  everyprompt-bench reward-inversion  advantage sign inversions: noisy scalar reward vs the tie-aware judge
+  everyprompt-bench pipeline    sync vs one-step-off vs async, and the throughput ablation (simulated backend)
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import os
 import platform
 import sys
 
-from bench import codec_bench, generate_bench, loss_bench, router_replay_bench, zve_bench
+from bench import chaos_bench, codec_bench, generate_bench, loss_bench, pipeline_bench, router_replay_bench, zve_bench
+from bench import reward_inversion_bench
 
 BENCHES = {"codec": codec_bench.main, "generate": generate_bench.main, "losses": loss_bench.main,
-           "router-replay": router_replay_bench.main, "zve": zve_bench.main}
+           "router-replay": router_replay_bench.main, "zve": zve_bench.main, "pipeline": pipeline_bench.main,
+           "reward-inversion": reward_inversion_bench.main, "chaos": chaos_bench.main}
 
 
 def hardware() -> dict:

@@ -7,6 +7,7 @@ Validation lives in ``__post_init__`` and raises ``ValueError`` naming the key a
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -107,10 +108,32 @@ class RolloutConfig:
     extra_sample_frac: float = 0.25  # budget for adaptive N and top-ups: this fraction of the base samples
     chunk_tokens: int = 4  # stream each response every this many tokens (0 = only whole responses)
     kv_on_update: str = "recompute"  # new weights mid-response: recompute the KV cache under them, or "keep" it
+    schedule: str = "fifo"  # fifo: groups in arrival order to the worker with the fewest outstanding samples;
+    # length_aware: longest predicted first to the worker with the fewest predicted tokens (engine/schedule.py)
+    length_ema: float = 0.5  # length_aware: weight of a prompt's newest mean length in its prediction
+    postprocess_workers: int = 0  # detokenization / post-processing pool before scoring (0 = none, score at once)
+    reward_overlap: bool = True  # score each response as it finishes; false = hold scores until generation drains
+    quantization: str = ""  # sglang backend: "fp8" = FP8 weights for rollout (--quantization fp8); "" = none
+    kv_cache_dtype: str = "auto"  # sglang backend: "fp8_e5m2" / "fp8_e4m3" = FP8 KV cache
+    sglang_url: str = ""  # sglang backend: a running server (http://host:port); "" = each worker launches its own
+    sglang_port: int = 30000  # sglang backend without a url: worker i's server listens on this port + i
 
     def __post_init__(self) -> None:
-        _require(self.backend in ("hf",), "rollout.backend", self.backend,
-                 "only rollout.backend=hf is available in this build")
+        _require(self.backend in ("hf", "sim", "sglang"), "rollout.backend", self.backend,
+                 "choose rollout.backend=hf (transformers), sglang (a GPU server, pip install everyprompt[sglang]) "
+                 "or sim (the calibrated simulator, for benchmarks)")
+        _require(self.backend != "sglang" or self.kv_on_update == "recompute", "rollout.kv_on_update",
+                 self.kv_on_update, "the sglang backend continues responses across a weight update by re-sending "
+                 "them (per-token versions stay exact); pass rollout.kv_on_update=recompute")
+        _require(self.schedule in ("fifo", "length_aware"), "rollout.schedule", self.schedule,
+                 "choose rollout.schedule=fifo or length_aware")
+        _require(0 < self.length_ema <= 1, "rollout.length_ema", self.length_ema, "it must be in (0, 1]")
+        _require(self.postprocess_workers >= 0, "rollout.postprocess_workers", self.postprocess_workers,
+                 "it must be >= 0 (0 = no pool)")
+        _require(self.quantization in ("", "fp8"), "rollout.quantization", self.quantization,
+                 'choose rollout.quantization=fp8 or leave it "" (sglang backend only)')
+        _require(self.kv_cache_dtype in ("auto", "fp8_e5m2", "fp8_e4m3"), "rollout.kv_cache_dtype",
+                 self.kv_cache_dtype, "choose auto, fp8_e5m2 or fp8_e4m3 (sglang backend only)")
         _require(self.num_workers >= 1, "rollout.num_workers", self.num_workers, "it must be >= 1")
         _require(self.group_size >= 2, "rollout.group_size", self.group_size,
                  "group-relative advantages need at least 2 samples; pass rollout.group_size=8")
@@ -128,21 +151,99 @@ class RolloutConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """Limits of the code sandbox (engine/sandbox.py), per run of a response's code and its unit tests."""
+
+    cpu_s: float = 2.0  # CPU seconds per process
+    wall_s: float = 5.0  # wall-clock seconds for the whole run
+    memory_mb: int = 512  # address space per process
+    max_processes: int = 16  # processes of the sandbox uid (fork bombs stop here)
+    max_file_mb: int = 8  # largest file it may write, stdout/stderr included
+    network: str = "auto"  # auto: a network namespace when permitted, else an audit hook; audit: the hook only
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_s", "wall_s", "memory_mb", "max_processes", "max_file_mb"):
+            _require(getattr(self, name) > 0, f"reward.sandbox.{name}", getattr(self, name), "it must be positive")
+        _require(self.network in ("auto", "audit"), "reward.sandbox.network", self.network, "choose auto or audit")
+
+
+@dataclass
+class JudgeConfig:
+    """The tie-aware generative judge (engine/judge.py, spec B.5), used when reward.plugin=judge."""
+
+    backend: str = "hf"  # hf: transformers on this machine (the rollout decode loop); sglang: a /generate server
+    model: Optional[str] = None  # hf: an HF save_pretrained folder; None = the run's initial (SFT) policy
+    url: str = "http://127.0.0.1:30000"  # sglang: the server serving the judge model
+    verifier: str = "exact"  # per-response plugin for the raw correctness (accuracy, zero-variance decisions)
+    construction: str = "round_robin"  # round_robin (pairs within the group) | anchor
+    anchor: str = "reference"  # anchor construction: compare with the reference answer, or "first" response
+    max_calls_per_group: int = 32  # judge generations per group (0 = every pair); a random subset beyond it
+    both_orders: bool = False  # judge (A, B) and (B, A) and average (cancels position bias, twice the calls)
+    template: Optional[str] = None  # {question} {response_a} {response_b} {reference}; None = engine/judge.py's
+    max_response_chars: int = 2000
+    max_new_tokens: int = 8  # a chain-of-thought judge needs far more (e.g. 2048)
+    temperature: float = 0.0
+    timeout_s: float = 300.0  # sglang: per group request
+    order_rule: str = "mean"  # both_orders: mean (average the two verdicts) | agree (Tie unless both orders agree)
+    tie_margin: float = 1.0  # round_robin: |net verdicts| <= this = tied (advantage 0); 0 = off
+    group_tie_frac: float = 0.1  # round_robin: <= this fraction of non-Tie verdicts = all-tie group; 0 = off
+
+    def __post_init__(self) -> None:
+        _require(self.order_rule in ("mean", "agree"), "reward.judge.order_rule", self.order_rule,
+                 "choose mean (average both orders) or agree (Better/Worse only when both orders agree)")
+        _require(self.order_rule != "agree" or self.both_orders, "reward.judge.order_rule", self.order_rule,
+                 "agree compares the two orders of a pair: pass reward.judge.both_orders=true")
+        _require(self.tie_margin >= 0, "reward.judge.tie_margin", self.tie_margin,
+                 "it is a number of net verdicts and must be >= 0 (0 = no dead zone, 1 = one judge error)")
+        _require(0 <= self.group_tie_frac < 1, "reward.judge.group_tie_frac", self.group_tie_frac,
+                 "it must be in [0, 1) (0 = off); keep it a few times the judge's error rate on ties and below "
+                 "2/rollout.group_size, e.g. 0.1")
+        _require(self.backend in ("hf", "sglang"), "reward.judge.backend", self.backend, "choose hf or sglang")
+        _require(self.construction in ("round_robin", "anchor"), "reward.judge.construction", self.construction,
+                 "choose round_robin (pairs within the group) or anchor")
+        _require(self.anchor in ("reference", "first"), "reward.judge.anchor", self.anchor,
+                 "choose reference (the answer) or first (the group's first response)")
+        _require(self.verifier != "judge", "reward.judge.verifier", self.verifier,
+                 "the per-response verifier must be a plugin such as exact or math")
+        _require(self.max_calls_per_group >= 0, "reward.judge.max_calls_per_group", self.max_calls_per_group,
+                 "it must be >= 0 (0 = every pair)")
+        _require(not self.both_orders or self.max_calls_per_group != 1, "reward.judge.max_calls_per_group",
+                 self.max_calls_per_group, "both_orders needs 2 calls per pair; pass at least 2")
+        _require(self.max_new_tokens >= 1, "reward.judge.max_new_tokens", self.max_new_tokens, "it must be >= 1")
+
+
+@dataclass
 class RewardConfig:
-    """Reward shaping (engine/rewards.py). Zero-variance decisions always use the raw correctness."""
+    """Reward plugins (engine/plugins.py) and shaping (engine/rewards.py). Zero-variance decisions always use the
+    raw correctness."""
 
     num_workers: int = 1
+    plugin: str = "exact"  # exact | math | code | instruction | judge | package.module:function
+    plugin_processes: int = 2  # processes per reward worker running the plugin (a hung one is replaced)
+    plugin_timeout_s: float = 10.0  # per response; past it the response is a recorded failure (valid=false)
     graded: bool = False  # partial credit (fraction of the answer right) instead of 0/1
     overlong_coef: float = 0.0  # weight of DAPO's soft overlong penalty (0 .. -1)
     overlong_cache: int = 2  # the penalty ramps over the last this-many tokens before task.max_answer_tokens
     repetition_coef: float = 0.0  # weight of the n-gram repetition penalty (0 .. -1)
     repetition_ngram: int = 3
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "reward.num_workers", self.num_workers, "it must be >= 1")
         _require(self.overlong_coef >= 0 and self.repetition_coef >= 0, "reward.overlong_coef",
                  self.overlong_coef, "penalty weights must be >= 0 (the penalties themselves are <= 0)")
         _require(self.repetition_ngram >= 1, "reward.repetition_ngram", self.repetition_ngram, "it must be >= 1")
+        _require(self.plugin in ("exact", "math", "code", "instruction", "judge") or ":" in self.plugin,
+                 "reward.plugin", self.plugin, "choose exact, math, code, instruction, judge, or give your own "
+                 "function as reward.plugin=package.module:function")
+        _require(self.plugin_processes >= 1, "reward.plugin_processes", self.plugin_processes, "it must be >= 1")
+        _require(self.plugin_timeout_s > self.sandbox.wall_s or self.plugin != "code", "reward.plugin_timeout_s",
+                 self.plugin_timeout_s, f"it must exceed reward.sandbox.wall_s={self.sandbox.wall_s}; pass "
+                 f"reward.plugin_timeout_s={self.sandbox.wall_s * 2:g}")
+        _require(self.plugin != "judge" or not (self.overlong_coef or self.repetition_coef or self.graded),
+                 "reward.plugin", self.plugin, "judge rewards are margins whose zero means a tie; shaping would move "
+                 "it: pass reward.graded=false reward.overlong_coef=0 reward.repetition_coef=0")
 
 
 @dataclass
@@ -234,12 +335,78 @@ class TrainConfig:
 
 @dataclass
 class TransportConfig:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the coordinator's bind address; anything but loopback needs curve_keys_dir
     heartbeat_s: float = 1.0
     peer_timeout_s: float = 60.0  # a peer silent this long is dead
     start_timeout_s: float = 180.0  # time allowed for every actor to say Hello
     max_actor_restarts: int = 3  # rollout/reward worker restarts allowed per run before it fails
+    max_learner_restarts: int = 3  # learner failures survived per run (each resumes from the newest checkpoint)
     max_frame_bytes: int = 256 * 1024 * 1024
+    hwm: int = 10000  # frames queued per socket direction and per inbox before senders are pushed back
+    curve_keys_dir: Optional[str] = None  # CURVE authentication + encryption: a folder from `python -m
+    # transport.keys DIR` (server.key_secret on the coordinator, server.key + <curve_client>.key_secret on actors)
+    curve_client: str = "client"  # which client key pair in curve_keys_dir this machine's actors use
+    insecure: bool = False  # allow a non-loopback host without CURVE (logs a warning)
+
+    def __post_init__(self) -> None:
+        loopback = self.host == "localhost" or _is_loopback_ip(self.host)
+        _require(loopback or self.curve_keys_dir is not None or self.insecure, "transport.host", self.host,
+                 "a non-loopback bind needs CURVE authentication: run `python -m transport.keys DIR` and pass "
+                 "transport.curve_keys_dir=DIR (or transport.insecure=true to accept unauthenticated peers)")
+        for key in ("max_actor_restarts", "max_learner_restarts"):
+            _require(getattr(self, key) >= 0, f"transport.{key}", getattr(self, key), "it must be >= 0")
+        _require(self.hwm >= 1, "transport.hwm", self.hwm, "it must be >= 1 (frames)")
+        _require(self.max_frame_bytes >= 1024, "transport.max_frame_bytes", self.max_frame_bytes,
+                 "it must be >= 1024")
+        _require(self.peer_timeout_s > self.heartbeat_s > 0, "transport.peer_timeout_s", self.peer_timeout_s,
+                 f"it must be above transport.heartbeat_s={self.heartbeat_s} (> 0), or every peer looks dead")
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class SimConfig:
+    """The simulated rollout backend (rollout.backend=sim, actors/sim_backend.py) and its workload.
+
+    Costs are in simulated seconds and were calibrated once from the transformers backend (``everyprompt-bench
+    pipeline --calibrate``); ``time_scale`` wall seconds pass per simulated second. Response lengths are
+    long-tailed per prompt and stable across epochs (engine/simulate.py)."""
+
+    time_scale: float = 1.0  # wall seconds per simulated second
+    workers_per_process: int = 32  # simulated rollout workers hosted by one process (each its own actor + socket)
+    decode_base_s: float = 2.9e-3  # one decode step of a running batch of b sequences costs base + b x per_seq
+    decode_per_seq_s: float = 4.3e-5  # (these three: fitted to the transformers backend, 1 thread)
+    prefill_per_token_s: float = 3.2e-5  # prompt (once per group: prefix reuse) and KV recompute
+    load_s: float = 0.01  # applying new weights
+    detok_per_token_s: float = 5.0e-6  # rollout.postprocess_workers: detokenizing and post-processing a response
+    # (an assumption: a BPE detokenizer plus response clean-up on one core; not calibrated)
+    train_base_s: float = 0.05  # actors/sim_learner.py: one optimizer step costs base + tokens x per_token
+    train_per_token_s: float = 1.0e-6
+    num_prompts: int = 4096  # the prompt pool (epochs repeat it)
+    num_sources: int = 4  # data sources with different typical lengths
+    prompt_len: int = 32
+    mean_len: float = 128.0  # mean response length before clipping at task.max_answer_tokens
+    prompt_sigma: float = 1.0  # log-normal spread of per-prompt typical lengths (the long tail)
+    sample_sigma: float = 0.3  # log-normal spread of one prompt's samples around its typical length
+    seed: int = 0
+    learner: bool = False  # actors/sim_learner.py instead of the DeepSpeed learner (benchmarks)
+
+    def __post_init__(self) -> None:
+        _require(self.time_scale > 0, "sim.time_scale", self.time_scale, "it must be positive")
+        _require(self.workers_per_process >= 1, "sim.workers_per_process", self.workers_per_process,
+                 "it must be >= 1")
+        for name in ("decode_base_s", "decode_per_seq_s", "prefill_per_token_s", "load_s", "detok_per_token_s",
+                     "train_base_s", "train_per_token_s", "prompt_sigma", "sample_sigma"):
+            _require(getattr(self, name) >= 0, f"sim.{name}", getattr(self, name), "it must be >= 0")
+        _require(self.num_prompts >= 1 and self.num_sources >= 1, "sim.num_prompts", self.num_prompts,
+                 "sim.num_prompts and sim.num_sources must be >= 1")
+        _require(self.mean_len >= 1 and self.prompt_len >= 1, "sim.mean_len", self.mean_len,
+                 "sim.mean_len and sim.prompt_len must be >= 1")
 
 
 @dataclass
@@ -258,9 +425,15 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
     def __post_init__(self) -> None:
         n = self.learner.num_ranks
+        g_max = max(self.rollout.group_size, self.rollout.max_group_size if self.rollout.adaptive_group_size else 0)
+        _require(self.reward.plugin != "judge" or self.reward.judge.group_tie_frac < 2 / g_max,
+                 "reward.judge.group_tie_frac", self.reward.judge.group_tie_frac,
+                 f"a group of {g_max} with one differing response has only 2/{g_max} non-Tie pairs and would be "
+                 f"called all-tie; pass reward.judge.group_tie_frac={1 / g_max:.3g} or less (0 = off)")
         _require(self.train.groups_per_step * self.rollout.group_size >= n, "train.groups_per_step",
                  self.train.groups_per_step, f"each of learner.num_ranks={n} ranks needs at least one sequence")
         _require(self.model.num_experts % self.learner.expert_parallel == 0, "learner.expert_parallel",

@@ -97,3 +97,66 @@ def zvp_token_advantages(entropy_NT: Tensor, mask_NT: Tensor, sign_N: Tensor, *,
     sign_N1 = sign_N[..., None]
     zvp_NT = torch.where(sign_N1 > 0, alpha * h_NT, -alpha * (hmax_N1 - h_NT))
     return torch.where(m_NT & (sign_N1 != 0), zvp_NT, torch.zeros_like(h_NT))
+
+
+def pairwise_rewards(verdicts_NGG: Tensor, judged_NGG: Tensor, *, tie_margin: float = 0.0,
+                     group_tie_frac: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Round-robin reward from pairwise verdicts (ALGORITHMS.md B.5 (i)) -> (rewards_NG float, valid_NG bool).
+
+    verdicts_NGG: float [N, G, G], v(i, j) in [-1, 1]: +1 response i Better than j, 0 Tie, -1 Worse (fractions
+        when both orders were judged and disagree). Read only where judged_NGG; v(j, i) = -v(i, j) expected.
+    judged_NGG: bool [N, G, G], True where the pair (i, j) has a parsed verdict (symmetric).
+    r_i = mean over the judged pairs of i of v(i, j); a response with no judged pair is invalid (reward 0).
+    With every pair judged this is the spec's r_i = 1/(G-1) sum_{j != i} v(i, j).
+
+    Robustness to judge errors (both 0 = off, the plain construction). One wrong verdict moves a response's net
+    verdict count ``m_i = sum_j v(i, j)`` by 1 (Tie <-> Better/Worse) or 2 (Better <-> Worse), and so gives a true
+    tie a non-zero reward:
+    tie_margin: dead zone, in net verdicts. A response with ``|m_i| <= tie_margin`` is treated as tied: reward
+        exactly 0 (it stays valid). 1 = a single Tie/Better confusion cannot give a response an advantage; a
+        response with ``|m_i| > tie_margin`` keeps its reward unchanged. When every response of a group is inside
+        the dead zone the group is zero-variance.
+    group_tie_frac: group-level tie test. A group whose fraction of non-Tie verdicts (v != 0) among its judged
+        pairs is <= this is treated as all-tie: every reward 0 (zero-variance, RL-ZVP). Set it a few times the
+        judge's error rate on tied pairs and well below 2/G, the non-Tie fraction of the least mixed group (one
+        response differs from the rest).
+    """
+    j_NGG = judged_NGG.to(torch.bool)
+    v_NGG = torch.where(j_NGG, verdicts_NGG.to(torch.float32), torch.zeros((), dtype=torch.float32))
+    n_NG = j_NGG.sum(-1)
+    m_NG = v_NGG.sum(-1)
+    tied_NG = m_NG.abs() <= tie_margin + 1e-6 if tie_margin > 0 else torch.zeros_like(m_NG, dtype=torch.bool)
+    if group_tie_frac > 0:
+        pairs_N1 = j_NGG.sum((-2, -1)).unsqueeze(-1)
+        non_tie_N1 = (j_NGG & (v_NGG != 0)).sum((-2, -1)).unsqueeze(-1)
+        tied_NG = tied_NG | ((pairs_N1 > 0) & (non_tie_N1 <= group_tie_frac * pairs_N1))
+    rewards_NG = torch.where(tied_NG, torch.zeros((), dtype=torch.float32), m_NG / n_NG.clamp(min=1))
+    return rewards_NG, n_NG > 0
+
+
+def tie_aware_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """Advantages of tie-aware judge rewards (ALGORITHMS.md B.5) -> float [N, G].
+
+    rewards_NG: float [N, G], signed margins with a natural zero (round-robin or anchor rewards: 0 = tied on
+        balance, or tied with the anchor). valid_NG: bool [N, G] (the set G of Eq. 11); None = all valid.
+    ``A_i = 1[i valid] * r_i / (std_valid + eps)``. Unlike Eq. 11 the group mean is *not* subtracted: the margin
+    is already relative, and centring would give a true tie (r_i = 0) a non-zero advantage whenever the rest of
+    the group is unbalanced. So a response judged tied gets exactly 0, and responses judged tied with each other
+    against the same peers get exactly equal advantages.
+    A group whose valid rewards are all equal (every verdict Tie, or all equal against the anchor) is
+    zero-variance: every member gets 0, and it falls through to the zero-variance handling (RL-ZVP, B.2.3).
+    Invalid members (no parsed verdict) get 0.
+    """
+    if valid_NG is None:
+        valid_NG = torch.ones_like(rewards_NG, dtype=torch.bool)
+    valid_NG = valid_NG.to(torch.bool)
+    r_NG = rewards_NG.to(torch.promote_types(rewards_NG.dtype, torch.float32)).masked_fill(~valid_NG, 0.0)
+    w_NG = valid_NG.to(r_NG.dtype)
+    n_N1 = w_NG.sum(-1, keepdim=True)
+    mean_N1 = r_NG.sum(-1, keepdim=True) / n_N1.clamp(min=1)
+    std_N1 = ((((r_NG - mean_N1) * w_NG) ** 2).sum(-1, keepdim=True) / n_N1.clamp(min=1)).sqrt()
+    hi_N1 = r_NG.masked_fill(~valid_NG, float("-inf")).amax(-1, keepdim=True)
+    lo_N1 = r_NG.masked_fill(~valid_NG, float("inf")).amin(-1, keepdim=True)
+    informative_N1 = (n_N1 >= 2) & (hi_N1 > lo_N1)
+    adv_NG = r_NG / (std_N1 + eps)
+    return torch.where(valid_NG & informative_N1, adv_NG, torch.zeros_like(adv_NG))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.advantages import group_advantages
+from engine.advantages import group_advantages, tie_aware_advantages
+from engine.judge import JUDGE_PART
 from engine.buffer import Group
 from engine.rewards import is_zero_variance
 from engine.routing import pack_routes
@@ -43,6 +44,8 @@ def _advantages(g: Group) -> np.ndarray:
     samples = g.ordered()
     rewards = torch.tensor([[s.reward for s in samples]], dtype=torch.float32)
     valid = torch.tensor([[s.valid for s in samples]], dtype=torch.bool)
+    if any(JUDGE_PART in s.reward_parts for s in samples):  # judge margins: a tie gets exactly 0 (spec B.5)
+        return tie_aware_advantages(rewards, valid)[0].numpy()
     return group_advantages(rewards, valid)[0].numpy()
 
 
@@ -100,7 +103,20 @@ def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int,
         "valid_frac": float(np.mean([s.valid for s in samples])),
         "route_bytes_per_token": route_bytes / max(int(batch.response_lens.sum()), 1),
         "routed_frac": float(np.mean(batch.routed_lens > 0)) if batch.routed_lens.size else 0.0,
+        **_judge_stats(groups),
     }
+
+
+def _judge_stats(groups: list[Group]) -> dict[str, float]:
+    """reward.plugin=judge: judge generations, unparseable verdicts and ties per group; plugin failures."""
+    firsts = [g.ordered()[0].reward_parts for g in groups if g.num_samples]
+    out = {}
+    if any(JUDGE_PART in p for p in firsts):
+        for key in ("judge_calls", "judge_parse_failures", "judge_ties", "judge_error"):
+            out[key + "_per_group"] = float(np.mean([p.get(key, 0.0) for p in firsts]))
+    failed = [s for g in groups for s in g.ordered() if any(k.startswith("plugin_") for k in s.reward_parts)]
+    out["plugin_failure_frac"] = len(failed) / max(sum(g.num_samples for g in groups), 1)  # raised / timed out
+    return out
 
 
 class RunStats:

@@ -6,14 +6,19 @@
 - ``coordinator.json`` + ``arrays.npz``: buffered groups, in-flight groups with their partial responses (tokens,
   behaviour log-probs, per-token versions, routes, finish reasons, rewards), the prompt-stream frontier, the
   counters and per-prompt statistics;
-- ``meta.json``, written last: a checkpoint without it is incomplete (a crash while saving) and is skipped.
-``checkpoints/latest`` names the newest complete one (replaced atomically). The two newest are kept.
+- ``meta.json``, written last, with the size and sha256 of every other file (the manifest).
+Writes are atomic: everything goes into ``checkpoints/.staging_step_000050/``, every file and folder is fsynced,
+and only then is the folder renamed to ``step_000050`` (a crash while saving leaves a staging folder, never a
+half checkpoint). ``latest()`` verifies the manifest and skips a torn or corrupt checkpoint with a logged error
+naming the bad file, so the previous one is used. ``checkpoints/latest`` names the newest complete one
+(replaced atomically). The two newest are kept.
 
 Arrays are stored with ``np.savez`` and read with ``allow_pickle=False``; nothing here is ever unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,10 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from engine.buffer import Group, Sample
 
 _KEEP = 2
+_STAGING = ".staging_"
+
+log = structlog.get_logger()
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint's files do not match its manifest (torn write, disk fault, edited by hand)."""
 
 
 @dataclass
@@ -46,6 +59,13 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before ``save_coordinator`` renames it into place."""
+    path = run_dir / "checkpoints" / f"{_STAGING}step_{step:06d}"
+    shutil.rmtree(path, ignore_errors=True)  # left by a crash while saving
+    return path
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -53,35 +73,93 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest(root: Path) -> dict[str, list]:
+    """relative path -> [size, sha256] of every file under ``root``; fsyncs each file and folder on the way."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_dir():
+            _fsync_dir(p)
+            continue
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            os.fsync(f.fileno())
+        files[str(p.relative_to(root))] = [p.stat().st_size, h.hexdigest()]
+    _fsync_dir(root)
+    return files
+
+
+def verify(path: Path) -> dict:
+    """``meta.json`` of the checkpoint at ``path`` once every file matches its manifest; else CheckpointCorrupt
+    naming the first bad file. (Checkpoints written before manifests existed are accepted as they are.)"""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointCorrupt(f"{path}/meta.json is unreadable: {type(e).__name__}: {e}") from None
+    for rel, (size, digest) in meta.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointCorrupt(f"{f} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointCorrupt(f"{f} has {f.stat().st_size} bytes, the manifest says {size} (torn write)")
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise CheckpointCorrupt(f"{f} does not match its sha256 in meta.json (corrupt)")
+    return meta
 
 
 def save_coordinator(path: Path, *, step: int, version: int, rollouts_state: dict, extra: dict,
                      policy_file: str) -> None:
-    """Write the coordinator's part into ``path`` (the learner has written ``path/learner`` already), then
-    ``meta.json``, then move ``latest``; drop checkpoints older than the newest two."""
+    """Write the coordinator's part into the staging folder ``path`` (the learner has written ``path/learner``
+    already), fsync everything, write ``meta.json`` with the manifest, rename the folder to ``step_{step}``,
+    then move ``latest``; drop checkpoints older than the newest two."""
     arrays: dict[str, np.ndarray] = {}
     groups = {kind: [_group_meta(g, f"{kind}{i}", arrays) for i, g in enumerate(rollouts_state[kind])]
               for kind in ("inflight", "buffer")}
     state = {"counts": rollouts_state["counts"], "sent_version": rollouts_state["sent_version"], **groups,
              **extra}
+    path.mkdir(parents=True, exist_ok=True)
     np.savez(path / "arrays.npz", **arrays)
-    _atomic_write(path / "coordinator.json", json.dumps(state))
+    (path / "coordinator.json").write_text(json.dumps(state))
     shutil.copyfile(policy_file, path / "policy.safetensors")
-    _atomic_write(path / "meta.json", json.dumps({"step": step, "version": version}))
-    root = path.parent
-    _atomic_write(root / "latest", path.name)
+    meta = {"step": step, "version": version, "files": _manifest(path)}
+    _atomic_write(path / "meta.json", json.dumps(meta))
+    root, final = path.parent, checkpoint_dir(path.parent.parent, step)
+    shutil.rmtree(final, ignore_errors=True)  # one found corrupt and skipped at resume
+    os.replace(path, final)
+    _fsync_dir(root)
+    _atomic_write(root / "latest", final.name)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-_KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def latest(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint of a run (None if there is none)."""
+    """The newest complete checkpoint whose files match its manifest (None if there is none). A torn or corrupt
+    one is skipped with a logged error, and the one before it is used."""
     root = run_dir / "checkpoints"
-    candidates = sorted((p for p in root.glob("step_*") if (p / "meta.json").exists()), reverse=True)
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     for p in candidates:
         try:
-            meta = json.loads((p / "meta.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            meta = verify(p)
+        except CheckpointCorrupt as e:
+            log.error("checkpoint.corrupt", checkpoint=p.name, error=str(e),
+                      detail="skipped; falling back to the previous checkpoint")
             continue
         return Checkpoint(path=p, step=int(meta["step"]), meta=meta)
     return None

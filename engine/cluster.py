@@ -3,8 +3,9 @@
 ``start_actors`` is the one place that knows the process map of DESIGN.md. Inside the ``async with`` block the
 caller gets ``Actors``: rollouts (engine/rollouts.py), the group buffer, and the learner handle. A background
 pump routes every incoming frame. A dead or silent rollout or reward worker is restarted and its unfinished
-work re-queued (Supervisor, Rollouts); the learner failing, an ErrorReport, or too many restarts abort the block
-with ``ActorFailed`` naming the actor and the tail of its log.
+work re-queued (Supervisor, Rollouts); the learner dying or going silent aborts the block with ``LearnerFailed``
+(engine/recovery.py resumes the run from its newest checkpoint); an ErrorReport or too many worker restarts abort
+it with ``ActorFailed`` naming the actor and the tail of its log.
 """
 
 from __future__ import annotations
@@ -18,18 +19,36 @@ from pathlib import Path
 import structlog
 
 from engine.launch import learner_command, learner_env
-from configs.schema import RunConfig
+from configs.schema import RunConfig, TransportConfig
 from engine.buffer import GroupBuffer
 from engine.procs import Child, python_module, respawn, spawn, stop_all
+from engine import simulate
+from engine.judging import Judging
 from engine.rollouts import Rollouts, Sampling
-from transport import (CheckpointSaved, ErrorReport, Hello, Hub, ResponseChunk, SaveCheckpoint, Scored, Shutdown,
-                       TrainBatch, TrainResult, WeightsLoaded)
+from engine.schedule import LengthPredictor, Scheduler
+from engine.tasks import build_task
+from transport import (CheckpointSaved, ErrorReport, Hello, Hub, Judged, ResponseChunk, SaveCheckpoint, Scored,
+                       Shutdown, TrainBatch, TrainResult, WeightsLoaded)
+from transport.curve import CurveKeys, server_keys
 
 log = structlog.get_logger()
 
 
 class ActorFailed(RuntimeError):
     """An actor died, went silent or reported an error; the run cannot continue."""
+
+
+class LearnerFailed(ActorFailed):
+    """The learner group (torchrun or one of its ranks) died or went silent: resume from a checkpoint."""
+
+
+@dataclass
+class Faults:
+    """Failures survived so far in this run, carried across learner restarts (engine/recovery.py)."""
+
+    actor_restarts: int = 0  # rollout/reward workers restarted (transport.max_actor_restarts per run)
+    learner_restarts: int = 0
+    frames_rejected: int = 0  # by hubs that are closed already
 
 
 class Learner:
@@ -65,14 +84,18 @@ class Supervisor:
 
     A child that exited, or whose peer sent nothing for transport.peer_timeout_s, has failed. A failed rollout
     or reward worker is killed (its whole session) and started again, up to transport.max_actor_restarts
-    times per run; the learner failing ends the run (resuming it from a checkpoint comes with elastic learners).
+    times per run; the learner failing raises LearnerFailed (engine/recovery.py rolls the run back to a checkpoint).
     """
 
-    def __init__(self, hub: Hub, children: list[Child], *, max_restarts: int) -> None:
+    def __init__(self, hub: Hub, children: list[Child], *, max_restarts: int, faults: Faults | None = None) -> None:
         self._hub, self._max_restarts = hub, max_restarts
         self.children = {c.name: c for c in children}
         self.peer_of: dict[str, str] = {}  # child name -> peer id of its current process
-        self.num_restarts = 0
+        self.faults = faults or Faults()
+
+    @property
+    def num_restarts(self) -> int:
+        return self.faults.actor_restarts
 
     def joined(self, peer: str, msg: Hello) -> None:
         name = "learner" if msg.role == "learner" else f"{msg.role}-{msg.worker_id}"
@@ -97,12 +120,14 @@ class Supervisor:
             self._hub.forget(old_peer)
             return old_peer
         child = self.children[name]
-        if name == "learner" or self.num_restarts >= self._max_restarts:
+        if name == "learner":
+            raise LearnerFailed(f"learner {why}; see {child.log_path}. Last lines:\n{child.log_tail()}")
+        if self.num_restarts >= self._max_restarts:
             raise ActorFailed(f"{name} {why} (restarts used: {self.num_restarts} of transport.max_actor_restarts="
                               f"{self._max_restarts}); see {child.log_path}. Last lines:\n{child.log_tail()}")
         log.warning("actor.restarting", name=name, why=why, log=str(child.log_path))
         self.children[name] = await asyncio.to_thread(respawn, child)
-        self.num_restarts += 1
+        self.faults.actor_restarts += 1
         old_peer = self.peer_of.pop(name, None)
         if old_peer is not None:
             self._hub.forget(old_peer)
@@ -115,23 +140,50 @@ class Actors:
     buffer: GroupBuffer
     learner: Learner
     supervisor: Supervisor
+    hub: Hub | None = None
 
     def counters(self) -> dict[str, int]:
-        return {"buffered_groups": len(self.buffer), "actor_restarts": self.supervisor.num_restarts,
+        faults, load = self.supervisor.faults, self.hub.load() if self.hub else {}
+        return {"buffered_groups": len(self.buffer), "actor_restarts": faults.actor_restarts,
+                "learner_restarts": faults.learner_restarts, **load,
+                "frames_rejected": faults.frames_rejected + load.get("frames_rejected", 0),
                 **self.buffer.last_take, **self.rollouts.counters()}
+
+
+def _curve(tc: TransportConfig) -> CurveKeys | None:
+    return server_keys(tc.curve_keys_dir) if tc.curve_keys_dir else None
+
+
+def _postprocess_work(cfg: RunConfig):
+    """What the post-processing pool does to a finished response: detokenize it (sim: the cost model's time)."""
+    if cfg.rollout.backend == "sim":
+        return simulate.detokenize_work(cfg.sim)
+    tokenizer = build_task(cfg.task).tokenizer
+    return lambda token_ids: tokenizer.decode(token_ids.tolist())
 
 
 def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str, resume: str | None) -> list[Child]:
     config_path, logs = str(run_dir / "config.yaml"), run_dir / "logs"
     common = ["--endpoint", endpoint, "--config", config_path]
     children = []
-    for i in range(cfg.rollout.num_workers):
+    if cfg.rollout.backend == "sim":  # many simulated workers per process (actors/sim_backend.py)
+        per = cfg.sim.workers_per_process
+        for first in range(0, cfg.rollout.num_workers, per):
+            count = min(per, cfg.rollout.num_workers - first)
+            children.append(spawn(f"sim-workers-{first}", python_module(
+                "actors.sim_backend", *common, "--worker-id", str(first), "--count", str(count)), log_dir=logs))
+    for i in range(cfg.rollout.num_workers if cfg.rollout.backend != "sim" else 0):
         children.append(spawn(f"rollout-{i}", python_module("actors.rollout_worker", *common, "--worker-id", str(i),
                                                                "--init", init_dir), log_dir=logs,
                               env={"OMP_NUM_THREADS": str(cfg.rollout.threads_per_worker)}))
     for i in range(cfg.reward.num_workers):
-        children.append(spawn(f"reward-{i}", python_module("actors.reward_worker", *common, "--worker-id", str(i)),
+        children.append(spawn(f"reward-{i}", python_module("actors.reward_worker", *common, "--worker-id", str(i),
+                                                             "--init", init_dir),  # the default judge model
                               log_dir=logs, env={"OMP_NUM_THREADS": "1"}))
+    if cfg.sim.learner:  # the simulated learner (benchmarks): same protocol, cost-model time
+        children.append(spawn("learner", python_module("actors.sim_learner", *common, "--weights-dir",
+                                                       str(run_dir / "weights")), log_dir=logs))
+        return children
     argv = learner_command(cfg, config_path=config_path, endpoint=endpoint, init_dir=init_dir,
                            weights_dir=str(run_dir / "weights"), master_port=cfg.learner.master_port, resume=resume)
     children.append(spawn("learner", argv, log_dir=logs, env=learner_env(cfg)))
@@ -146,8 +198,9 @@ async def _wait_for_hellos(hub: Hub, cfg: RunConfig, sup: Supervisor) -> dict[st
     while any(len(joined[r]) < n for r, n in want.items()):
         for name, c in sup.children.items():
             if c.exited() is not None:
-                raise ActorFailed(f"{name} exited with code {c.exited()} while starting; see {c.log_path}. "
-                                  f"Last lines:\n{c.log_tail()}")
+                failed = LearnerFailed if name == "learner" else ActorFailed  # a learner start is retried
+                raise failed(f"{name} exited with code {c.exited()} while starting; see {c.log_path}. "
+                             f"Last lines:\n{c.log_tail()}")
         if time.monotonic() > deadline:
             missing = {r: n - len(joined[r]) for r, n in want.items() if len(joined[r]) < n}
             raise ActorFailed(f"actors {missing} did not connect within transport.start_timeout_s="
@@ -176,6 +229,8 @@ async def _pump(hub: Hub, a: Actors) -> None:
                 await a.rollouts.on_chunk(peer, msg)
             case Scored():
                 await a.rollouts.on_scored(msg)
+            case Judged():
+                await a.rollouts.on_judged(msg)
             case WeightsLoaded():
                 a.rollouts.on_weights_loaded(peer, msg)
             case TrainResult() | CheckpointSaved():
@@ -197,17 +252,20 @@ async def _pump(hub: Hub, a: Actors) -> None:
 
 
 @contextlib.asynccontextmanager
-async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_learner: str | None = None):
+async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_learner: str | None = None,
+                       faults: Faults | None = None):
     """Every process up and connected; on exit (normal, error or Ctrl-C) every process stopped. With
-    ``resume_learner`` the learner continues from that checkpoint directory."""
+    ``resume_learner`` the learner continues from that checkpoint directory. ``faults`` counts across calls."""
+    faults = faults if faults is not None else Faults()
     hub = Hub(host=cfg.transport.host, heartbeat_s=cfg.transport.heartbeat_s,
-              peer_timeout_s=cfg.transport.peer_timeout_s, max_frame_bytes=cfg.transport.max_frame_bytes)
+              peer_timeout_s=cfg.transport.peer_timeout_s, max_frame_bytes=cfg.transport.max_frame_bytes,
+              hwm=cfg.transport.hwm, curve=_curve(cfg.transport), insecure=cfg.transport.insecure)
     await hub.start()
     children: list[Child] = []
     sup: Supervisor | None = None
     try:
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner)
-        sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts)
+        sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts, faults=faults)
         peers = await _wait_for_hellos(hub, cfg, sup)
         buffer = GroupBuffer(on_over_bound=lambda groups, floor: rollouts.over_bound(groups, floor),
                              order=cfg.train.buffer_order, staleness_weight=cfg.train.buffer_staleness_weight)
@@ -219,9 +277,15 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_l
                                 adaptive=cfg.rollout.adaptive_group_size, max_group_size=cfg.rollout.max_group_size,
                                 zv_target=cfg.rollout.zv_target, top_up=cfg.rollout.top_up,
                                 extra_sample_frac=cfg.rollout.extra_sample_frac),
-                            return_routes=cfg.rollout.return_routes)
+                            return_routes=cfg.rollout.return_routes,
+                            scheduler=Scheduler(cfg.rollout.schedule, LengthPredictor(
+                                ema=cfg.rollout.length_ema, default=float(cfg.task.max_answer_tokens))),
+                            postprocess_workers=cfg.rollout.postprocess_workers,
+                            reward_overlap=cfg.rollout.reward_overlap, postprocess=_postprocess_work(cfg))
+        if cfg.reward.plugin == "judge":
+            rollouts.judging = Judging(hub, peers["reward"])  # the same list of live reward peers as rollouts
         actors = Actors(rollouts=rollouts, buffer=buffer, learner=Learner(hub, peers["learner"][0]),
-                        supervisor=sup)
+                        supervisor=sup, hub=hub)
         async with asyncio.TaskGroup() as tg:
             pump = tg.create_task(_pump(hub, actors), name="coordinator.pump")
             yield actors
@@ -232,4 +296,5 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_l
             with contextlib.suppress(Exception):
                 await hub.send(peer, Shutdown(reason="run finished"))
         await asyncio.to_thread(stop_all, list(sup.children.values()) if sup else children)
+        faults.frames_rejected += sum(hub.rejected.values())
         await hub.close()

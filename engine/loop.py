@@ -5,7 +5,9 @@ every response in chunks, taking new weights between decode steps, so a response
 versions; admission is paced so that no token is more than ``train.max_staleness`` versions old when it is
 trained; reward workers score each response as soon as it finishes; the learner trains on whatever complete
 groups are ready. Every ``train.checkpoint_every`` steps the whole asynchronous state is saved, and
-``resume=true`` continues from there without skipping or repeating a prompt.
+``resume=true`` continues from there without skipping or repeating a prompt. A learner that dies mid-run is
+handled the same way, without a human: the run rolls back to the newest checkpoint and continues
+(engine/recovery.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from tqdm import tqdm
 from configs.schema import RunConfig
 from engine import checkpoint
 from engine.batch import RunStats, batch_stats, pack_batch
-from engine.cluster import Actors, start_actors
+from engine.cluster import Actors, Faults, start_actors
 from engine.metrics import MetricsWriter, truncate_jsonl
+from engine.recovery import restart_on_learner_failure
 from engine.rollouts import PromptItem
 from engine.sft import ensure_sft_checkpoint
 from engine.tasks import Task, build_task
@@ -35,36 +38,47 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
     init_dir, sft = ensure_sft_checkpoint(cfg, task, progress=cfg.progress)  # stage 1 (cached across runs)
     torch.set_num_threads(1)  # the actor processes own the cores from here on
     ckpt = checkpoint.latest(run_dir) if cfg.resume else None
+    summary = await restart_on_learner_failure(  # a dead learner: resume from the newest checkpoint, in process
+        cfg, run_dir, ckpt, lambda ckpt, faults: _rl(cfg, run_dir, task, init_dir, ckpt, faults, t_start))
+    return {**summary, "sft_cached": sft["cached"], "sft_s": sft["seconds"], "wall_s": time.monotonic() - t_start}
+
+
+async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: checkpoint.Checkpoint | None,
+              faults: Faults, t_start: float) -> dict:
+    """Stage 2 from checkpoint ``ckpt`` (None: from the start); whatever the files hold after it is dropped."""
     state = checkpoint.load_coordinator(ckpt) if ckpt else None
     first = ckpt.step + 1 if ckpt else 1
     for name in ("metrics.jsonl", "prompts.jsonl"):  # forget what happened after the checkpoint
-        truncate_jsonl(run_dir / name, last_step=first - 1)
+        truncate_jsonl(run_dir / name, last_step=first - 1 if ckpt else -1)
     metrics, ledger = MetricsWriter(run_dir / "metrics.jsonl"), MetricsWriter(run_dir / "prompts.jsonl")
     totals = RunStats.from_dict(state["totals"] if state else {})
     eval_items = [_item(task, i, ex) for i, ex in enumerate(task.eval_set)]
-    async with start_actors(cfg, run_dir, init_dir, resume_learner=ckpt and str(ckpt.learner_dir)) as a:
-        version = await _restore(a, ckpt, state) if ckpt else 0
-        eval_start = state["eval_start"] if state else await _evaluate(a, eval_items, 0, metrics)
-        a.rollouts.start(islice(_prompt_stream(task, cfg), a.rollouts.counts["prompts_taken"], None),
-                         total_groups=cfg.train.num_steps * cfg.train.groups_per_step)
-        t_rl, step = time.monotonic(), first - 1
-        for step in tqdm(range(first, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress, unit="step"):
-            version = await _train_step(a, cfg, task, step, version, metrics, ledger, totals, t_start)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.num_steps:
-                await _evaluate(a, eval_items, version, metrics)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                await _checkpoint(a, run_dir, step, version, totals, eval_start)
-            if cfg.train.sample_budget and a.rollouts.counts["generated_samples"] >= cfg.train.sample_budget:
-                break  # the rollout budget is spent
-        rl_s = time.monotonic() - t_rl
-        eval_end = await _evaluate(a, eval_items, version, metrics)
-    metrics.close()
-    ledger.close()
+    try:
+        async with start_actors(cfg, run_dir, init_dir, resume_learner=ckpt and str(ckpt.learner_dir),
+                                faults=faults) as a:
+            version = await _restore(a, ckpt, state) if ckpt else 0
+            eval_start = state["eval_start"] if state else await _evaluate(a, eval_items, 0, metrics)
+            a.rollouts.start(islice(_prompt_stream(task, cfg), a.rollouts.counts["prompts_taken"], None),
+                             total_groups=cfg.train.num_steps * cfg.train.groups_per_step)
+            t_rl, step = time.monotonic(), first - 1
+            for step in tqdm(range(first, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress,
+                             unit="step"):
+                version = await _train_step(a, cfg, task, step, version, metrics, ledger, totals, t_start)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.num_steps:
+                    await _evaluate(a, eval_items, version, metrics)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    await _checkpoint(a, run_dir, step, version, totals, eval_start)
+                if cfg.train.sample_budget and a.rollouts.counts["generated_samples"] >= cfg.train.sample_budget:
+                    break  # the rollout budget is spent
+            rl_s = time.monotonic() - t_rl
+            eval_end = await _evaluate(a, eval_items, version, metrics)
+    finally:
+        metrics.close()
+        ledger.close()
     return {"steps": step, "resumed_from_step": ckpt.step if ckpt else 0,
             "generated_samples": a.rollouts.counts["generated_samples"],
             "eval_accuracy_start": eval_start["accuracy"], "eval_accuracy_end": eval_end["accuracy"],
-            **totals.summary(a.rollouts.counts), "sft_cached": sft["cached"], "sft_s": sft["seconds"],
-            "rl_s": rl_s, "wall_s": time.monotonic() - t_start}
+            **totals.summary(a.rollouts.counts), "rl_s": rl_s}
 
 
 async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version: int, metrics: MetricsWriter,
@@ -89,7 +103,7 @@ async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version:
 
 
 async def _checkpoint(a: Actors, run_dir: Path, step: int, version: int, totals: RunStats, eval_start: dict):
-    path = checkpoint.checkpoint_dir(run_dir, step)
+    path = checkpoint.staging_dir(run_dir, step)  # renamed to checkpoints/step_N once complete and fsynced
     await a.learner.checkpoint(step, str(path / "learner"))  # every rank: model, optimizer, RNG
     checkpoint.save_coordinator(path, step=step, version=version, rollouts_state=a.rollouts.state(),
                                 extra={"totals": totals.to_dict(), "eval_start": eval_start},

@@ -30,8 +30,11 @@ import numpy as np
 import structlog
 
 from engine.buffer import Group, GroupBuffer, Sample
+from engine.postprocess import ScorePath
 from engine.rewards import is_zero_variance
-from transport import (CancelRequest, ContinueRequest, GenerateRequest, Hub, LoadWeights, ResponseChunk,
+from engine.schedule import Scheduler
+from engine.judging import Judging
+from transport import (CancelRequest, ContinueRequest, GenerateRequest, Hub, Judged, LoadWeights, ResponseChunk,
                        ScoreRequest, Scored, WeightsLoaded)
 
 log = structlog.get_logger()
@@ -75,7 +78,8 @@ class Rollouts:
     def __init__(self, hub: Hub, *, workers: list[str], rewards: list[str], buffer: GroupBuffer,
                  group_size: int, temperature: float, max_new_tokens: int, groups_per_step: int,
                  max_staleness: int, stale_policy: str = "regenerate", return_routes: bool = False,
-                 sampling: Sampling = Sampling()) -> None:
+                 sampling: Sampling = Sampling(), scheduler: Scheduler | None = None,
+                 postprocess_workers: int = 0, reward_overlap: bool = True, postprocess=None) -> None:
         self._hub, self._workers, self._rewards, self._buffer = hub, workers, rewards, buffer
         self._group_size, self._temperature, self._max_new_tokens = group_size, temperature, max_new_tokens
         self._groups_per_step, self._max_staleness = groups_per_step, max_staleness
@@ -86,7 +90,14 @@ class Rollouts:
         self.sent_version = 0  # newest weights sent to every worker
         self._inflight: dict[str, Group] = {}  # group_id -> group being generated or scored
         self._owner: dict[tuple[str, int], str] = {}  # (group_id, sample_index) -> worker generating it
+        self._sched = scheduler or Scheduler()  # which worker (engine/schedule.py); its load tracks _owner
+        for w in workers:
+            self._sched.add_worker(w)
+        self._load_of: dict[tuple[str, int], float] = {}  # (group_id, sample_index) -> what it adds to the load
+        self._score_path = ScorePath(self._score, workers=postprocess_workers, overlap=reward_overlap,
+                                     work=postprocess, hold_limit=groups_per_step * group_size)
         self._eval_results: dict[str, asyncio.Future] = {}
+        self.judging: Judging | None = None  # reward.plugin=judge: complete groups are judged first (cluster.py)
         self._scoring: dict[str, tuple[str, ScoreRequest]] = {}  # sample_key -> (reward peer, request)
         self._unsent_scores: list[ScoreRequest] = []  # while no reward worker is alive
         self._num_scored = 0  # round-robin position over reward workers
@@ -115,15 +126,21 @@ class Rollouts:
 
     async def _admit(self, prompts: Iterator[PromptItem], total_groups: int) -> None:
         while self.counts["admitted_groups"] < total_groups:
-            if self.counts["admitted_groups"] >= (self.sent_version + 1 + self._max_staleness) * self._groups_per_step:
+            limit = min((self.sent_version + 1 + self._max_staleness) * self._groups_per_step, total_groups)
+            if self.counts["admitted_groups"] >= limit:
                 self._capacity_freed.clear()  # set by load_weights() and by drops
                 await self._capacity_freed.wait()
                 continue
-            item = next(prompts)
-            self.counts["prompts_taken"] += 1
-            self.counts["admitted_groups"] += 1
-            await self._submit(f"g{self.counts['prompts_taken']}", item, self._group_size_for(item),
-                               self._temperature)
+            group_ids = []  # everything admissible now goes out together, in the scheduler's order
+            while self.counts["admitted_groups"] < limit:
+                item = next(prompts)
+                self.counts["prompts_taken"] += 1
+                self.counts["admitted_groups"] += 1
+                group_ids.append(f"g{self.counts['prompts_taken']}")
+                self._new_group(group_ids[-1], item, self._group_size_for(item), self._temperature)
+            groups = [self._inflight[gid] for gid in group_ids]
+            for i in self._sched.order([(g.prompt_id, g.source, g.num_samples) for g in groups]):
+                await self._dispatch(("group", group_ids[i]))
 
     def capacity_freed(self) -> None:
         self._capacity_freed.set()
@@ -151,10 +168,13 @@ class Rollouts:
         return base + extra
 
     async def _submit(self, group_id: str, item: PromptItem, num_samples: int, temperature: float) -> None:
+        self._new_group(group_id, item, num_samples, temperature)
+        await self._dispatch(("group", group_id))
+
+    def _new_group(self, group_id: str, item: PromptItem, num_samples: int, temperature: float) -> None:
         self._inflight[group_id] = Group(group_id=group_id, prompt_id=item.prompt_id,
                                          prompt_ids=np.asarray(item.prompt_ids, dtype=np.int32), answer=item.answer,
                                          num_samples=num_samples, temperature=temperature, source=item.source)
-        await self._dispatch(("group", group_id))
 
     async def _dispatch(self, job: tuple) -> None:
         """Send a whole group (``("group", id)``) or one sample's remainder (``("sample", id, index)``) to the
@@ -162,25 +182,33 @@ class Rollouts:
         if not self._workers:  # every worker is being restarted: add_worker() hands it out
             self._unassigned.append(job)
             return
-        worker = min(self._workers, key=self._outstanding_samples)
+        worker = self._sched.pick(self._workers)
         g = self._inflight[job[1]]
         routes = self._return_routes and g.temperature > 0  # not for greedy evals
         if job[0] == "group":
             for i in range(g.num_samples):
-                self._owner[(g.group_id, i)] = worker
+                self._own((g.group_id, i), worker, g)
             await self._hub.send(worker, GenerateRequest(
                 group_id=g.group_id, prompt_id=g.prompt_id, prompt_ids=g.prompt_ids, num_samples=g.num_samples,
                 max_new_tokens=self._max_new_tokens, temperature=g.temperature, return_routes=routes))
             return
         s = g.samples[job[2]].flush()
-        self._owner[(g.group_id, s.sample_index)] = worker
+        self._own((g.group_id, s.sample_index), worker, g)
         await self._hub.send(worker, ContinueRequest(
             group_id=g.group_id, sample_index=s.sample_index, prompt_id=g.prompt_id, prompt_ids=g.prompt_ids,
             prefix=s.token_ids, max_new_tokens=self._max_new_tokens, temperature=g.temperature,
             return_routes=routes, send_prompt_routes=routes and g.prompt_routes is None))
 
-    def _outstanding_samples(self, worker: str) -> int:
-        return sum(w == worker for w in self._owner.values())
+    def _own(self, key: tuple[str, int], worker: str, g: Group) -> None:
+        self._owner[key] = worker
+        self._load_of[key] = cost = self._sched.cost(g.prompt_id, g.source, 1)
+        self._sched.load[worker] = self._sched.load.get(worker, 0.0) + cost
+
+    def _disown(self, key: tuple[str, int]) -> None:
+        worker = self._owner.pop(key, None)
+        cost = self._load_of.pop(key, 0.0)
+        if worker in self._sched.load:
+            self._sched.load[worker] -= cost
 
     async def on_chunk(self, peer: str, msg: ResponseChunk) -> None:
         key = (msg.group_id, msg.sample_index)
@@ -200,12 +228,13 @@ class Rollouts:
         self.counts["generated_tokens"] += len(msg.token_ids)
         if not msg.finish_reason:
             return
-        del self._owner[key]
+        self._disown(key)
         sample.finish_reason = msg.finish_reason
         sample.flush()
         self.counts["generated_samples"] += msg.group_id not in self._eval_results  # RL samples (the budget)
-        await self._score(ScoreRequest(sample_key=f"{msg.group_id}/{msg.sample_index}", token_ids=sample.token_ids,
-                                       answer=group.answer))
+        await self._score_path.finished(ScoreRequest(sample_key=f"{msg.group_id}/{msg.sample_index}",
+                                                     token_ids=sample.token_ids, answer=group.answer),
+                                        generating=len(self._owner))
 
     async def _score(self, req: ScoreRequest) -> None:
         if not self._rewards:
@@ -227,13 +256,27 @@ class Rollouts:
         sample.reward, sample.valid, sample.reward_parts = msg.reward, msg.valid, dict(msg.reward_parts)
         if not group.complete:
             return
-        if group_id not in self._eval_results and await self._after_group(group):
-            return  # topped up: more samples to come
+        if group_id not in self._eval_results:
+            self._sched.predictor.observe(group.prompt_id, group.source, [s.length for s in group.samples.values()])
+            if await self._after_group(group):
+                return  # topped up: more samples to come
+            if self.judging is not None and self.judging.needs(group):
+                await self.judging.request(group)  # its rewards come back as Judged (on_judged)
+                return
         del self._inflight[group_id]
         if group_id in self._eval_results:
             self._eval_results.pop(group_id).set_result(group)
         else:
             self._buffer.put(group)
+
+    async def on_judged(self, msg: Judged) -> None:
+        """The judge margins of a complete group (reward.plugin=judge): it goes to the buffer."""
+        group = self._inflight.get(msg.group_id)
+        if group is None or not group.complete or not self.judging.apply(group, msg):  # e.g. regenerated meanwhile
+            log.info("rollouts.ignored_judgement", group_id=msg.group_id)
+            return
+        del self._inflight[msg.group_id]
+        self._buffer.put(group)
 
     async def _after_group(self, g: Group) -> bool:
         """A group just completed: update its source's zero-variance rate; top it up if its samples all agree in
@@ -269,11 +312,11 @@ class Rollouts:
                 keys = [f"{gid}/{i}" for gid, i in mine if self._owner[(gid, i)] == worker]
                 await self._hub.send(worker, CancelRequest(sample_keys=keys))
             for k in mine:
-                del self._owner[k]
+                self._disown(k)
             self.counts["cancelled_samples"] += len(mine)
         if self._stale_policy == "drop":
             for i in range(g.num_samples):
-                self._owner.pop((g.group_id, i), None)
+                self._disown((g.group_id, i))
                 self._scoring.pop(f"{g.group_id}/{i}", None)
             del self._inflight[g.group_id]
             self.counts["discarded_samples"] += g.num_samples
@@ -326,6 +369,10 @@ class Rollouts:
         return {"gen_idle_frac": float(np.mean([f[0] for f in fracs])),
                 "gen_paused_frac": float(np.mean([f[1] for f in fracs]))}
 
+    def worker_clocks(self) -> dict[str, tuple[float, float, float]]:
+        """peer -> (when, idle_s, paused_s) of each rollout worker's newest report (cumulative totals)."""
+        return dict(self._worker_clock)
+
     async def wait_weights(self, version: int) -> None:
         while not self.worker_versions or min(self.worker_versions.values()) < version:
             self._versions_changed.clear()
@@ -336,6 +383,7 @@ class Rollouts:
     async def add_worker(self, peer: str) -> None:
         """A (re)started rollout worker: bring it to the newest weights, then give it work."""
         self._workers.append(peer)
+        self._sched.add_worker(peer)
         self.worker_versions[peer] = 0
         if self._latest_weights is not None:
             await self._hub.send(peer, self._latest_weights)
@@ -347,12 +395,13 @@ class Rollouts:
         """A dead rollout worker: each of its unfinished responses continues on a live worker from the tokens
         already received (an empty prefix for one that had not started)."""
         self._workers.remove(peer)
+        self._sched.remove_worker(peer)
         self.worker_versions.pop(peer, None)
         self.worker_time.pop(peer, None)
         self._worker_clock.pop(peer, None)
         self._versions_changed.set()
         for key in [k for k, w in self._owner.items() if w == peer]:
-            del self._owner[key]
+            self._disown(key)
             self.counts["continued_samples"] += 1
             await self._dispatch(("sample", *key))
 
@@ -361,6 +410,8 @@ class Rollouts:
         unsent, self._unsent_scores = self._unsent_scores, []
         for req in unsent:
             await self._score(req)
+        if self.judging is not None:
+            await self.judging.requeue(None)
 
     async def remove_reward(self, peer: str) -> None:
         """A dead reward worker: send its unanswered requests to the others (or keep them for the next one)."""
@@ -368,6 +419,8 @@ class Rollouts:
         for _, req in [v for v in self._scoring.values() if v[0] == peer]:
             self.counts["requeued_scores"] += 1
             await self._score(req)
+        if self.judging is not None:
+            await self.judging.requeue(peer)
 
     def counters(self) -> dict[str, int]:
         return {k: v for k, v in self.counts.items() if k not in ("generated_tokens", "prompts_taken")}
@@ -396,7 +449,9 @@ class Rollouts:
                 elif s.reward is None:
                     await self._score(ScoreRequest(sample_key=f"{g.group_id}/{s.sample_index}",
                                                    token_ids=s.token_ids, answer=g.answer))
-            if g.complete:
+            if g.complete and self.judging is not None and self.judging.needs(g):
+                await self.judging.request(g)
+            elif g.complete:
                 del self._inflight[g.group_id]
                 self._buffer.put(g)
 
@@ -417,6 +472,7 @@ class Rollouts:
         return {"accuracy": float(np.mean(correct)), "eval_s": time.monotonic() - t0, "num_prompts": len(items)}
 
     async def stop(self) -> None:
+        self._score_path.close()
         if self._admit_task is not None:
             self._admit_task.cancel()
             await asyncio.gather(self._admit_task, return_exceptions=True)

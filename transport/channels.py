@@ -1,17 +1,31 @@
 """Async ZeroMQ channels on uvloop: the coordinator's ``Hub`` (ROUTER) and one ``Peer`` per actor (DEALER).
 
-Every frame is one ``codec`` message. Each side runs two background tasks: a receive loop that decodes frames
-into an inbox, and a heartbeat sender. A bad frame is dropped, counted in ``rejected[reason]`` and logged as
-``transport.frame_rejected``; it never stops the receive loop. If a background task dies anyway, the next
-``recv()`` raises. Liveness: any valid frame counts; an actor's ``Peer.recv()`` raises ``PeerLost`` once the
-hub has been silent for ``peer_timeout_s``, so actors of a dead coordinator exit by themselves.
-Actors run blocking work (torch) in ``asyncio.to_thread`` so that heartbeats keep flowing.
+Every frame is one ``codec`` message, preceded by its sequence number: the envelope is ``[seq, payload]``
+(``[identity, seq, payload]`` at the ROUTER), seq an 8-byte big-endian counter per connection and direction.
+Each side runs two background tasks: a receive loop that decodes frames into an inbox, and a heartbeat sender.
+A bad frame is dropped, counted in ``rejected[reason]`` and logged as ``transport.frame_rejected``; it never
+stops the receive loop (the log line has the running count; after the first 20 of a reason only every
+2^k-th one is logged, so a flood cannot fill the disk). Reasons: the codec's (malformed, too_large, too_deep, protocol_version, unknown_type,
+bad_fields, bad_array), plus bad_envelope, unknown_peer (a frame before Hello), replayed (a sequence number not
+above the last one seen from that peer, including a replayed Hello of a peer that is gone), too_many_peers, and
+at the hub's socket auth_failed / bad_handshake (CURVE or ZMTP handshake refused: a wrong key, a port scanner).
+If a background task dies anyway, the next ``recv()`` raises. Liveness: any valid frame counts; an actor's
+``Peer.recv()`` raises ``PeerLost`` once the hub has been silent for ``peer_timeout_s``, so actors of a dead
+coordinator exit by themselves. Actors run blocking work (torch) in ``asyncio.to_thread`` so heartbeats flow.
+
+Memory is bounded: at most ``hwm`` frames wait in each ZeroMQ queue and in the inbox (a full inbox stops the
+receive loop, and ZeroMQ's high-water mark then blocks the senders: backpressure, not growth); a frame over
+``max_frame_bytes`` is rejected by the codec before parsing, and one over twice that is refused by ZeroMQ
+itself (``MAXMSGSIZE``: the connection is dropped before the frame is buffered). Binding anything but loopback
+needs CURVE keys (transport/curve.py) or ``insecure=True``, which logs a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import struct
 import time
 from dataclasses import dataclass
 
@@ -19,13 +33,22 @@ import structlog
 import uvloop
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 from transport.codec import DEFAULT_MAX_FRAME_BYTES, FrameError, decode, encode
+from transport.curve import CurveKeys, is_loopback
 from transport.messages import Heartbeat, Hello
 
 log = structlog.get_logger("transport")
 
 _STOP = object()  # put in an inbox to wake a waiting recv() when a background task dies or the channel closes
+_SEQ = struct.Struct(">Q")
+_LOG_FIRST = 20  # rejected frames logged one by one per reason; after that only the 2^k-th (with its count)
+_MAX_RETIRED = 4096  # forgotten peers whose last sequence number is remembered (a replayed Hello is refused)
+_HANDSHAKE_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed",
+                     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "bad_handshake",
+                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "bad_handshake"}
 
 
 def run(coro):
@@ -44,6 +67,7 @@ class PeerInfo:
     worker_id: int
     pid: int
     last_seen: float  # time.monotonic() of the last valid frame from this peer
+    last_seq: int = 0  # sequence number of that frame: a frame not above it is a replay
 
 
 class _Channel:
@@ -57,9 +81,11 @@ class _Channel:
         self.rejected: collections.Counter[str] = collections.Counter()
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(socket_type)
-        for option, value in ((zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.LINGER, 0)):
+        for option, value in ((zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.LINGER, 0),
+                              (zmq.MAXMSGSIZE, 2 * max_frame_bytes)):
             self._sock.setsockopt(option, value)
         self._inbox: asyncio.Queue = asyncio.Queue(maxsize=hwm)  # full -> stop reading -> zmq HWM pushes back
+        self.inbox_peak = 0  # most frames waiting in the inbox since the last load() call
         self._tasks: list[asyncio.Task] = []
         self._failure: BaseException | None = None
         self._closed = False
@@ -100,9 +126,27 @@ class _Channel:
             self._reject(e.reason, peer, str(e))
             return None
 
+    def _seq(self, part, peer: str) -> int | None:
+        if len(part) != _SEQ.size:
+            self._reject("bad_envelope", peer, f"sequence number of {len(part)} bytes, expected {_SEQ.size}")
+            return None
+        return _SEQ.unpack(part.bytes if hasattr(part, "bytes") else part)[0]
+
+    async def _put(self, item) -> None:
+        await self._inbox.put(item)
+        self.inbox_peak = max(self.inbox_peak, self._inbox.qsize())
+
+    def load(self) -> dict[str, int]:
+        """Counters for metrics.jsonl: frames rejected so far (all reasons), and the inbox peak since the last
+        call (at ``hwm`` the receive loop is pausing and senders are being pushed back)."""
+        peak, self.inbox_peak = self.inbox_peak, self._inbox.qsize()
+        return {"frames_rejected": sum(self.rejected.values()), "inbox_peak": peak}
+
     def _reject(self, reason: str, peer: str, detail: str) -> None:
         self.rejected[reason] += 1
-        log.warning("transport.frame_rejected", reason=reason, peer=peer, detail=detail)
+        n = self.rejected[reason]
+        if n <= _LOG_FIRST or n & (n - 1) == 0:  # a flood must not fill the disk: then only the 2^k-th one
+            log.warning("transport.frame_rejected", reason=reason, peer=peer, detail=detail, count=n)
 
     async def close(self) -> None:
         """Stop the background tasks and drop unsent frames (linger 0). Safe to call twice."""
@@ -128,15 +172,36 @@ class Hub(_Channel):
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, heartbeat_s: float = 1.0,
                  peer_timeout_s: float = 60.0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 hwm: int = 10000):
+                 hwm: int = 10000, curve: CurveKeys | None = None, insecure: bool = False, max_peers: int = 1024):
+        if not is_loopback(host) and curve is None and not insecure:
+            raise ValueError(f"binding {host} (not loopback) needs CURVE keys: generate them with `python -m "
+                             "transport.keys DIR` and pass transport.curve_keys_dir=DIR, or pass "
+                             "transport.insecure=true to accept unauthenticated peers")
         super().__init__(zmq.ROUTER, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
                          max_frame_bytes=max_frame_bytes, hwm=hwm)
-        self.host, self.port = host, port
+        self.host, self.port, self.curve, self.max_peers = host, port, curve, max_peers
         self.endpoint = ""  # "tcp://host:port", set by start()
         self.peers: dict[str, PeerInfo] = {}
+        self._retired: collections.OrderedDict[str, int] = collections.OrderedDict()  # forgotten -> last seq
+        self._send_seq: dict[str, int] = {}
         self._joined = asyncio.Event()  # replaced after each set(), so waiters wake once per Hello
+        self._auth: AsyncioAuthenticator | None = None
+        if curve is not None:
+            self._sock.curve_secretkey, self._sock.curve_publickey = curve.secret, curve.public
+            self._sock.curve_server = True
 
     async def start(self) -> None:
+        if self.curve is not None:  # ZAP: only clients whose public key is in authorized_dir get through
+            self._auth = AsyncioAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self.curve.authorized_dir)
+        elif not is_loopback(self.host):
+            log.warning("transport.insecure_bind", host=self.host,
+                        detail="no CURVE keys: anyone who can reach this port can join the run and send frames")
+        monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._spawn(self._monitor_loop(monitor), "hub.monitor")
         if self.port == 0:
             self.port = self._sock.bind_to_random_port(f"tcp://{self.host}")
         else:
@@ -162,7 +227,11 @@ class Hub(_Channel):
         self._check()
         if peer_id not in self.peers:
             raise KeyError(f"unknown peer {peer_id!r}; known peers: {sorted(self.peers)}")
-        await self._sock.send_multipart([_identity(peer_id), encode(msg)], copy=False)
+        await self._sock.send_multipart([_identity(peer_id), self._next_seq(peer_id), encode(msg)], copy=False)
+
+    def _next_seq(self, peer_id: str) -> bytes:
+        self._send_seq[peer_id] = n = self._send_seq.get(peer_id, 0) + 1
+        return _SEQ.pack(n)
 
     async def wait_for_peers(self, role: str, count: int, timeout: float) -> list[str]:
         """Ids of all peers of ``role`` once at least ``count`` have said Hello.
@@ -183,8 +252,14 @@ class Hub(_Channel):
                                f"{timeout:.0f}s; check that they started and see their logs") from None
 
     def forget(self, peer_id: str) -> None:
-        """Drop a peer the caller declared gone: no more heartbeats to it, and its frames count as unknown."""
-        self.peers.pop(peer_id, None)
+        """Drop a peer the caller declared gone: no more heartbeats to it, and its frames count as unknown (a
+        replay of its Hello as ``replayed``)."""
+        info = self.peers.pop(peer_id, None)
+        self._send_seq.pop(peer_id, None)
+        if info is not None:
+            self._retired[peer_id] = info.last_seq
+            while len(self._retired) > _MAX_RETIRED:
+                self._retired.popitem(last=False)
 
     def dead_peers(self) -> list[str]:
         """Peers silent for longer than ``peer_timeout_s``."""
@@ -195,32 +270,61 @@ class Hub(_Channel):
         while True:
             parts = await self._sock.recv_multipart(copy=False)
             peer_id = _peer_id(parts[0].bytes)
-            if len(parts) != 2:
-                self._reject("bad_envelope", peer_id, f"{len(parts)} parts, expected [identity, payload]")
+            if len(parts) != 3:
+                self._reject("bad_envelope", peer_id, f"{len(parts)} parts, expected [identity, seq, payload]")
                 continue
-            msg = self._decode(parts[1], peer_id)
+            seq = self._seq(parts[1], peer_id)
+            if seq is None:
+                continue
+            info = self.peers.get(peer_id)
+            last = info.last_seq if info is not None else self._retired.get(peer_id, 0)
+            if seq <= last:  # checked before decoding: a replay costs nothing
+                self._reject("replayed", peer_id, f"sequence number {seq}, last seen {last}")
+                continue
+            msg = self._decode(parts[2], peer_id)
             if msg is None:
                 continue
-            if isinstance(msg, Hello):
-                self.peers[peer_id] = PeerInfo(peer_id, msg.role, msg.worker_id, msg.pid, time.monotonic())
+            if isinstance(msg, Hello) and info is None:
+                if len(self.peers) >= self.max_peers:
+                    self._reject("too_many_peers", peer_id, f"{self.max_peers} peers joined already")
+                    continue
+                self._retired.pop(peer_id, None)
+                self.peers[peer_id] = info = PeerInfo(peer_id, msg.role, msg.worker_id, msg.pid, time.monotonic())
                 self._joined.set()
                 self._joined = asyncio.Event()
                 log.info("transport.peer_joined", peer=peer_id, role=msg.role, worker_id=msg.worker_id,
                          pid=msg.pid)
-            elif peer_id in self.peers:
-                self.peers[peer_id].last_seen = time.monotonic()
-            else:
+            elif info is None:
                 self._reject("unknown_peer", peer_id, f"{type(msg).__name__} before Hello")
                 continue
+            elif isinstance(msg, Hello):
+                self._reject("bad_fields", peer_id, "a second Hello on one connection")
+                continue
+            info.last_seen, info.last_seq = time.monotonic(), seq
             if not isinstance(msg, Heartbeat):
-                await self._inbox.put((peer_id, msg))
+                await self._put((peer_id, msg))
 
     async def _heartbeat_loop(self) -> None:
         while True:
             frame = encode(Heartbeat(sent_at=time.time()))
             for peer_id in list(self.peers):  # ROUTER drops frames for gone peers instead of blocking
-                await self._sock.send_multipart([_identity(peer_id), frame])
+                await self._sock.send_multipart([_identity(peer_id), self._next_seq(peer_id), frame])
             await asyncio.sleep(self.heartbeat_s)
+
+    async def _monitor_loop(self, monitor) -> None:
+        """Count handshakes refused at the socket: a client with a wrong CURVE key, or bytes that are not ZMTP."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            reason = _HANDSHAKE_EVENTS.get(event["event"])
+            if reason is not None:
+                self._reject(reason, str(event.get("endpoint", b""), errors="replace"), f"zmq event {event['event']}")
+
+    async def close(self) -> None:
+        if self._auth is not None and not self._closed:
+            self._auth.stop()
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        await super().close()
 
 
 class Peer(_Channel):
@@ -233,19 +337,27 @@ class Peer(_Channel):
     """
 
     def __init__(self, endpoint: str, *, hello: Hello, heartbeat_s: float = 1.0, peer_timeout_s: float = 60.0,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, hwm: int = 10000):
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, hwm: int = 10000, curve: CurveKeys | None = None):
         super().__init__(zmq.DEALER, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
                          max_frame_bytes=max_frame_bytes, hwm=hwm)
         self.endpoint = endpoint
         self.hello = hello
         self.peer_id = f"{hello.role}-{hello.worker_id}-{hello.pid}"
         self._sock.setsockopt(zmq.ROUTING_ID, self.peer_id.encode())
+        if curve is not None:  # the hub refuses the handshake unless our public key is authorized
+            self._sock.curve_secretkey, self._sock.curve_publickey = curve.secret, curve.public
+            self._sock.curve_serverkey = curve.server_public
         self._last_heard = time.monotonic()
+        self._send_seq = self._recv_seq = 0
+
+    def _next_seq(self) -> bytes:
+        self._send_seq += 1
+        return _SEQ.pack(self._send_seq)
 
     async def start(self) -> None:
         self._sock.connect(self.endpoint)
         self._last_heard = time.monotonic()
-        await self._sock.send(encode(self.hello))
+        await self._sock.send_multipart([self._next_seq(), encode(self.hello)])
         self._spawn(self._receive_loop(), "peer.receive")
         self._spawn(self._heartbeat_loop(), "peer.heartbeat")
 
@@ -271,7 +383,7 @@ class Peer(_Channel):
     async def send(self, msg) -> None:
         self._check()
         self._check_alive()
-        await self._sock.send(encode(msg), copy=False)
+        await self._sock.send_multipart([self._next_seq(), encode(msg)], copy=False)
 
     def _check_alive(self) -> None:
         silent_s = time.monotonic() - self._last_heard
@@ -282,20 +394,26 @@ class Peer(_Channel):
     async def _receive_loop(self) -> None:
         while True:
             parts = await self._sock.recv_multipart(copy=False)
-            if len(parts) != 1:
-                self._reject("bad_envelope", "hub", f"{len(parts)} parts, expected [payload]")
+            if len(parts) != 2:
+                self._reject("bad_envelope", "hub", f"{len(parts)} parts, expected [seq, payload]")
                 continue
-            msg = self._decode(parts[0], "hub")
+            seq = self._seq(parts[0], "hub")
+            if seq is None:
+                continue
+            if seq <= self._recv_seq:
+                self._reject("replayed", "hub", f"sequence number {seq}, last seen {self._recv_seq}")
+                continue
+            msg = self._decode(parts[1], "hub")
             if msg is None:
                 continue
-            self._last_heard = time.monotonic()
+            self._last_heard, self._recv_seq = time.monotonic(), seq
             if not isinstance(msg, Heartbeat):
-                await self._inbox.put(msg)
+                await self._put(msg)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            await self._sock.send(encode(Heartbeat(sent_at=time.time())))
+            await self._sock.send_multipart([self._next_seq(), encode(Heartbeat(sent_at=time.time()))])
 
 
 def _peer_id(identity: bytes) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROTOCOL_VERSION = 3  # bump on any incompatible change to a message below
+PROTOCOL_VERSION = 4  # bump on any incompatible change to a message below
 
 
 def _no_routes() -> np.ndarray:
@@ -164,6 +164,33 @@ class Scored:
     text: str = ""  # detokenized response
 
 
+@_msg
+class JudgeRequest:
+    """Judge a whole group with the generative judge (engine/judge.py): sent by the coordinator once every response
+    of the group has been verified on its own. Responses are concatenated: response k is
+    ``token_ids[offsets[k]:offsets[k + 1]]``."""
+
+    group_id: str
+    prompt_ids: np.ndarray  # int32 [P]
+    token_ids: np.ndarray  # int32 [sum of T] every response of the group, in sample order
+    offsets: np.ndarray  # int32 [G + 1]
+    sample_indices: list[int]  # [G]
+    answer: str
+    request_id: int = 0  # echoed in Judged: a group judged again (some responses regenerated) ignores old answers
+
+
+@_msg
+class Judged:
+    """The group's judge rewards: one margin per response (0 for an invalid one), in ``sample_indices`` order."""
+
+    group_id: str
+    sample_indices: list[int]
+    rewards: list[float]
+    valid: list[bool]  # False = no parsed verdict involves it (excluded from Eq. 11's set)
+    parts: dict[str, float] = field(default_factory=dict)  # group counts: judge_calls, judge_parse_failures, ...
+    request_id: int = 0
+
+
 # ---- learner -------------------------------------------------------------------------------------------
 
 
@@ -221,6 +248,8 @@ MESSAGE_TYPES: tuple[type, ...] = (
     WeightsLoaded,
     ScoreRequest,
     Scored,
+    JudgeRequest,
+    Judged,
     TrainBatch,
     TrainResult,
     SaveCheckpoint,

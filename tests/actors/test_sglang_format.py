@@ -71,3 +71,17 @@ def test_malformed_responses_are_refused_with_the_reason(mutate, match):
     with pytest.raises(ValueError, match=match):
         parse_generate_response([item], [[1, 2]], num_layers=LAYERS, top_k=K, num_experts=EXPERTS,
                                 return_routes=True)
+
+
+def test_fp8_rollout_options_become_sglang_server_arguments():
+    from actors.sglang_backend import server_args
+
+    plain = server_args("ckpt/v0", port=30001)
+    assert plain[:3] == ["python", "-m", "sglang.launch_server"]
+    assert "--enable-return-routed-experts" in plain and "--quantization" not in plain
+    assert "--kv-cache-dtype" not in plain
+    fp8 = server_args("ckpt/v0", quantization="fp8", kv_cache_dtype="fp8_e5m2")
+    assert fp8[fp8.index("--quantization") + 1] == "fp8"
+    assert fp8[fp8.index("--kv-cache-dtype") + 1] == "fp8_e5m2"
+    with pytest.raises(ValueError, match="rollout.quantization"):
+        server_args("ckpt/v0", quantization="int4")

@@ -24,6 +24,10 @@ from transport.messages import (
 )
 
 
+def _seq(n: int) -> bytes:
+    return n.to_bytes(8, "big")  # the channel's sequence-number frame
+
+
 def _request(n: int = 4) -> GenerateRequest:
     return GenerateRequest(group_id="g0", prompt_id=1, prompt_ids=np.arange(n, dtype=np.int32), num_samples=1,
                            max_new_tokens=n, temperature=1.0)
@@ -137,23 +141,28 @@ def test_hub_rejects_bad_frames_and_keeps_serving():
         raw = ctx.socket(zmq.DEALER)  # zmq-generated (binary) routing id
         raw.connect(hub.endpoint)
         try:
-            await raw.send(b"\xc1 not msgpack at all")
-            await raw.send(bytes(5000))
-            await raw.send(msgpack.packb([PROTOCOL_VERSION, "Nope", {}]))
+            await raw.send_multipart([_seq(1), b"\xc1 not msgpack at all"])
+            await raw.send_multipart([_seq(2), bytes(5000)])
+            await raw.send_multipart([_seq(3), msgpack.packb([PROTOCOL_VERSION, "Nope", {}])])
             old_hello = {"role": "x", "worker_id": 0, "pid": 1}
-            await raw.send(msgpack.packb([PROTOCOL_VERSION - 1, "Hello", old_hello]))
-            await raw.send_multipart([b"", encode(Shutdown())])  # REQ-style envelope
-            await raw.send(encode(Heartbeat(sent_at=0.0)))  # valid, but before Hello
-            await raw.send(encode(Hello(role="reward", worker_id=7, pid=1)))
+            await raw.send_multipart([_seq(4), msgpack.packb([PROTOCOL_VERSION - 1, "Hello", old_hello])])
+            await raw.send_multipart([b"", encode(Shutdown())])  # REQ-style envelope: no sequence number
+            await raw.send(encode(Shutdown()))  # no sequence number at all
+            await raw.send_multipart([_seq(5), encode(Heartbeat(sent_at=0.0))])  # valid, but before Hello
+            await raw.send_multipart([_seq(6), encode(Hello(role="reward", worker_id=7, pid=1))])
+            await raw.send_multipart([_seq(6), encode(Scored(sample_key="k", reward=1.0, valid=True))])  # replayed
             peer_id, hello = await hub.recv(timeout=5)  # frames arrive in order: the bad ones were seen first
             assert peer_id.startswith("0x") and hello.worker_id == 7
+            await raw.send_multipart([_seq(7), encode(Scored(sample_key="k", reward=1.0, valid=True))])
+            assert await hub.recv(timeout=5) == (peer_id, Scored(sample_key="k", reward=1.0, valid=True))
             assert hub.rejected == {"malformed": 1, "too_large": 1, "unknown_type": 1, "protocol_version": 1,
-                                    "bad_envelope": 1, "unknown_peer": 1}
+                                    "bad_envelope": 2, "unknown_peer": 1, "replayed": 1}
             await hub.send(peer_id, Shutdown(reason="bye"))
             reply = Heartbeat(sent_at=0.0)
             while isinstance(reply, Heartbeat):  # the hub heartbeats this peer now that it said Hello
                 assert await raw.poll(5000), "hub did not answer after rejecting bad frames"
-                reply = decode(await raw.recv())
+                seq, frame = await raw.recv_multipart()
+                reply = decode(frame)
             assert reply == Shutdown(reason="bye")
         finally:
             raw.close(linger=0)
@@ -173,13 +182,17 @@ def test_peer_rejects_bad_frames_from_the_hub_and_keeps_serving():
         await peer.start()
         try:
             assert await router.poll(5000)
-            ident, hello = await router.recv_multipart()
-            assert decode(hello) == peer.hello and ident == b"learner-0-1"
-            await router.send_multipart([ident, b"\x92garbage"])
+            ident, seq, hello = await router.recv_multipart()
+            assert decode(hello) == peer.hello and ident == b"learner-0-1" and seq == _seq(1)
+            await router.send_multipart([ident, _seq(1), b"\x92garbage"])
             await router.send_multipart([ident, b"a", b"b"])
-            await router.send_multipart([ident, encode(Scored(sample_key="k", reward=1.0, valid=True))])
+            await router.send_multipart([ident, encode(Shutdown())])  # no sequence number
+            await router.send_multipart([ident, _seq(2), encode(Scored(sample_key="k", reward=1.0, valid=True))])
+            await router.send_multipart([ident, _seq(2), encode(Shutdown())])  # replayed
+            await router.send_multipart([ident, _seq(3), encode(Shutdown(reason="after"))])
             assert await peer.recv(timeout=5) == Scored(sample_key="k", reward=1.0, valid=True)
-            assert peer.rejected == {"malformed": 1, "bad_envelope": 1}
+            assert await peer.recv(timeout=5) == Shutdown(reason="after")
+            assert peer.rejected == {"malformed": 1, "bad_envelope": 2, "replayed": 1}
         finally:
             await peer.close()
             router.close(linger=0)

@@ -10,7 +10,7 @@ import pytest
 from transport.codec import DEFAULT_MAX_FRAME_BYTES, FrameError, decode, encode
 from transport.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, CancelRequest, CheckpointSaved, ContinueRequest,
                                 SaveCheckpoint, ResponseChunk, ErrorReport, GenerateRequest, Heartbeat,
-                                Hello, LoadWeights, Scored, ScoreRequest, Shutdown, TrainBatch, TrainResult,
+                                Hello, Judged, JudgeRequest, LoadWeights, Scored, ScoreRequest, Shutdown, TrainBatch, TrainResult,
                                 WeightsLoaded)
 
 pytestmark = pytest.mark.timeout(10)
@@ -48,6 +48,10 @@ def _samples():
         ScoreRequest(sample_key="g1/2", token_ids=np.zeros(0, i32), answer="42"),
         Scored(sample_key="g1/2", reward=1.0, valid=True, reward_parts={"format": 0.5, "exact": 1.0},
                text="42"),
+        JudgeRequest(group_id="g1", prompt_ids=np.arange(9, dtype=i32), token_ids=np.arange(7, dtype=i32),
+                     offsets=np.array([0, 3, 7], dtype=i32), sample_indices=[0, 1], answer="42"),
+        Judged(group_id="g1", sample_indices=[0, 1], rewards=[1.0, -1.0], valid=[True, True],
+               parts={"judge_calls": 1.0}),
         TrainBatch(step=3, input_ids=np.arange(24, dtype=i32).reshape(4, 6), prompt_lens=np.full(4, 2, i32),
                    response_lens=np.full(4, 4, i32), behavior_logprobs=_array(f32, (4, 6)),
                    token_versions=np.full((4, 6), -1, i32), advantages=_array(f32, (4,))),

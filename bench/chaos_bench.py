@@ -1,0 +1,264 @@
+"""``everyprompt-bench chaos``: the chaos suite at scale, and a reliability table.
+
+1. Codec fuzz: ``--fuzz-frames`` frames (random bytes, mutated valid frames, well-formed msgpack with wrong
+   names, fields, types and versions) through ``transport.codec.decode``; each must decode to a typed message or
+   raise FrameError. Anything else escaping is a failure.
+2. Hostile frames: ``--hostile-per-kind`` messages of each kind in transport/hostile.py, plus replayed Hellos and
+   port-scanner bytes, at a live Hub with a real peer connected; each must be counted with its reason, and the
+   hub must still serve the peer. RSS growth of the hub's process is reported.
+3. Stalled consumer: a producer floods a hub that stopped reading; frames accepted before pushback, RSS growth,
+   and frames lost once it reads again.
+4. Kills: ``--runs`` real training runs (tiny preset, ``--steps`` steps, 2 rollout workers) with ``--kills``
+   SIGKILLs each, at random steps, of random kinds (rollout worker, reward worker, learner rank, torchrun).
+   Recovery time = from the kill until a replacement process runs and a step not seen before has been trained.
+5. Corrupt checkpoint: after each run its newest checkpoint is damaged (a flipped byte, a torn file, a missing
+   file) and the run is resumed with more steps; it must fall back to the previous checkpoint.
+Every run must train exactly the expected prompt ids: lost and duplicated prompts are counted per fault kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.chaos_run import ChaosRun
+from engine.log import configure_logging
+
+KILL_KINDS = ("rollout", "reward", "learner_rank", "torchrun")
+
+
+def _fuzz(num_frames: int, seed: int) -> dict:
+    from transport.codec import FrameError, decode
+    from transport.hostile import fuzz_frame, valid_frames
+
+    rng, valid = np.random.default_rng(seed), valid_frames()
+    decoded = rejected = escaped = 0
+    t0 = time.perf_counter()
+    for _ in range(num_frames):
+        try:
+            decode(fuzz_frame(rng, valid), max_frame_bytes=1 << 20)
+            decoded += 1
+        except FrameError:
+            rejected += 1
+        except Exception:  # noqa: BLE001 - the failure this measures: anything but FrameError escaping
+            escaped += 1
+    return {"injected": num_frames, "survived": decoded + rejected, "decoded": decoded, "rejected": rejected,
+            "escaped": escaped, "seconds": time.perf_counter() - t0}
+
+
+async def _hostile(per_kind: int) -> dict:
+    from transport import Hello, Hub, Peer, Scored
+    from transport.hostile import KINDS, attack, replay_hello, rss_mb, tcp_garbage
+
+    max_frame = 64 * 1024
+    hub = Hub(heartbeat_s=0.5, max_frame_bytes=max_frame)
+    await hub.start()
+    peer = Peer(hub.endpoint, hello=Hello(role="rollout", worker_id=0, pid=os.getpid()), heartbeat_s=0.5)
+    await peer.start()
+    await hub.recv(timeout=10)  # its Hello
+    rss0, kinds = rss_mb(), {}
+
+    async def counted(reason: str | None, before: int, n: int) -> int:
+        if reason is None:  # refused by ZeroMQ (MAXMSGSIZE) before any buffering: nothing to count
+            return n
+        deadline = time.monotonic() + 20
+        while hub.rejected[reason] - before < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return hub.rejected[reason] - before
+
+    try:
+        for kind in KINDS:
+            n = per_kind if kind != "beyond_max_msg_size" else max(per_kind // 20, 1)  # 128 KiB each
+            before = dict(hub.rejected)
+            reason = await asyncio.to_thread(attack, hub.endpoint, kind, count=n, max_frame_bytes=max_frame, seed=1)
+            kinds[kind] = {"injected": n, "reason": reason, "counted": await counted(reason, before.get(reason, 0), n)}
+        n = max(per_kind // 100, 1)
+        kinds["replayed_hello"] = {"injected": n, "reason": "replayed", "counted": 0}
+        kinds["port_scanner"] = {"injected": n, "reason": "bad_handshake", "counted": 0}
+        kinds["http_request"] = {"injected": n, "reason": None, "counted": 0}  # read as ZMTP 1.0 frames, or refused
+        for i in range(n):  # a peer that is gone, its Hello replayed; port-scanner bytes; an HTTP client
+            ghost = Peer(hub.endpoint, hello=Hello(role="reward", worker_id=i, pid=10_000 + i), heartbeat_s=0.5)
+            await ghost.start()
+            await hub.recv(timeout=10)
+            await ghost.close()
+            hub.forget(ghost.peer_id)
+            for kind, fn in (("replayed_hello", lambda i=i: replay_hello(hub.endpoint, role="reward", worker_id=i,
+                                                                         pid=10_000 + i)),
+                             ("port_scanner", lambda i=i: tcp_garbage(hub.endpoint, seed=i)),
+                             ("http_request", lambda i=i: tcp_garbage(hub.endpoint, seed=i, zmtp_signature=False))):
+                reason = kinds[kind]["reason"]
+                before = hub.rejected[reason] if reason else 0
+                await asyncio.to_thread(fn)
+                kinds[kind]["counted"] += min(await counted(reason, before, 1), 1)
+        await peer.send(Scored(sample_key="still-there", reward=1.0, valid=True))
+        serving = (await hub.recv(timeout=10))[1].sample_key == "still-there"
+        return {"per_kind": kinds, "rejected": dict(hub.rejected), "serving_after": serving,
+                "peers_after": len(hub.peers), "rss_growth_mb": rss_mb() - rss0}
+    finally:
+        await peer.close()
+        await hub.close()
+
+
+def _stalled(total: int) -> dict:
+    from transport import Hub, run
+    from transport.hostile import flood_producer, rss_mb
+
+    async def main():
+        hub = Hub(hwm=50, max_frame_bytes=1 << 20, heartbeat_s=0.5)
+        await hub.start()
+        sent, blocked, resume = [], threading.Event(), threading.Event()
+        rss0 = rss_mb()
+        t = threading.Thread(target=flood_producer, args=(hub.endpoint, total, 50, sent, blocked, resume), daemon=True)
+        t.start()
+        try:
+            await asyncio.to_thread(blocked.wait, 60)
+            await asyncio.sleep(1.0)
+            accepted, growth = len(sent), rss_mb() - rss0
+            resume.set()
+            await hub.recv(timeout=10)  # Hello
+            got = []
+            while len(got) < total:
+                got.append((await hub.recv(timeout=60))[1].prompt_id)
+            return {"injected": 1, "survived": int(got == list(range(total))), "frames": total,
+                    "accepted_before_pushback": accepted, "rss_growth_mb": growth,
+                    "lost": total - len(set(got)), "duplicated": len(got) - len(set(got))}
+        finally:
+            resume.set()
+            await asyncio.to_thread(t.join, 30)
+            await hub.close()
+
+    return run(main())
+
+
+def _kill_run(out: Path, sft_cache: Path, steps: int, kills: int, rng: random.Random) -> dict:
+    """One run with ``kills`` SIGKILLs at random steps; then its newest checkpoint corrupted and resumed."""
+    common = ["rollout.num_workers=2", "train.checkpoint_every=4", "transport.peer_timeout_s=8",
+              f"transport.max_actor_restarts={kills + 2}", f"transport.max_learner_restarts={kills + 2}"]
+    run = ChaosRun(out, steps=steps, overrides=common, sft_cache=sft_cache)
+    events = []
+    run.start()
+    try:
+        for _ in range(kills):
+            kind = rng.choice(KILL_KINDS)
+            target = len(run.step_rows()) + rng.randint(1, max(2, steps // (2 * kills)))
+            run.wait_steps(min(target, steps - 1))
+            pid, t_kill = run.kill(kind)
+            events.append({"kind": kind, "at_step": len(run.step_rows()),
+                           "recovery_s": run.wait_recovered(kind, pid, t_kill)})
+        summary = run.finish()
+        ledger = run.ledger()
+    except AssertionError as e:
+        run.stop()
+        return {"events": events, "failed": str(e)[:2000], "ledger": run.ledger()}
+    # a disk fault in the newest checkpoint, then resume=true with more steps
+    root = run.run_dir / "checkpoints"
+    newest = max(root.glob("step_*"))
+    files = sorted(p for p in newest.rglob("*") if p.is_file() and p.name != "meta.json")
+    victim, fault = rng.choice(files), rng.choice(["flip", "truncate", "delete"])
+    if fault == "delete":
+        victim.unlink()
+    elif fault == "truncate":
+        victim.write_bytes(victim.read_bytes()[: max(len(victim.read_bytes()) // 2, 0)])
+    else:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    resumed = ChaosRun(out, steps=steps + 8, overrides=common, sft_cache=sft_cache)
+    t0 = time.monotonic()
+    resumed.start("resume=true")
+    try:
+        resumed.wait_steps(steps + 1)
+        resume_s = time.monotonic() - t0
+        summary2 = resumed.finish()
+        fell_back = summary2["resumed_from_step"] < int(newest.name.split("_")[1]) and \
+            "checkpoint.corrupt" in resumed.stderr()
+        corrupt = {"fault": f"{fault} {victim.relative_to(newest)}", "fell_back": fell_back,
+                   "resumed_from_step": summary2["resumed_from_step"], "recovery_s": resume_s,
+                   "ledger": resumed.ledger()}
+    except AssertionError as e:
+        resumed.stop()
+        corrupt = {"fault": f"{fault} {victim.relative_to(newest)}", "fell_back": False, "failed": str(e)[:2000],
+                   "ledger": resumed.ledger()}
+    return {"events": events, "summary": summary, "ledger": ledger, "corrupt": corrupt}
+
+
+def _row(kind: str, injected: int, survived: int, lost: int, dup: int, rec: list[float]) -> dict:
+    return {"fault": kind, "injected": injected, "survived": survived, "prompts_lost": lost,
+            "prompts_duplicated": dup, "max_recovery_s": max(rec) if rec else None,
+            "mean_recovery_s": float(np.mean(rec)) if rec else None}
+
+
+def main(argv: list[str]) -> dict:
+    from bench.cli import print_table
+    from transport import run as run_async
+
+    p = argparse.ArgumentParser(prog="everyprompt-bench chaos", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fuzz-frames", type=int, default=100_000)
+    p.add_argument("--hostile-per-kind", type=int, default=2_000)
+    p.add_argument("--flood-frames", type=int, default=5_000, help="64 KiB frames at a stalled consumer")
+    p.add_argument("--runs", type=int, default=3, help="training runs with kills (each also gets a corrupt "
+                   "checkpoint and a resume)")
+    p.add_argument("--kills", type=int, default=8, help="SIGKILLs per run")
+    p.add_argument("--steps", type=int, default=60, help="steps per run (tiny preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    a = p.parse_args(argv)
+    configure_logging(role="bench", level=logging.ERROR)  # thousands of frames are rejected on purpose
+    rng, t_all = random.Random(a.seed), time.monotonic()
+
+    fuzz = _fuzz(a.fuzz_frames, a.seed)
+    print(f"fuzz: {fuzz}", flush=True)
+    hostile = run_async(_hostile(a.hostile_per_kind))
+    print(f"hostile: {hostile}", flush=True)
+    stalled = _stalled(a.flood_frames)
+    print(f"stalled consumer: {stalled}", flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="everyprompt-chaos-") as tmp:
+        root = Path(a.out or tmp)
+        for i in range(a.runs):
+            r = _kill_run(root / f"run{i}", root / "sft_cache", a.steps, a.kills, rng)
+            runs.append(r)
+            print(f"run {i}: kills {[(e['kind'], e['at_step'], round(e['recovery_s'], 1)) for e in r['events']]} "
+                  f"ledger {r['ledger']} corrupt {r.get('corrupt', {}).get('fault')} -> "
+                  f"{r.get('corrupt', {}).get('ledger')}", flush=True)
+
+    rows = [_row("codec fuzz frame", fuzz["injected"], fuzz["survived"], 0, 0, [])]
+    for kind, k in hostile["per_kind"].items():  # survived = counted with its reason, and the hub still serves
+        rows.append(_row(f"frame: {kind}", k["injected"], k["counted"] if hostile["serving_after"] else 0, 0, 0, []))
+    rows.append(_row("stalled consumer", 1, stalled["survived"], stalled["lost"], stalled["duplicated"], []))
+    for kind in KILL_KINDS:
+        ev = [(r, e) for r in runs for e in r["events"] if e["kind"] == kind]
+        involved = [r for r in runs if any(e["kind"] == kind for e in r["events"])]
+        ok = sum(1 for r, _ in ev if "failed" not in r)
+        rows.append(_row(f"SIGKILL {kind}", len(ev), ok, sum(r["ledger"]["lost"] for r in involved),
+                         sum(r["ledger"]["duplicated"] for r in involved), [e["recovery_s"] for _, e in ev]))
+    cor = [r["corrupt"] for r in runs if "corrupt" in r]
+    rows.append(_row("corrupt checkpoint", len(cor), sum(c["fell_back"] for c in cor),
+                     sum(c["ledger"]["lost"] for c in cor), sum(c["ledger"]["duplicated"] for c in cor),
+                     [c["recovery_s"] for c in cor if "recovery_s" in c]))
+    print()
+    print_table(["fault", "injected", "survived", "prompts lost", "prompts duplicated", "max recovery s",
+                 "mean recovery s"],
+                [[r["fault"], r["injected"], r["survived"], r["prompts_lost"], r["prompts_duplicated"],
+                  "-" if r["max_recovery_s"] is None else r["max_recovery_s"],
+                  "-" if r["mean_recovery_s"] is None else r["mean_recovery_s"]] for r in rows])
+    print(f"hostile frames counted by reason: {hostile['rejected']}; peers after: {hostile['peers_after']}; "
+          f"hub RSS growth {hostile['rss_growth_mb']:.1f} MiB; stalled consumer: "
+          f"{stalled['accepted_before_pushback']} of {stalled['frames']} frames accepted before pushback, RSS growth "
+          f"{stalled['rss_growth_mb']:.1f} MiB; codec escapes {fuzz['escaped']}; wall {time.monotonic() - t_all:.0f} s")
+    totals = {"faults_injected": sum(r["injected"] for r in rows), "faults_survived": sum(r["survived"] for r in rows),
+              "prompts_lost": sum(r["prompts_lost"] for r in rows),
+              "prompts_duplicated": sum(r["prompts_duplicated"] for r in rows),
+              "kills": sum(len(r["events"]) for r in runs), "wall_s": time.monotonic() - t_all}
+    return {"config": vars(a), "metrics": {"table": rows, "totals": totals, "fuzz": fuzz, "hostile": hostile,
+                                           "stalled": stalled, "runs": runs}}

@@ -1,0 +1,176 @@
+"""Drive a real ``everyprompt-train`` run and inject faults into it: the chaos tests and ``everyprompt-bench
+chaos`` share this. Everything is real: the coordinator and its actors are child processes on 127.0.0.1,
+faults are signals (SIGKILL, SIGSTOP) and frames sent to the coordinator's socket.
+
+Processes are found by the run's unique output folder on their command line, never by name alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# kind of actor -> (words its command line holds, words it must not hold)
+ACTORS = {
+    "rollout": (("actors.rollout_worker",), ()),
+    "reward": (("actors.reward_worker",), ()),
+    "learner_rank": (("actors.learner",), ("torch.distributed.run",)),
+    "torchrun": (("torch.distributed.run",), ()),
+}
+FIRST_PROMPT_ID = 1_000_000  # the built-in task numbers its training prompts from here
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@dataclass
+class ChaosRun:
+    """One tiny-preset training run in ``out_dir``; ``overrides`` are extra key=value settings."""
+
+    out_dir: Path
+    steps: int
+    overrides: list[str] = field(default_factory=list)
+    groups_per_step: int = 8  # the tiny preset's
+    sft_cache: Path | None = None  # share one cold-start SFT between runs (default: one per run)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out_dir / "tiny"
+
+    def argv(self, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={self.out_dir}",
+                "progress=false", f"sft.cache_dir={self.sft_cache or self.out_dir / 'sft_cache'}", f"train.num_steps={self.steps}",
+                "transport.heartbeat_s=0.5", *self.overrides, *extra]
+
+    def start(self, *extra: str) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.out_dir / "stdout.txt", "w")  # noqa: SIM115 - open for the run's lifetime
+        self._err = open(self.out_dir / "stderr.txt", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.argv(*extra), stdout=self._out, stderr=self._err, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def step_rows(self) -> list[dict]:
+        return [r for r in _read_rows(self.run_dir / "metrics.jsonl") if "step" in r]
+
+    def wait(self, predicate, timeout: float, what: str, poll_s: float = 0.05) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise AssertionError(f"run ended (rc={self.proc.returncode}) while waiting for {what}; "
+                                     f"stderr tail:\n{self.stderr()[-3000:]}")
+            if predicate():
+                return
+            time.sleep(poll_s)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    def wait_steps(self, n: int, timeout: float = 300) -> None:
+        self.wait(lambda: len(self.step_rows()) >= n, timeout, f"step {n}")
+
+    def pids(self, kind: str) -> list[int]:
+        want, avoid = ACTORS[kind]
+        mark = str(self.out_dir)
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                cmd = _cmdline(int(d.name))
+                if mark in cmd and all(w in cmd for w in want) and not any(w in cmd for w in avoid):
+                    out.append(int(d.name))
+        return out
+
+    def endpoint(self) -> str:
+        """The coordinator's socket, read from a rollout worker's command line."""
+        for pid in self.pids("rollout"):
+            words = _cmdline(pid).split()
+            if "--endpoint" in words:
+                return words[words.index("--endpoint") + 1]
+        raise AssertionError("no rollout worker to read the endpoint from")
+
+    def kill(self, kind: str, sig: int = signal.SIGKILL, which: int = 0) -> tuple[int, float]:
+        """Signal one process of ``kind`` (the ``which``-th by pid); returns (its pid, when)."""
+        pids = sorted(self.pids(kind))
+        assert pids, f"no {kind} process"
+        os.kill(pids[which], sig)
+        return pids[which], time.monotonic()
+
+    def wait_recovered(self, kind: str, old_pid: int, t_kill: float, timeout: float = 300) -> float:
+        """Seconds from ``t_kill`` until a replacement process of ``kind`` runs and a step not seen before the
+        kill has been trained (after a learner failure the run first rolls back, then trains again)."""
+        seen = {(r["step"], r.get("elapsed_s")) for r in self.step_rows()}
+
+        def done() -> bool:
+            replaced = any(p != old_pid for p in self.pids(kind))
+            return replaced and any((r["step"], r.get("elapsed_s")) not in seen for r in self.step_rows())
+
+        self.wait(done, timeout, f"recovery from a {kind} kill", poll_s=0.05)
+        return time.monotonic() - t_kill
+
+    def coordinator_rss_mb(self) -> float:
+        from transport.hostile import rss_mb
+
+        return rss_mb(self.proc.pid)
+
+    def finish(self, timeout: float = 600) -> dict:
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self._out.close()
+            self._err.close()
+        lines = (self.out_dir / "stdout.txt").read_text().strip().splitlines()
+        assert self.proc.returncode == 0 and lines, f"rc={self.proc.returncode}; stderr:\n{self.stderr()[-4000:]}"
+        return json.loads(lines[-1])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stderr(self) -> str:
+        try:
+            return (self.out_dir / "stderr.txt").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def ledger(self) -> dict:
+        """What was trained, against the expected prompt ids: lost, duplicated, and whether the steps are
+        exactly 1..steps."""
+        rows = _read_rows(self.run_dir / "prompts.jsonl")
+        trained = [pid for r in rows for pid in r["prompt_ids"]]
+        expected = set(range(FIRST_PROMPT_ID, FIRST_PROMPT_ID + self.steps * self.groups_per_step))
+        return {"steps_ok": [r["step"] for r in rows] == list(range(1, self.steps + 1)),
+                "trained": len(trained), "lost": len(expected - set(trained)),
+                "duplicated": len(trained) - len(set(trained)), "unexpected": len(set(trained) - expected)}
+
+    def orphans(self) -> list[int]:
+        mark = str(self.out_dir)
+        return [int(d.name) for d in Path("/proc").iterdir()
+                if d.name.isdigit() and int(d.name) != os.getpid() and mark in _cmdline(int(d.name))]

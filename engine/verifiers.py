@@ -1,0 +1,212 @@
+"""Verifiers: the built-in reward plugins (engine/plugins.py). Graded where the spec says so (ALGORITHMS.md B.2.2).
+
+Every verifier is ``fn(response, reference, options) -> PluginScore`` and may raise: the plugin pool turns an
+exception into a recorded failure (``valid=False``), never a dead worker.
+
+- ``exact``: whitespace-normalised exact match (the built-in arithmetic task's verifier, the default).
+- ``math``: the final answer (``\\boxed{}``, "answer is ...", ``#### ...`` or the last number) against the
+  reference, equal as normalised strings, as numbers (fractions, decimals, percentages, thousands separators)
+  or symbolically (sympy, on a whitelisted character set).
+- ``code``: the response's Python (its last fenced block, or all of it) run in the sandbox (engine/sandbox.py)
+  with the reference's unit tests; the score is the fraction of tests passed.
+- ``instruction``: the reference is a JSON list of constraints; the score is the fraction satisfied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from fractions import Fraction
+from typing import NamedTuple
+
+from engine.sandbox import Limits, run_python
+from engine.tasks import normalise
+
+
+class PluginScore(NamedTuple):
+    score: float  # correctness in [0, 1], graded where the verifier is (fraction of tests / constraints)
+    parts: dict = {}  # extra float parts recorded with the reward (e.g. tests_passed)
+    valid: bool = True  # False = this response could not be judged (left out of Eq. 11's set)
+
+
+def exact(response: str, reference: str, options: dict) -> PluginScore:
+    ref = normalise(reference)
+    if not ref:
+        return PluginScore(0.0, valid=False)
+    return PluginScore(1.0 if normalise(response) == ref else 0.0)
+
+
+# ---- math --------------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?|-?\.\d+")
+
+
+def _boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_answer(text: str) -> str:
+    """The final answer of a response: \\boxed{...}, then "#### x", "answer is x" / "answer: x", then the whole
+    text when it is a short expression (no prose), then its last number."""
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed
+    m = re.findall(r"(?:####|answer is|answer:)\s*([^\n]+)", text, flags=re.IGNORECASE)
+    if m:
+        return m[-1].strip().rstrip(".")
+    stripped = text.strip()
+    prose = [w for w in re.findall(r"(?<!\\)\b[A-Za-z]{2,}", stripped) if w.lower() not in _NAMES]
+    if len(stripped) <= 100 and not prose:  # the whole response is an expression
+        return stripped
+    nums = _NUMBER.findall(text)
+    return nums[-1] if nums else stripped
+
+
+def normalise_math(ans: str) -> str:
+    s = ans.strip().strip("$").strip()
+    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
+    s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s)
+    for a, b in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\cdot", "*"), ("\\times", "*"),
+                 ("\\pi", "pi"), ("^", "**"), ("{", "("), ("}", ")")):
+        s = s.replace(a, b)
+    s = re.sub(r"(\d),(\d{3})\b", r"\1\2", s)  # thousands separators
+    s = s.replace(" ", "").rstrip(".")
+    return s.lower()
+
+
+def _number(s: str) -> Fraction | None:
+    pct = s.endswith("%")
+    s = s.rstrip("%")
+    m = re.fullmatch(r"\(?(-?\d+(?:\.\d+)?)\)?(?:/\(?(\d+(?:\.\d+)?)\)?)?", s)
+    if not m:
+        return None
+    value = Fraction(m.group(1)) / (Fraction(m.group(2)) if m.group(2) else 1)
+    return value / 100 if pct else value
+
+
+_SYMBOLIC_OK = re.compile(r"[0-9a-z+\-*/().]+")
+_NAMES = {"sqrt", "pi", "e", "log", "exp", "sin", "cos", "tan"}
+
+
+def _symbolic_equal(a: str, b: str) -> bool:
+    """sympy equivalence, only for strings of digits, operators and whitelisted names (sympy's parser evals)."""
+    for s in (a, b):
+        if len(s) > 200 or not _SYMBOLIC_OK.fullmatch(s):
+            return False
+        if any(len(w) > 1 and w not in _NAMES for w in re.findall(r"[a-z]+", s)):
+            return False
+    import sympy
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication
+    tr = standard_transformations + (implicit_multiplication,)
+    names = {n: getattr(sympy, n) for n in _NAMES if n != "e"} | {"e": sympy.E}
+    try:
+        diff = parse_expr(a, local_dict=names, transformations=tr) - parse_expr(b, local_dict=names, transformations=tr)
+    except (SyntaxError, TypeError, ValueError, AttributeError, sympy.SympifyError):
+        return False
+    return sympy.simplify(diff) == 0
+
+
+def math_answer(response: str, reference: str, options: dict) -> PluginScore:
+    ref = normalise_math(extract_answer(reference))
+    if not ref:
+        return PluginScore(0.0, valid=False)
+    got = normalise_math(extract_answer(response))
+    if got == ref:
+        return PluginScore(1.0)
+    x, y = _number(got), _number(ref)
+    if x is not None and y is not None:
+        return PluginScore(float(x == y or abs(x - y) <= 1e-6 * max(abs(y), 1)))
+    return PluginScore(float(_symbolic_equal(got, ref)))
+
+
+# ---- code --------------------------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(response: str) -> str:
+    blocks = _FENCE.findall(response)
+    return blocks[-1] if blocks else response
+
+
+def parse_tests(reference: str) -> list[str]:
+    """Unit tests: a JSON list of Python statements, or one statement per non-empty line."""
+    text = reference.strip()
+    if text.startswith("["):
+        tests = json.loads(text)
+        if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+            raise ValueError("code tests must be a JSON list of strings, e.g. [\"assert f(1) == 2\"]")
+    else:
+        tests = [line for line in text.splitlines() if line.strip()]
+    if not tests:
+        raise ValueError("the reference holds no unit test")
+    return tests
+
+
+def python_tests(response: str, reference: str, options: dict) -> PluginScore:
+    tests = parse_tests(reference)
+    result = run_python(extract_code(response), tests=tests, limits=Limits(**options.get("sandbox", {})))
+    if not result.isolation:  # the bootstrap itself failed: the sandbox could not run, not the code
+        raise RuntimeError(f"the sandbox did not start (status {result.status}): {result.stderr[-300:]}")
+    passed = sum(1 for r in result.reports if r.get("passed"))
+    iso = result.isolation
+    return PluginScore(passed / len(tests), {
+        "tests_passed": float(passed), "tests_total": float(len(tests)),
+        "sandbox_timeout": float(result.status == "timeout"),
+        "sandbox_memory_limit": float(result.status == "memory_limit"),
+        "sandbox_netns": float(iso.get("network") == "netns"), "sandbox_uid": float(iso.get("uid") != "none")})
+
+
+# ---- instruction following ---------------------------------------------------------------------------------
+
+
+def _words(t: str) -> list[str]:
+    return re.findall(r"\b\w+\b", t)
+
+
+def _is_json(t: str) -> bool:
+    try:
+        json.loads(t.strip().removeprefix("```json").removeprefix("```").removesuffix("```"))
+        return True
+    except ValueError:
+        return False
+
+
+CONSTRAINTS = {  # type -> check(text, constraint) -> bool
+    "max_words": lambda t, c: len(_words(t)) <= c["n"],
+    "min_words": lambda t, c: len(_words(t)) >= c["n"],
+    "max_chars": lambda t, c: len(t) <= c["n"],
+    "include": lambda t, c: c["text"].lower() in t.lower(),
+    "exclude": lambda t, c: c["text"].lower() not in t.lower(),
+    "starts_with": lambda t, c: t.strip().startswith(c["text"]),
+    "ends_with": lambda t, c: t.strip().endswith(c["text"]),
+    "lowercase": lambda t, c: t == t.lower(),
+    "uppercase": lambda t, c: t == t.upper(),
+    "no_commas": lambda t, c: "," not in t,
+    "json": lambda t, c: _is_json(t),
+    "num_bullets": lambda t, c: sum(bool(re.match(r"\s*[-*] ", line)) for line in t.splitlines()) == c["n"],
+    "num_paragraphs": lambda t, c: len([p for p in re.split(r"\n\s*\n", t.strip()) if p.strip()]) == c["n"],
+    "quoted": lambda t, c: len(t.strip()) >= 2 and t.strip()[0] == t.strip()[-1] == '"',
+}
+
+
+def instructions(response: str, reference: str, options: dict) -> PluginScore:
+    constraints = json.loads(reference)
+    if not isinstance(constraints, list) or not constraints:
+        raise ValueError('instruction constraints must be a non-empty JSON list, e.g. [{"type": "max_words", "n": 50}]')
+    met = 0
+    for c in constraints:
+        if c.get("type") not in CONSTRAINTS:
+            raise ValueError(f"unknown constraint type {c.get('type')!r}; known: {sorted(CONSTRAINTS)}")
+        met += bool(CONSTRAINTS[c["type"]](response, c))
+    return PluginScore(met / len(constraints), {"constraints_met": float(met),
+                                                 "constraints_total": float(len(constraints))})

@@ -1,0 +1,83 @@
+"""The reward worker process with plugins and the judge, over loopback ZeroMQ: failures are recorded, the worker
+keeps serving, and a group judged by the tiny model comes back with every failure counted."""
+
+import numpy as np
+import pytest
+
+from engine.procs import python_module, spawn, stop_all
+from tests.actors.test_workers import _exit_code, _recv, _setup
+from transport import Hello, Hub, Judged, JudgeRequest, ScoreRequest, Scored, Shutdown, run
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _start(tmp_path, hub):
+    return spawn("reward-0", python_module("actors.reward_worker", "--endpoint", hub.endpoint, "--config",
+                                           str(tmp_path / "config.yaml"), "--init", str(tmp_path / "init")),
+                 log_dir=tmp_path / "logs")
+
+
+def test_reward_worker_records_plugin_failures_and_keeps_serving(tmp_path):
+    _, task, _ = _setup(tmp_path, "reward.plugin=tests.plugin_fixtures:misbehave", "reward.plugin_timeout_s=1",
+                        "reward.plugin_processes=2")
+    tok = task.tokenizer
+
+    async def scenario():
+        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+        await hub.start()
+        child = _start(tmp_path, hub)
+        try:
+            assert (await _recv(hub, Hello, child)).role == "reward"
+            peer = next(iter(hub.peers))
+            for i, text in enumerate(["hang", "raise", "crash", "fine", "fine"]):
+                ids = np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int32)
+                await hub.send(peer, ScoreRequest(sample_key=f"g/{i}", token_ids=ids, answer="x"))
+            got = {s.sample_key: s for s in [await _recv(hub, Scored, child) for _ in range(5)]}
+            assert got["g/0"].reward_parts == {"plugin_timeout": 1.0} and not got["g/0"].valid
+            assert got["g/1"].reward_parts == {"plugin_error": 1.0} and not got["g/1"].valid
+            assert got["g/2"].reward_parts == {"plugin_crash": 1.0} and not got["g/2"].valid
+            assert got["g/3"].valid and got["g/4"].valid and got["g/3"].reward_parts["correct"] == 1.0
+            await hub.send(peer, Shutdown())
+            assert await _exit_code(child) == 0, child.log_tail()
+        finally:
+            stop_all([child], grace_s=0.0)
+            await hub.close()
+
+    run(scenario())
+
+
+def test_reward_worker_judges_a_group_with_the_tiny_model(tmp_path):
+    _, task, _ = _setup(tmp_path, "reward.plugin=judge", "reward.judge.max_calls_per_group=4",
+                        "reward.plugin_processes=1")
+    tok = task.tokenizer
+    ex = task.eval_set[0]
+    responses = [ex.answer, ex.answer + "1", "7", ex.answer]
+    ids = [tok.encode(r) + [tok.eos_id] for r in responses]
+
+    async def scenario():
+        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+        await hub.start()
+        child = _start(tmp_path, hub)
+        try:
+            await _recv(hub, Hello, child)
+            peer = next(iter(hub.peers))
+            await hub.send(peer, JudgeRequest(
+                group_id="g7", prompt_ids=np.asarray(task.prompt_ids(ex), dtype=np.int32),
+                token_ids=np.asarray(sum(ids, []), dtype=np.int32),
+                offsets=np.cumsum([0] + [len(i) for i in ids]).astype(np.int32), sample_indices=[0, 1, 2, 3],
+                answer=ex.answer, request_id=5))
+            j = await _recv(hub, Judged, child)
+            assert j.group_id == "g7" and j.request_id == 5 and j.sample_indices == [0, 1, 2, 3]
+            assert j.parts["judge_calls"] == 4  # the budget: 4 of the 6 pairs
+            # the untrained model rarely emits a verdict: every unparseable one is counted, never a crash
+            assert j.parts["judge_parse_failures"] + j.parts["judge_pairs"] >= 1
+            assert j.parts["judge_parse_failures"] <= 4
+            assert len(j.rewards) == 4 and all(-1 <= r <= 1 for r in j.rewards)
+            assert all(r == 0.0 for r, v in zip(j.rewards, j.valid) if not v)
+            await hub.send(peer, Shutdown())
+            assert await _exit_code(child) == 0, child.log_tail()
+        finally:
+            stop_all([child], grace_s=0.0)
+            await hub.close()
+
+    run(scenario())

@@ -1,0 +1,120 @@
+"""The coordinator's length-aware dispatch, post-processing pool and reward overlap (engine/rollouts.py), against
+real Peers over loopback ZeroMQ that play two rollout workers and a reward worker."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from engine.buffer import GroupBuffer
+from engine.rollouts import PromptItem, Rollouts
+from engine.schedule import LengthPredictor, Scheduler
+from transport import GenerateRequest, Hello, Hub, Peer, ResponseChunk, ScoreRequest, run
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _peers(hub: Hub, roles: list[str]) -> tuple[list[Peer], list[str]]:
+    peers, ids = [], []
+    for i, role in enumerate(roles):
+        p = Peer(hub.endpoint, hello=Hello(role=role, worker_id=i, pid=1), heartbeat_s=0.5, peer_timeout_s=30.0)
+        await p.start()
+        peer_id, hello = await hub.recv(timeout=10)
+        assert isinstance(hello, Hello)
+        peers.append(p)
+        ids.append(peer_id)
+    return peers, ids
+
+
+async def _drain(peer: Peer, kind: type, timeout: float = 0.5) -> list:
+    out = []
+    while True:
+        try:
+            msg = await peer.recv(timeout=timeout)
+        except TimeoutError:
+            return out
+        if isinstance(msg, kind):
+            out.append(msg)
+
+
+def _chunk(req: GenerateRequest, index: int, n: int) -> ResponseChunk:
+    return ResponseChunk(group_id=req.group_id, sample_index=index, prompt_id=req.prompt_id, offset=0,
+                         token_ids=np.full(n, 5, np.int32), behavior_logprobs=np.zeros(n, np.float32),
+                         token_versions=np.zeros(n, np.int32), finish_reason="stop")
+
+
+def test_length_aware_dispatch_sends_longest_first_to_the_least_loaded_worker():
+    async def scenario():
+        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+        await hub.start()
+        (w0, w1, rw), ids = await _peers(hub, ["rollout", "rollout", "reward"])
+        try:
+            pred = LengthPredictor()
+            for prompt, length in ((0, 10), (1, 500), (2, 50), (3, 400)):  # an earlier epoch
+                pred.observe(prompt, "s", [length])
+            r = Rollouts(hub, workers=ids[:2], rewards=ids[2:], buffer=GroupBuffer(), group_size=2, temperature=1.0,
+                         max_new_tokens=8, groups_per_step=4, max_staleness=0,
+                         scheduler=Scheduler("length_aware", pred))
+            r.start(iter([PromptItem(p, [1, 2], "", source="s") for p in range(4)]), total_groups=4)
+            got0, got1 = await _drain(w0, GenerateRequest), await _drain(w1, GenerateRequest)
+            # 1 (1000 predicted tokens) -> w0; 3 (800) -> w1; 2 and 0 -> w1, still the less loaded
+            assert [m.prompt_id for m in got0] == [1]
+            assert [m.prompt_id for m in got1] == [3, 2, 0]
+            assert all(m.num_samples == 2 for m in got0 + got1)  # a whole group on one worker
+            await r.stop()
+        finally:
+            for p in (w0, w1, rw):
+                await p.close()
+            await hub.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_scores_go_through_the_pool_as_responses_finish_or_after_the_wave(overlap):
+    async def scenario():
+        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+        await hub.start()
+        (w0, rw), ids = await _peers(hub, ["rollout", "reward"])
+        processed = []
+        try:
+            r = Rollouts(hub, workers=ids[:1], rewards=ids[1:], buffer=GroupBuffer(), group_size=2, temperature=1.0,
+                         max_new_tokens=8, groups_per_step=1, max_staleness=0, postprocess_workers=2,
+                         reward_overlap=overlap, postprocess=lambda t: processed.append(len(t)))
+            r.start(iter([PromptItem(0, [1, 2], "", source="s")]), total_groups=1)
+            (req,) = await _drain(w0, GenerateRequest)
+            await r.on_chunk(ids[0], _chunk(req, 0, 3))
+            first = await _drain(rw, ScoreRequest)
+            assert len(first) == (1 if overlap else 0)  # without overlap it waits for the other response
+            await r.on_chunk(ids[0], _chunk(req, 1, 4))
+            rest = await _drain(rw, ScoreRequest)
+            assert sorted(m.sample_key for m in first + rest) == [f"{req.group_id}/0", f"{req.group_id}/1"]
+            assert sorted(processed) == [3, 4]  # every response went through the pool first
+            await r.stop()
+        finally:
+            for p in (w0, rw):
+                await p.close()
+            await hub.close()
+
+    run(scenario())
+
+
+def test_fifo_dispatch_spreads_groups_by_outstanding_samples():
+    async def scenario():
+        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+        await hub.start()
+        (w0, w1, rw), ids = await _peers(hub, ["rollout", "rollout", "reward"])
+        try:
+            r = Rollouts(hub, workers=ids[:2], rewards=ids[2:], buffer=GroupBuffer(), group_size=2, temperature=1.0,
+                         max_new_tokens=8, groups_per_step=4, max_staleness=0)
+            r.start(iter([PromptItem(p, [1, 2], "", source="s") for p in range(4)]), total_groups=4)
+            got0, got1 = await _drain(w0, GenerateRequest), await _drain(w1, GenerateRequest)
+            assert [m.prompt_id for m in got0] == [0, 2] and [m.prompt_id for m in got1] == [1, 3]
+            await asyncio.sleep(0)
+            await r.stop()
+        finally:
+            for p in (w0, w1, rw):
+                await p.close()
+            await hub.close()
+
+    run(scenario())

@@ -1,0 +1,56 @@
+"""The built-in verifiers: math answers, code by unit tests (real sandbox), instruction constraints."""
+
+import json
+
+import pytest
+
+from engine.verifiers import exact, extract_answer, instructions, math_answer, python_tests
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("response,reference", [
+    ("The answer is 42.", "42"), ("so \\boxed{\\frac{1}{2}}", "0.5"), ("#### 1,000", "1000"),
+    ("it is 50%", "0.5"), ("\\boxed{2\\sqrt{2}}", "sqrt(8)"), ("x = \\boxed{(x+1)^2}", "x^2 + 2x + 1"),
+    ("-3/6", "-0.5"), ("$\\dfrac{3}{4}$", "3/4"),
+])
+def test_math_verifier_accepts_equivalent_answers(response, reference):
+    assert math_answer(response, reference, {}).score == 1.0
+
+
+@pytest.mark.parametrize("response,reference", [
+    ("The answer is 41.", "42"), ("\\boxed{x^2}", "x^3"), ("no number here", "7"), ("__import__('os')", "1"),
+])
+def test_math_verifier_rejects_wrong_or_unsafe_answers(response, reference):
+    assert math_answer(response, reference, {}).score == 0.0
+
+
+def test_math_answer_extraction_prefers_boxed_then_marker_then_last_number():
+    assert extract_answer("3 then \\boxed{5} then 7") == "5"
+    assert extract_answer("work 3 ... Answer: 12") == "12"
+    assert extract_answer("1 plus 2 gives 3") == "3"
+
+
+def test_exact_verifier_is_the_built_in_tasks_check():
+    assert exact(" 225 ", "225", {}).score == 1.0 and exact("22", "225", {}).score == 0.0
+    assert not exact("x", "  ", {}).valid
+
+
+def test_code_verifier_scores_the_fraction_of_unit_tests_passed():
+    response = "Here you go:\n```python\ndef add(a, b):\n    return a + b if a < 10 else 0\n```\n"
+    tests = json.dumps(["assert add(1, 2) == 3", "assert add(20, 1) == 21", "assert add(0, 0) == 0",
+                        "assert add(2, 2) == 4"])
+    s = python_tests(response, tests, {"sandbox": {"cpu_s": 1, "wall_s": 5}})
+    assert s.score == 0.75 and s.parts["tests_passed"] == 3 and s.parts["tests_total"] == 4 and s.valid
+    hang = python_tests("def add(a, b):\n    while True:\n        pass", "assert add(1, 2) == 3",
+                        {"sandbox": {"cpu_s": 1, "wall_s": 3}})
+    assert hang.score == 0.0 and hang.parts["sandbox_timeout"] == 1.0 and hang.valid  # a wrong answer, scored
+
+
+def test_instruction_verifier_scores_the_fraction_of_constraints_met():
+    constraints = json.dumps([{"type": "max_words", "n": 5}, {"type": "include", "text": "moe"},
+                              {"type": "lowercase"}, {"type": "no_commas"}])
+    s = instructions("experts, a moe model", constraints, {})
+    assert s.score == 0.75 and s.parts["constraints_met"] == 3
+    with pytest.raises(ValueError, match="unknown constraint type"):
+        instructions("x", json.dumps([{"type": "rhymes"}]), {})
