@@ -330,14 +330,25 @@ class LearnerRank:
         dist.barrier()
 
     def load(self, path: str) -> None:
-        """Every rank: continue from ``save(path)``."""
-        _, client = self.engine.load_checkpoint(path, tag="state")
+        """Every rank: continue from ``save(path)``. An elastic group of another size than the one that saved
+        it loads the model, version and schedule, but not ZeRO's optimizer partitions (DeepSpeed cannot re-shard
+        them): Adam's moments restart from zero, said in the log as ``learner.optimizer_reset``."""
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+        try:
+            _, client = self.engine.load_checkpoint(path, tag="state")
+        except ZeRORuntimeException as e:
+            if "world size" not in str(e):
+                raise
+            log.warning("learner.optimizer_reset", checkpoint=path, world=self.world, reason=str(e).split(".")[0])
+            _, client = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=False)
         if client is None:
             raise FileNotFoundError(f"no learner checkpoint in {path} (tag 'state')")
         self.version = int(client["version"])
         self._hf_state = self._gather_hf_state()
-        rng = torch.load(Path(path) / f"rng_rank{self.rank}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
+        rng_file = Path(path) / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():  # a rank the saving group did not have keeps its fresh generator
+            torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
         probe = Path(path) / "probe.safetensors"
         if self.probe_model is not None:
             if probe.exists():
@@ -563,7 +574,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", required=True, help="HF save_pretrained folder holding the version-0 weights")
     p.add_argument("--weights-dir", required=True, help="where policy_v{version}.safetensors files go")
     p.add_argument("--resume", default=None, help="a learner checkpoint directory (SaveCheckpoint) to continue")
+    p.add_argument("--resume-latest", default=None, metavar="RUN_DIR",
+                   help="continue from RUN_DIR's newest complete checkpoint, if any (elastic: every group restart)")
     args = p.parse_args(argv)
+    if args.resume_latest:
+        from engine.checkpoint import latest
+
+        ckpt = latest(Path(args.resume_latest))
+        args.resume = str(ckpt.learner_dir) if ckpt else None
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)

@@ -86,6 +86,7 @@ class RolloutWorker:
         self._wake = asyncio.Event()
         self.version = 0
         self._idle_s = self._paused_s = 0.0
+        self._finished = 0  # responses completed
 
     async def serve(self) -> None:
         await self._peer.start()
@@ -95,6 +96,7 @@ class RolloutWorker:
                 await self._receive_loop()  # returns on Shutdown
                 gen.cancel()
         finally:
+            log.info("rollout.done", generated_samples=self._finished, version=self.version)
             await self._peer.close()
 
     async def _receive_loop(self) -> None:
@@ -180,6 +182,7 @@ class RolloutWorker:
         for r in self._batch.rows:
             if await self._emit_row(r):
                 finished.append(r)
+        self._finished += len(finished)
         self._batch.remove(finished)
 
     async def _emit_row(self, r: Row) -> bool:

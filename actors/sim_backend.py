@@ -42,12 +42,14 @@ class SimBatch:
         self._plan: dict[int, tuple[np.ndarray, str]] = {}  # id(row) -> (its whole response, finish reason)
         self._prefilled: dict[str, None] = {}  # groups whose prompt is cached here (insertion-ordered LRU)
         self.elapsed_s = 0.0
+        self._rebuild = False  # sim.prefill_on_add=all: the next step re-prefills the batch (engine/decode.py)
 
     @property
     def active(self) -> int:
         return sum(not r.done for r in self.rows)
 
     def add(self, rows: list[Row]) -> None:
+        self._rebuild = self._rebuild or self._sim.prefill_on_add == "all"
         for r in rows:
             group_id, sample_index, prompt_id, _ = r.key
             length = max(simulate.sample_length(prompt_id, group_id, sample_index, r.max_new_tokens, self._sim),
@@ -62,7 +64,8 @@ class SimBatch:
                 self._prefilled[group_id] = None
                 if len(self._prefilled) > 4096:
                     self._prefilled.pop(next(iter(self._prefilled)))
-            self.elapsed_s += prefill * self._sim.prefill_per_token_s
+            if self._sim.prefill_on_add == "new":
+                self.elapsed_s += prefill * self._sim.prefill_per_token_s
         self.rows.extend(rows)
 
     def remove(self, rows: list[Row]) -> None:
@@ -81,6 +84,9 @@ class SimBatch:
         if not running:
             return
         cost = simulate.step_seconds(len(running), self._sim)
+        if self._rebuild:  # one left-padded prefill of every unfinished row, as DecodeBatch rebuilds its cache
+            cost += len(running) * max(len(r.prompt) + len(r.tokens) for r in running) * self._sim.prefill_per_token_s
+            self._rebuild = False
         self.elapsed_s += cost
         for r in running:
             tokens, reason = self._plan[id(r)]

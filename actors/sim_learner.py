@@ -5,14 +5,21 @@ consumes: TrainBatch, SaveCheckpoint, Shutdown (coordinator)   produces: TrainRe
 blocks on: nothing (a step is an asyncio sleep of engine/simulate.py's ``train_seconds`` x ``sim.time_scale``)
 
 A step costs ``sim.train_base_s + tokens * sim.train_per_token_s`` over the batch's prompt + response tokens.
-No weights are written: the result names ``weights/policy_v{k}.safetensors`` and the simulated rollout
-workers only charge ``sim.load_s`` for it. Started by engine/cluster.py when ``sim.learner=true``.
+The result names ``weights/policy_v{k}.safetensors``. The simulated rollout workers only charge ``sim.load_s``
+for it and never read it; with ``sim.weights_file`` set (the bench's ``--backend hf`` sanity run, whose real
+workers load every version), that file is published under each version's name (a hard link, else a copy, put in
+place atomically), so the weights never change but every load is real. Started by engine/cluster.py when
+``sim.learner=true``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import structlog
 
@@ -36,8 +43,10 @@ async def serve(peer, sim: SimConfig, weights_dir: str) -> None:
                     seconds = simulate.train_seconds(tokens, sim)
                     await asyncio.sleep(seconds * sim.time_scale)
                     version += 1
-                    await peer.send(TrainResult(step=msg.step, version=version,
-                                                weights_path=f"{weights_dir}/policy_v{version}.safetensors",
+                    path = f"{weights_dir}/policy_v{version}.safetensors"
+                    if sim.weights_file:
+                        publish(sim.weights_file, path)
+                    await peer.send(TrainResult(step=msg.step, version=version, weights_path=path,
                                                 stats={"tokens": float(tokens), "train_s": seconds}))
                 case SaveCheckpoint():
                     await peer.send(CheckpointSaved(step=msg.step, path=msg.path))
@@ -47,6 +56,24 @@ async def serve(peer, sim: SimConfig, weights_dir: str) -> None:
                     log.warning("sim_learner.unexpected_message", type=type(msg).__name__)
     finally:
         await peer.close()
+
+
+def publish(src: str, dst: str) -> None:
+    """Put ``src`` in place as ``dst`` atomically (a reader never sees a partial file): a hard link, or a copy
+    where links are not possible (another file system)."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(dst).parent, prefix=f".{Path(dst).name}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,10 @@
    hub must still serve the peer. RSS growth of the hub's process is reported.
 3. Stalled consumer: a producer floods a hub that stopped reading; frames accepted before pushback, RSS growth,
    and frames lost once it reads again.
-4. Kills: ``--runs`` real training runs (tiny preset, ``--steps`` steps, 2 rollout workers) with ``--kills``
-   SIGKILLs each, at random steps, of random kinds (rollout worker, reward worker, learner rank, torchrun).
-   Recovery time = from the kill until a replacement process runs and a step not seen before has been trained.
+4. Kills: ``--runs`` real training runs (tiny preset, ``--steps`` steps, 2 rollout workers) with up to ``--kills``
+   SIGKILLs each, of random kinds (rollout worker, reward worker, learner rank, torchrun), each a random 0.3-2 s
+   after the run recovered from the previous one (a run that gets near its end takes no more). Recovery time =
+   from the kill until the replacement has connected to the coordinator and a new step has been trained.
 5. Corrupt checkpoint: after each run its newest checkpoint is damaged (a flipped byte, a torn file, a missing
    file) and the run is resumed with more steps; it must fall back to the previous checkpoint.
 Every run must train exactly the expected prompt ids: lost and duplicated prompts are counted per fault kind.
@@ -147,13 +148,7 @@ def _kill_run(out: Path, sft_cache: Path, steps: int, kills: int, rng: random.Ra
     events = []
     run.start()
     try:
-        for _ in range(kills):
-            kind = rng.choice(KILL_KINDS)
-            target = len(run.step_rows()) + rng.randint(1, max(2, steps // (2 * kills)))
-            run.wait_steps(min(target, steps - 1))
-            pid, t_kill = run.kill(kind)
-            events.append({"kind": kind, "at_step": len(run.step_rows()),
-                           "recovery_s": run.wait_recovered(kind, pid, t_kill)})
+        events = run.random_kills([rng.choice(KILL_KINDS) for _ in range(kills)], rng)
         summary = run.finish()
         ledger = run.ledger()
     except AssertionError as e:
@@ -209,7 +204,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--runs", type=int, default=3, help="training runs with kills (each also gets a corrupt "
                    "checkpoint and a resume)")
     p.add_argument("--kills", type=int, default=8, help="SIGKILLs per run")
-    p.add_argument("--steps", type=int, default=60, help="steps per run (tiny preset)")
+    p.add_argument("--steps", type=int, default=400, help="steps per run (tiny preset; about 0.1 s each here)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     a = p.parse_args(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,20 +117,44 @@ class ChaosRun:
         """Signal one process of ``kind`` (the ``which``-th by pid); returns (its pid, when)."""
         pids = sorted(self.pids(kind))
         assert pids, f"no {kind} process"
+        self._joined_before = self._joined()
         os.kill(pids[which], sig)
         return pids[which], time.monotonic()
 
+    def _joined(self) -> set[tuple[str, int]]:
+        """(actor name, pid) of every actor the coordinator has logged as joined."""
+        return {(m.group(1), int(m.group(2))) for m in re.finditer(r"actor\.joined\s+name=(\S+) pid=(\d+)",
+                                                                     self.stderr())}
+
     def wait_recovered(self, kind: str, old_pid: int, t_kill: float, timeout: float = 300) -> float:
-        """Seconds from ``t_kill`` until a replacement process of ``kind`` runs and a step not seen before the
-        kill has been trained (after a learner failure the run first rolls back, then trains again)."""
+        """Seconds from ``t_kill`` until a replacement actor has connected to the coordinator (its Hello logged
+        as ``actor.joined``) and a step not seen before the kill has been trained (after a learner failure the
+        run first rolls back to its checkpoint, then trains again)."""
         seen = {(r["step"], r.get("elapsed_s")) for r in self.step_rows()}
+        prefix = {"rollout": "rollout-", "reward": "reward-"}.get(kind, "learner")
 
         def done() -> bool:
-            replaced = any(p != old_pid for p in self.pids(kind))
-            return replaced and any((r["step"], r.get("elapsed_s")) not in seen for r in self.step_rows())
+            rejoined = any(name.startswith(prefix) for name, _ in self._joined() - self._joined_before)
+            return rejoined and any((r["step"], r.get("elapsed_s")) not in seen for r in self.step_rows())
 
-        self.wait(done, timeout, f"recovery from a {kind} kill", poll_s=0.05)
+        self.wait(done, timeout, f"recovery from a {kind} kill (pid {old_pid})", poll_s=0.05)
         return time.monotonic() - t_kill
+
+    def random_kills(self, kinds: list[str], rng, *, min_delay_s: float = 0.3, max_delay_s: float = 2.0,
+                     margin_steps: int = 5) -> list[dict]:
+        """SIGKILL each of ``kinds`` in turn, a random delay after the previous recovery (or after the first
+        step), and wait for recovery. Stops early, without failing, when the run gets within ``margin_steps`` of
+        its end. Returns one record per kill: kind, step, recovery_s."""
+        self.wait_steps(1)
+        events = []
+        for kind in kinds:
+            time.sleep(rng.uniform(min_delay_s, max_delay_s))
+            if not self.alive() or len(self.step_rows()) >= self.steps - margin_steps:
+                break
+            pid, t_kill = self.kill(kind)
+            events.append({"kind": kind, "at_step": len(self.step_rows()),
+                           "recovery_s": self.wait_recovered(kind, pid, t_kill)})
+        return events
 
     def coordinator_rss_mb(self) -> float:
         from transport.hostile import rss_mb

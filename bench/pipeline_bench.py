@@ -23,6 +23,7 @@ decode work at a full batch on every worker) with the fraction of it achieved.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import shutil
 import sys
@@ -61,9 +62,23 @@ def _prompts(cfg: RunConfig):
                          source=simulate.source_of(p, cfg.sim))
 
 
+async def _loop_lag(lags: list[tuple[float, float]], period: float = 0.02) -> None:
+    """Record how late the coordinator's event loop wakes from a ``period`` sleep: (when, lateness). A coordinator
+    starved of CPU falls behind the workers' chunks, which stretches simulated time (the figures are then bounded
+    by this box, not by the pipeline)."""
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(period)
+        now = time.monotonic()
+        lags.append((now, now - last - period))
+        last = now
+
+
 async def _drive(cfg: RunConfig, run_dir: Path, mode: str, warmup: int, init_dir: str) -> dict:
     """The coordinator's loop for one setting (engine/loop.py's _train_step, minus evals and checkpoints)."""
     gps, S, steps = cfg.train.groups_per_step, cfg.train.max_staleness, cfg.train.num_steps
+    lags: list[tuple[float, float]] = []
+    lag_task = asyncio.create_task(_loop_lag(lags))
     async with start_actors(cfg, run_dir, init_dir) as a:
         a.rollouts.start(_prompts(cfg), total_groups=(steps + S + 1) * gps)
         version, pending, rows = 0, None, []
@@ -84,10 +99,11 @@ async def _drive(cfg: RunConfig, run_dir: Path, mode: str, warmup: int, init_dir
             rows.append({"end": done, "train_s": done - t_train, "samples": len(samples),
                          "tokens": sum(s.length for s in samples), "groups": len(groups),
                          "max_staleness": max(version - s.min_version for s in samples),
-                         "clocks": dict(a.rollouts.worker_clocks())})
+                         "clocks": dict(a.rollouts.worker_clocks()), "cpu_s": time.process_time()})
             version = result.version
         counts = a.rollouts.counters()
-    return _summarize(cfg, rows, warmup, counts)
+    lag_task.cancel()
+    return _summarize(cfg, rows, warmup, counts, lags)
 
 
 def _idle_frac(start: dict, end: dict) -> float:
@@ -96,8 +112,9 @@ def _idle_frac(start: dict, end: dict) -> float:
     return float(np.mean(fracs)) if fracs else float("nan")
 
 
-def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: dict) -> dict:
+def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: dict, lags: list[tuple[float, float]]) -> dict:
     first, window = rows[warmup - 1], rows[warmup:]
+    lag_ms = np.array([lag for t, lag in lags if first["end"] <= t <= window[-1]["end"]] or [0.0]) * 1000
     wall = window[-1]["end"] - first["end"]
     # worker clocks arrive with WeightsLoaded, one step late: idle is measured from the first window step on
     tokens, samples = sum(r["tokens"] for r in window), sum(r["samples"] for r in window)
@@ -112,6 +129,8 @@ def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: dict) -> d
             "learner_idle_frac": 1 - sum(r["train_s"] for r in window) / wall,
             "ideal_s": ideal, "fraction_of_ideal": ideal / wall,
             "max_token_staleness": max(r["max_staleness"] for r in window),
+            "coordinator_lag_ms_mean": float(lag_ms.mean()), "coordinator_lag_ms_p99": float(np.percentile(lag_ms, 99)),
+            "coordinator_cpu_frac": (window[-1]["cpu_s"] - first["cpu_s"]) / wall,
             **{k: counts[k] for k in ("samples_over_bound", "regenerated_samples", "discarded_samples",
                                       "cancelled_samples")}}
 
@@ -130,7 +149,7 @@ def _overrides(a: argparse.Namespace) -> list[str]:
 def _train_per_token_s(a: argparse.Namespace) -> float:
     """Simulated learner speed: a step takes ``--learner-frac`` of the time the rollout workers need to generate
     it at full capacity (so training is not the bottleneck of a well-fed async pipeline)."""
-    sim = load([f"sim.mean_len={a.mean_len}"]).sim
+    sim = load([f"sim.mean_len={a.mean_len}", *(o for o in a.overrides if o.startswith("sim."))]).sim  # calibrated
     per_gen_token = simulate.step_seconds(a.max_batch, sim) / (a.max_batch * a.workers)
     mean_len = min(a.mean_len, a.max_new_tokens)
     return a.learner_frac * per_gen_token * mean_len / (mean_len + sim.prompt_len)
@@ -139,11 +158,14 @@ def _train_per_token_s(a: argparse.Namespace) -> float:
 def _run_setting(a: argparse.Namespace, name: str, mode: str, extra: list[str]) -> dict:
     ov = [*_overrides(a), f"train.max_staleness={MODES[mode]}", *(x.format(pool=a.pool) for x in extra)]
     cfg = load(ov, config_name="run")
+    init_dir = ""
+    if a.backend == "hf":  # real workers load every version the simulated learner publishes: the initial weights
+        init_dir = _hf_init(a, cfg)
+        cfg = load([*ov, f"sim.weights_file={Path(init_dir).resolve() / 'policy_v0.safetensors'}"], config_name="run")
     run_dir = Path(a.out_dir) / name.replace("+", "plus-")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     save(cfg, run_dir / "config.yaml")
-    init_dir = _hf_init(a, cfg) if a.backend == "hf" else ""
     t0 = time.monotonic()
     result = run(_drive(cfg, run_dir, mode, a.warmup, init_dir))
     print(f"{name}: {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
@@ -151,13 +173,16 @@ def _run_setting(a: argparse.Namespace, name: str, mode: str, extra: list[str]) 
 
 
 def _hf_init(a: argparse.Namespace, cfg: RunConfig) -> str:
-    """A random-init tiny model for the transformers workers (throughput does not depend on what it learned)."""
-    from engine.model import build_model, save_model
+    """A random-init tiny model for the transformers workers (throughput does not depend on what it learned), with
+    its weights also as ``policy_v0.safetensors`` (the file the simulated learner publishes as every version)."""
+    from engine.model import build_model, save_model, save_weights
     from engine.tasks import CharTokenizer
 
     path = Path(a.out_dir) / "hf-init"
-    if not path.exists():
-        save_model(build_model(cfg.model, CharTokenizer().vocab_size, seed=0), path)
+    if not (path / "policy_v0.safetensors").exists():
+        model = build_model(cfg.model, CharTokenizer().vocab_size, seed=0)
+        save_model(model, path)
+        save_weights(model, path / "policy_v0.safetensors")
     return str(path)
 
 
@@ -174,7 +199,9 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--mean-len", type=float, default=64.0)
     p.add_argument("--chunk-tokens", type=int, default=64)
-    p.add_argument("--time-scale", type=float, default=3.0, help="wall seconds per simulated second")
+    p.add_argument("--time-scale", type=float, default=6.0,
+                   help="wall seconds per simulated second (larger: slower and more faithful on a busy CPU; watch "
+                        "coordinator lag in the JSON)")
     p.add_argument("--learner-frac", type=float, default=0.8,
                    help="simulated learner: step time / the step's generation time at full capacity")
     p.add_argument("--reward-workers", type=int, default=2)
@@ -215,10 +242,11 @@ def _report(a: argparse.Namespace, results: dict) -> dict:
     order = [n for n in ("baseline", "+detok_pool", "+reward_overlap", "+length_aware", "sync", "one_step_off",
                          "async") if n in results]
     print_table(["setting", "mode", "tokens/s", "samples/s", "speedup", "rollout idle", "learner idle",
-                 "ideal s", "wall s", "of ideal", "max stale", "regen", "discarded"],
+                 "ideal s", "wall s", "of ideal", "max stale", "regen", "discarded", "lag p99 ms"],
                 [[n, r["mode"], r["tokens_per_s"], r["samples_per_s"], r["speedup_vs_sync"], r["rollout_idle_frac"],
                   r["learner_idle_frac"], r["ideal_s"], r["wall_s"], r["fraction_of_ideal"],
-                  r["max_token_staleness"], r["regenerated_samples"], r["discarded_samples"]] for n, r in
+                  r["max_token_staleness"], r["regenerated_samples"], r["discarded_samples"],
+                  r["coordinator_lag_ms_p99"]] for n, r in
                  ((n, results[n]) for n in order)])
     out = {"config": vars(a), "settings": results}
     if "async" in results:

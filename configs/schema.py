@@ -8,6 +8,7 @@ Validation lives in ``__post_init__`` and raises ``ValueError`` naming the key a
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -273,6 +274,10 @@ class LearnerConfig:
     # updates), times a truncated importance weight behaviour -> proximal (min(w, decoupled_is_cap))
     decoupled_is_cap: float = 2.0
     expert_parallel: int = 1  # MoE experts sharded over this many ranks (DeepSpeed AutoEP); divides num_ranks
+    nnodes: str = "1"  # "MIN:MAX" = elastic: torchrun agents (this machine's + ones started on other nodes) join a
+    # c10d rendezvous the coordinator hosts; num_ranks is then ranks per node
+    rdzv_port: int = 0  # elastic: the rendezvous store's port on transport.host (0 = a free port, see join.json)
+    max_restarts: int = 3  # elastic: group restarts torchrun itself makes (a rank died, a node joined or left)
     gap_probe_seqs: int = 64  # sequences per step whose log-probs are recomputed under the weights that sampled
     # them (a frozen copy of the previous version is kept) to log the rollout-vs-trainer gap; 0 = off, no copy
     grad_clip: float = 1.0
@@ -305,6 +310,10 @@ class LearnerConfig:
         _require(self.gap_probe_seqs >= 0, "learner.gap_probe_seqs", self.gap_probe_seqs, "it must be >= 0")
         _require(self.expert_parallel >= 1 and self.num_ranks % self.expert_parallel == 0, "learner.expert_parallel",
                  self.expert_parallel, f"it must divide learner.num_ranks={self.num_ranks} (1 = no expert parallelism)")
+        _require(re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", self.nnodes) is not None
+                 and int(self.nnodes.split(":")[0]) <= int(self.nnodes.split(":")[-1]), "learner.nnodes", self.nnodes,
+                 'pass a node count ("1") or an elastic range MIN:MAX such as "1:2"')
+        _require(self.max_restarts >= 0, "learner.max_restarts", self.max_restarts, "it must be >= 0")
         _require(self.expert_parallel == 1 or self.zero_stage in (1, 2), "learner.zero_stage", self.zero_stage,
                  "expert parallelism runs on ZeRO stage 1 or 2; pass learner.zero_stage=1")
 
@@ -336,6 +345,7 @@ class TrainConfig:
 @dataclass
 class TransportConfig:
     host: str = "127.0.0.1"  # the coordinator's bind address; anything but loopback needs curve_keys_dir
+    port: int = 0  # the coordinator's port (0 = a free one; fix it so stand-alone workers can find it again)
     heartbeat_s: float = 1.0
     peer_timeout_s: float = 60.0  # a peer silent this long is dead
     start_timeout_s: float = 180.0  # time allowed for every actor to say Hello
@@ -395,6 +405,10 @@ class SimConfig:
     sample_sigma: float = 0.3  # log-normal spread of one prompt's samples around its typical length
     seed: int = 0
     learner: bool = False  # actors/sim_learner.py instead of the DeepSpeed learner (benchmarks)
+    prefill_on_add: str = "new"  # rows joining a running batch prefill: "new" = only themselves (prefix-cached
+    # engines: sglang); "all" = every unfinished row again, padded to the longest (engine/decode.py's rebuild)
+    weights_file: str = ""  # sim learner: a real safetensors file it publishes as every new version (so real
+    # rollout backends, e.g. the bench's --backend hf sanity run, have weights to load); "" = no file is written
 
     def __post_init__(self) -> None:
         _require(self.time_scale > 0, "sim.time_scale", self.time_scale, "it must be positive")
@@ -405,6 +419,8 @@ class SimConfig:
             _require(getattr(self, name) >= 0, f"sim.{name}", getattr(self, name), "it must be >= 0")
         _require(self.num_prompts >= 1 and self.num_sources >= 1, "sim.num_prompts", self.num_prompts,
                  "sim.num_prompts and sim.num_sources must be >= 1")
+        _require(self.prefill_on_add in ("new", "all"), "sim.prefill_on_add", self.prefill_on_add,
+                 "choose new or all")
         _require(self.mean_len >= 1 and self.prompt_len >= 1, "sim.mean_len", self.mean_len,
                  "sim.mean_len and sim.prompt_len must be >= 1")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from engine.launch import learner_command, learner_env
+from engine.launch import learner_command, learner_env, write_join_info
 from configs.schema import RunConfig, TransportConfig
 from engine.buffer import GroupBuffer
 from engine.procs import Child, python_module, respawn, spawn, stop_all
@@ -162,7 +162,8 @@ def _postprocess_work(cfg: RunConfig):
     return lambda token_ids: tokenizer.decode(token_ids.tolist())
 
 
-def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str, resume: str | None) -> list[Child]:
+def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str, resume: str | None,
+               rdzv_endpoint: str = "") -> list[Child]:
     config_path, logs = str(run_dir / "config.yaml"), run_dir / "logs"
     common = ["--endpoint", endpoint, "--config", config_path]
     children = []
@@ -185,8 +186,10 @@ def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str, resu
                                                        str(run_dir / "weights")), log_dir=logs))
         return children
     argv = learner_command(cfg, config_path=config_path, endpoint=endpoint, init_dir=init_dir,
-                           weights_dir=str(run_dir / "weights"), master_port=cfg.learner.master_port, resume=resume)
+                           weights_dir=str(run_dir / "weights"), master_port=cfg.learner.master_port, resume=resume,
+                           run_dir=str(run_dir), rdzv_endpoint=rdzv_endpoint)
     children.append(spawn("learner", argv, log_dir=logs, env=learner_env(cfg)))
+    write_join_info(run_dir, cfg, endpoint=endpoint, learner_argv=argv if rdzv_endpoint else None, init_dir=init_dir)
     return children
 
 
@@ -235,7 +238,10 @@ async def _pump(hub: Hub, a: Actors) -> None:
                 a.rollouts.on_weights_loaded(peer, msg)
             case TrainResult() | CheckpointSaved():
                 a.learner.on_result(msg)
-            case Hello():  # a restarted worker
+            case Hello(role="learner"):  # torchrun restarted the group (elastic: a rank died, a node came or left)
+                raise LearnerFailed(f"the learner group restarted (worker {msg.worker_id}, pid {msg.pid}): "
+                                    "resuming the run from its newest checkpoint")
+            case Hello():  # a restarted worker, or one started by hand (everyprompt-rollout-worker)
                 a.supervisor.joined(peer, msg)
                 await (a.rollouts.add_worker(peer) if msg.role == "rollout" else a.rollouts.add_reward(peer))
             case ErrorReport():
@@ -253,18 +259,18 @@ async def _pump(hub: Hub, a: Actors) -> None:
 
 @contextlib.asynccontextmanager
 async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_learner: str | None = None,
-                       faults: Faults | None = None):
+                       faults: Faults | None = None, rdzv_endpoint: str = ""):
     """Every process up and connected; on exit (normal, error or Ctrl-C) every process stopped. With
     ``resume_learner`` the learner continues from that checkpoint directory. ``faults`` counts across calls."""
     faults = faults if faults is not None else Faults()
-    hub = Hub(host=cfg.transport.host, heartbeat_s=cfg.transport.heartbeat_s,
+    hub = Hub(host=cfg.transport.host, port=cfg.transport.port, heartbeat_s=cfg.transport.heartbeat_s,
               peer_timeout_s=cfg.transport.peer_timeout_s, max_frame_bytes=cfg.transport.max_frame_bytes,
               hwm=cfg.transport.hwm, curve=_curve(cfg.transport), insecure=cfg.transport.insecure)
     await hub.start()
     children: list[Child] = []
     sup: Supervisor | None = None
     try:
-        children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner)
+        children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner, rdzv_endpoint)
         sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts, faults=faults)
         peers = await _wait_for_hellos(hub, cfg, sup)
         buffer = GroupBuffer(on_over_bound=lambda groups, floor: rollouts.over_bound(groups, floor),

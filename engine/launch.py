@@ -23,14 +23,50 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def is_elastic(cfg: RunConfig) -> bool:
+    return cfg.learner.nnodes != "1"
+
+
 def learner_command(cfg: RunConfig, *, config_path: str, endpoint: str, init_dir: str, weights_dir: str,
-                    master_port: int, resume: str | None = None) -> list[str]:
-    """The torchrun argv that starts ``cfg.learner.num_ranks`` learner ranks (run it with ``learner_env``)."""
-    port = master_port or _free_port()  # a small race with other binders; torchrun fails loudly if it loses
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.learner.num_ranks}",
-            "--nnodes=1", "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}",
-            "--max-restarts=0", "-m", "actors.learner", "--config", str(config_path), "--endpoint", endpoint,
-            "--init", str(init_dir), "--weights-dir", str(weights_dir)] + (["--resume", str(resume)] if resume else [])
+                    master_port: int, resume: str | None = None, run_dir: str | None = None,
+                    rdzv_endpoint: str = "") -> list[str]:
+    """The torchrun argv that starts ``cfg.learner.num_ranks`` learner ranks (run it with ``learner_env``).
+
+    Elastic (``learner.nnodes=MIN:MAX``): a c10d rendezvous at ``rdzv_endpoint`` (hosted by the coordinator, see
+    ``Rendezvous``), which every node's agent joins with this same command; torchrun restarts the whole group when
+    a rank dies or a node joins or leaves (up to ``learner.max_restarts`` times), and every (re)started group
+    loads the newest complete checkpoint of ``run_dir`` (``--resume-latest``)."""
+    lc = cfg.learner
+    if is_elastic(cfg):
+        launch = [f"--nnodes={lc.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                  f"--rdzv-id=everyprompt-{cfg.name}", f"--max-restarts={lc.max_restarts}",
+                  "--rdzv-conf=is_host=false,keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=5"]
+        resume_args = ["--resume-latest", str(run_dir)]
+    else:
+        port = master_port or _free_port()  # a small race with other binders; torchrun fails loudly if it loses
+        launch = ["--nnodes=1", "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}",
+                  "--max-restarts=0"]
+        resume_args = ["--resume", str(resume)] if resume else []
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={lc.num_ranks}", *launch,
+            "-m", "actors.learner", "--config", str(config_path), "--endpoint", endpoint,
+            "--init", str(init_dir), "--weights-dir", str(weights_dir), *resume_args]
+
+
+class Rendezvous:
+    """The elastic learner's c10d rendezvous store, hosted by the coordinator for the whole run: agents on any
+    node come and go (and the coordinator's own agent is restarted by recovery) without taking the store down.
+    torchrun's agents join it as clients (``is_host=false``)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        host = cfg.transport.host
+        port = cfg.learner.rdzv_port or _free_port(host)
+        self.store = TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600),
+                              use_libuv=True)
+        self.endpoint = f"{host}:{port}"
 
 
 def learner_env(cfg: RunConfig) -> dict[str, str]:
@@ -41,4 +77,23 @@ def learner_env(cfg: RunConfig) -> dict[str, str]:
         env["TORCH_EXTENSIONS_DIR"] = str(Path(cfg.out_dir).resolve() / ".torch_extensions")
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
+    if is_elastic(cfg):  # scale-up deadlocks with a shared rendezvous store (DEPENDENCIES.md §4)
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return env
+
+
+def write_join_info(run_dir: Path, cfg: RunConfig, *, endpoint: str, learner_argv: list[str] | None,
+                    init_dir: str) -> None:
+    """``runs/<name>/join.json``: how to add capacity to this run from another host (the same config and initial
+    policy folder must be readable there): a stand-alone rollout worker and, for an elastic learner, one more
+    torchrun agent. Rewritten whenever the actors (re)start, since a free port may change."""
+    import json
+
+    config = str((run_dir / "config.yaml").resolve())
+    info = {"endpoint": endpoint,
+            "rollout_worker": ["everyprompt-rollout-worker", "--endpoint", endpoint, "--config", config,
+                               "--worker-id", "100", "--init", str(Path(init_dir).resolve())],
+            "learner_agent": ["python", *learner_argv[1:]] if learner_argv else None}
+    tmp = run_dir / ".join.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run_dir / "join.json")

@@ -24,6 +24,7 @@ from configs.schema import RunConfig
 from engine import checkpoint
 from engine.batch import RunStats, batch_stats, pack_batch
 from engine.cluster import Actors, Faults, start_actors
+from engine.launch import Rendezvous, is_elastic
 from engine.metrics import MetricsWriter, truncate_jsonl
 from engine.recovery import restart_on_learner_failure
 from engine.rollouts import PromptItem
@@ -38,13 +39,15 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
     init_dir, sft = ensure_sft_checkpoint(cfg, task, progress=cfg.progress)  # stage 1 (cached across runs)
     torch.set_num_threads(1)  # the actor processes own the cores from here on
     ckpt = checkpoint.latest(run_dir) if cfg.resume else None
+    rdzv = Rendezvous(cfg) if is_elastic(cfg) else None  # the elastic learners' store: outlives every restart
     summary = await restart_on_learner_failure(  # a dead learner: resume from the newest checkpoint, in process
-        cfg, run_dir, ckpt, lambda ckpt, faults: _rl(cfg, run_dir, task, init_dir, ckpt, faults, t_start))
+        cfg, run_dir, ckpt, lambda ckpt, faults: _rl(cfg, run_dir, task, init_dir, ckpt, faults, t_start,
+                                                     rdzv.endpoint if rdzv else ""))
     return {**summary, "sft_cached": sft["cached"], "sft_s": sft["seconds"], "wall_s": time.monotonic() - t_start}
 
 
 async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: checkpoint.Checkpoint | None,
-              faults: Faults, t_start: float) -> dict:
+              faults: Faults, t_start: float, rdzv_endpoint: str = "") -> dict:
     """Stage 2 from checkpoint ``ckpt`` (None: from the start); whatever the files hold after it is dropped."""
     state = checkpoint.load_coordinator(ckpt) if ckpt else None
     first = ckpt.step + 1 if ckpt else 1
@@ -55,7 +58,7 @@ async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: ch
     eval_items = [_item(task, i, ex) for i, ex in enumerate(task.eval_set)]
     try:
         async with start_actors(cfg, run_dir, init_dir, resume_learner=ckpt and str(ckpt.learner_dir),
-                                faults=faults) as a:
+                                faults=faults, rdzv_endpoint=rdzv_endpoint) as a:
             version = await _restore(a, ckpt, state) if ckpt else 0
             eval_start = state["eval_start"] if state else await _evaluate(a, eval_items, 0, metrics)
             a.rollouts.start(islice(_prompt_stream(task, cfg), a.rollouts.counts["prompts_taken"], None),

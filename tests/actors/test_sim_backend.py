@@ -135,3 +135,39 @@ def test_workload_lengths_are_long_tailed_and_stable_per_prompt():
     epoch2 = [simulate.sample_length(17, "g900", i, 512, sim) for i in range(64)]
     assert epoch1 != epoch2  # new draws in a new epoch ...
     assert abs(np.log(np.mean(epoch1) / np.mean(epoch2))) < 0.2  # ... around the same typical length
+
+
+def test_sim_learner_publishes_a_real_weights_file_under_each_version(tmp_path):
+    """With sim.weights_file, every version's path is a loadable file (real rollout workers read it)."""
+    from actors.sim_learner import publish
+
+    src = tmp_path / "init" / "policy_v0.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(b"weights")
+    for v in (1, 2):
+        publish(str(src), str(tmp_path / "w" / f"policy_v{v}.safetensors"))
+    publish(str(src), str(tmp_path / "w" / "policy_v2.safetensors"))  # republishing replaces it
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["policy_v1.safetensors", "policy_v2.safetensors"]
+    assert all(p.read_bytes() == b"weights" for p in (tmp_path / "w").iterdir())
+
+
+def test_prefill_on_add_all_charges_a_rebuild_of_the_running_batch_like_decode_batch():
+    """sim.prefill_on_add=all (the transformers backend): a row joining a running batch re-prefills every unfinished
+    row, padded to the longest, once at the next step; "new" (prefix-cached engines) prefills the newcomer only."""
+    from actors.sim_backend import SimBatch
+    from engine.rows import Row
+
+    def cost(mode: str) -> float:
+        sim = SimConfig(prefill_on_add=mode, decode_base_s=0.0, decode_per_seq_s=0.0, prefill_per_token_s=1.0)
+        b = SimBatch(sim, eos_id=2, vocab_size=98)
+        b.add([Row(key=("g1", i, 1, False), prompt=[5] * 4, max_new_tokens=50, temperature=1.0) for i in range(2)])
+        for _ in range(3):
+            b.step(0)
+        before = b.elapsed_s
+        b.add([Row(key=("g2", 0, 2, False), prompt=[5] * 2, max_new_tokens=50, temperature=1.0)])
+        b.add([Row(key=("g3", 0, 3, False), prompt=[5] * 2, max_new_tokens=50, temperature=1.0)])
+        b.step(0)
+        return b.elapsed_s - before
+
+    assert cost("new") == 2 + 2  # each newcomer's prompt
+    assert cost("all") == 4 * (4 + 3)  # one rebuild: 4 unfinished rows x the longest (prompt 4 + 3 tokens)

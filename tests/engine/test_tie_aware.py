@@ -140,7 +140,7 @@ def test_dead_zone_hand_computed():
     # qualities [2, 1, 1, 0] with (1, 3) wrongly called Tie: m = [3, 0, 0, -3] -> [3, -1, 0, -2]
     v, j = _matrix({(0, 1): 1, (0, 2): 1, (0, 3): 1, (1, 2): 0, (1, 3): 0, (2, 3): 1})
     rewards, _ = pairwise_rewards(v, j, tie_margin=1)
-    assert rewards.tolist() == [[1.0, 0.0, 0.0, -2 / 3]]  # 1 and 2 tied; 0 and 3 keep m / (G - 1)
+    assert torch.equal(rewards, torch.tensor([[1.0, 0.0, 0.0, -2 / 3]]))  # 1, 2 tied; 0, 3 keep m / (G - 1)
     rewards, _ = pairwise_rewards(v, j, tie_margin=2)
     assert rewards.tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
