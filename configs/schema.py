@@ -94,7 +94,7 @@ class SFTConfig:
 
 @dataclass
 class RolloutConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # workers the coordinator starts on this machine (more can join: runs/<name>/join.json)
     backend: str = "hf"  # "hf" (transformers, CPU default)
     group_size: int = 8  # responses per prompt (G)
     temperature: float = 1.0
@@ -135,7 +135,10 @@ class RolloutConfig:
                  'choose rollout.quantization=fp8 or leave it "" (sglang backend only)')
         _require(self.kv_cache_dtype in ("auto", "fp8_e5m2", "fp8_e4m3"), "rollout.kv_cache_dtype",
                  self.kv_cache_dtype, "choose auto, fp8_e5m2 or fp8_e4m3 (sglang backend only)")
-        _require(self.num_workers >= 1, "rollout.num_workers", self.num_workers, "it must be >= 1")
+        _require(self.num_workers >= 0, "rollout.num_workers", self.num_workers,
+                 "it must be >= 0 (0 = only stand-alone workers started with everyprompt-rollout-worker)")
+        _require(self.num_workers >= 1 or self.backend != "sim", "rollout.num_workers", self.num_workers,
+                 "the sim backend starts its own workers: pass rollout.num_workers >= 1")
         _require(self.group_size >= 2, "rollout.group_size", self.group_size,
                  "group-relative advantages need at least 2 samples; pass rollout.group_size=8")
         _require(self.temperature > 0, "rollout.temperature", self.temperature,

@@ -79,10 +79,12 @@ def test_a_second_learner_agent_joins_and_a_killed_rank_resumes_from_the_checkpo
 
 
 def test_a_stand_alone_rollout_worker_joins_a_running_job_and_gets_work(tmp_path):
-    proc = _start(tmp_path, "train.num_steps=200")
+    """The coordinator starts no rollout worker of its own: the run moves only once the stand-alone one joins."""
+    proc = _start(tmp_path, "rollout.num_workers=0", "train.num_steps=40")
     worker = None
     try:
-        wait_for(lambda: len(_steps(tmp_path)) >= 2, proc, 300, "the first steps")
+        wait_for(lambda: (tmp_path / "tiny" / "join.json").exists(), proc, 300, "the actors to start")
+        assert _steps(tmp_path) == []  # nobody generates yet
         cmd = _join(tmp_path)["rollout_worker"]
         assert cmd[0] == "everyprompt-rollout-worker"
         with open(tmp_path / "worker_100.log", "wb") as log:
@@ -97,7 +99,9 @@ def test_a_stand_alone_rollout_worker_joins_a_running_job_and_gets_work(tmp_path
                 p.kill()
     assert proc.returncode == 0, err[-3000:]
     assert "actor.joined" in err and "rollout-100" in err
+    summary = json.loads(out.strip().splitlines()[-1])
     done = [line for line in (tmp_path / "worker_100.log").read_text().splitlines() if "rollout.done" in line]
-    assert done and "generated_samples=0" not in done[-1], done  # it took work and generated for the run
-    _trained_once(tmp_path, 200, 8)
+    generated = int(done[-1].split("generated_samples=")[1].split()[0]) if done else 0
+    assert generated == summary["generated_samples"] + 2 * 32, (done, summary)  # every RL sample + 2 evals of 32
+    _trained_once(tmp_path, 40, 8)
     assert processes_mentioning(str(tmp_path)) == []
