@@ -17,6 +17,8 @@ def actor_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--endpoint", required=True, help="the coordinator's address, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--config", required=True, help="the run's resolved config.yaml")
     p.add_argument("--worker-id", type=int, default=0)
+    p.add_argument("--curve-client", default=None, help="this machine's CURVE key pair in transport.curve_keys_dir "
+                                                         "(default: the config's transport.curve_client)")
     return p
 
 
@@ -30,7 +32,8 @@ def make_peer(args: argparse.Namespace, cfg: RunConfig, role: str) -> Peer:
     tc = cfg.transport
     return Peer(args.endpoint, hello=Hello(role=role, worker_id=args.worker_id, pid=os.getpid()),
                 heartbeat_s=tc.heartbeat_s, peer_timeout_s=tc.peer_timeout_s, max_frame_bytes=tc.max_frame_bytes,
-                hwm=tc.hwm, curve=client_keys(tc.curve_keys_dir, tc.curve_client) if tc.curve_keys_dir else None)
+                hwm=tc.hwm, curve=client_keys(tc.curve_keys_dir, getattr(args, "curve_client", None) or tc.curve_client)
+                if tc.curve_keys_dir else None)
 
 
 def run_actor(coro, role: str) -> int:
