@@ -4,17 +4,10 @@ keeps serving, and a group judged by the tiny model comes back with every failur
 import numpy as np
 import pytest
 
-from engine.procs import python_module, spawn, stop_all
-from tests.actors.test_workers import _exit_code, _recv, _setup
-from transport import Hello, Hub, Judged, JudgeRequest, ScoreRequest, Scored, Shutdown, run
+from tests.actors.test_workers import _recv, _setup, actor_process
+from transport import Judged, JudgeRequest, ScoreRequest, Scored, run
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _start(tmp_path, hub):
-    return spawn("reward-0", python_module("actors.reward_worker", "--endpoint", hub.endpoint, "--config",
-                                           str(tmp_path / "config.yaml"), "--init", str(tmp_path / "init")),
-                 log_dir=tmp_path / "logs")
 
 
 def test_reward_worker_records_plugin_failures_and_keeps_serving(tmp_path):
@@ -23,12 +16,8 @@ def test_reward_worker_records_plugin_failures_and_keeps_serving(tmp_path):
     tok = task.tokenizer
 
     async def scenario():
-        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
-        await hub.start()
-        child = _start(tmp_path, hub)
-        try:
-            assert (await _recv(hub, Hello, child)).role == "reward"
-            peer = next(iter(hub.peers))
+        async with actor_process(tmp_path, "actors.reward_worker", "--init", str(tmp_path / "init"),
+                                 role="reward") as (hub, child, peer):
             for i, text in enumerate(["hang", "raise", "crash", "fine", "fine"]):
                 ids = np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int32)
                 await hub.send(peer, ScoreRequest(sample_key=f"g/{i}", token_ids=ids, answer="x"))
@@ -37,11 +26,6 @@ def test_reward_worker_records_plugin_failures_and_keeps_serving(tmp_path):
             assert got["g/1"].reward_parts == {"plugin_error": 1.0} and not got["g/1"].valid
             assert got["g/2"].reward_parts == {"plugin_crash": 1.0} and not got["g/2"].valid
             assert got["g/3"].valid and got["g/4"].valid and got["g/3"].reward_parts["correct"] == 1.0
-            await hub.send(peer, Shutdown())
-            assert await _exit_code(child) == 0, child.log_tail()
-        finally:
-            stop_all([child], grace_s=0.0)
-            await hub.close()
 
     run(scenario())
 
@@ -55,12 +39,8 @@ def test_reward_worker_judges_a_group_with_the_tiny_model(tmp_path):
     ids = [tok.encode(r) + [tok.eos_id] for r in responses]
 
     async def scenario():
-        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
-        await hub.start()
-        child = _start(tmp_path, hub)
-        try:
-            await _recv(hub, Hello, child)
-            peer = next(iter(hub.peers))
+        async with actor_process(tmp_path, "actors.reward_worker", "--init", str(tmp_path / "init"),
+                                 role="reward") as (hub, child, peer):
             await hub.send(peer, JudgeRequest(
                 group_id="g7", prompt_ids=np.asarray(task.prompt_ids(ex), dtype=np.int32),
                 token_ids=np.asarray(sum(ids, []), dtype=np.int32),
@@ -74,10 +54,5 @@ def test_reward_worker_judges_a_group_with_the_tiny_model(tmp_path):
             assert j.parts["judge_parse_failures"] <= 4
             assert len(j.rewards) == 4 and all(-1 <= r <= 1 for r in j.rewards)
             assert all(r == 0.0 for r, v in zip(j.rewards, j.valid) if not v)
-            await hub.send(peer, Shutdown())
-            assert await _exit_code(child) == 0, child.log_tail()
-        finally:
-            stop_all([child], grace_s=0.0)
-            await hub.close()
 
     run(scenario())

@@ -11,11 +11,10 @@ import torch
 
 from actors.sglang_backend import hub_layout, write_model_dir
 from engine.model import load_model, save_weights
-from engine.procs import python_module, spawn, stop_all
-from tests.actors.test_workers import _exit_code, _recv, _setup
+from tests.actors.test_workers import _setup, actor_process
 from tests.engine.test_decode import _teacher_forced
 from tests.sglang_standin import StandIn
-from transport import GenerateRequest, Hello, Hub, LoadWeights, ResponseChunk, Shutdown, WeightsLoaded, run
+from transport import GenerateRequest, LoadWeights, ResponseChunk, WeightsLoaded, run
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -49,35 +48,27 @@ def test_worker_on_sglang_streams_and_continues_responses_across_a_weight_update
     n = 6
 
     async def scenario():
-        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
-        await hub.start()
-        child = spawn("rollout-0", python_module(
-            "actors.rollout_worker", "--endpoint", hub.endpoint, "--config", str(tmp_path / "config.yaml"),
-            "--worker-id", "0", "--init", str(tmp_path / "init")), log_dir=tmp_path / "logs")
         try:
-            assert (await _recv(hub, Hello, child)).role == "rollout"
-            peer = next(iter(hub.peers))
-            await hub.send(peer, GenerateRequest(group_id="g0", prompt_id=7, prompt_ids=prompt, num_samples=n,
-                                                 max_new_tokens=16, temperature=1.0, return_routes=True))
-            deadline = time.monotonic() + 60
-            while standin.calls.count("/generate") < n and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.15)  # a few tokens into every response
-            await hub.send(peer, LoadWeights(version=1, path=str(tmp_path / "weights" / "policy_v1.safetensors")))
-            chunks, loaded = [], None
-            while sum(bool(c.finish_reason) for c in chunks) < n:
-                assert child.exited() is None, child.log_tail()
-                _, msg = await hub.recv(timeout=60)
-                if isinstance(msg, WeightsLoaded):
-                    loaded = msg
-                elif isinstance(msg, ResponseChunk):
-                    chunks.append(msg)
-            await hub.send(peer, Shutdown(reason="test"))
-            assert await _exit_code(child) == 0, child.log_tail()
+            async with actor_process(tmp_path, "actors.rollout_worker", "--init", str(tmp_path / "init"),
+                                     role="rollout") as (hub, child, peer):
+                await hub.send(peer, GenerateRequest(group_id="g0", prompt_id=7, prompt_ids=prompt, num_samples=n,
+                                                     max_new_tokens=16, temperature=1.0, return_routes=True))
+                deadline = time.monotonic() + 60
+                while standin.calls.count("/generate") < n and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.15)  # a few tokens into every response
+                await hub.send(peer, LoadWeights(version=1,
+                                                 path=str(tmp_path / "weights" / "policy_v1.safetensors")))
+                chunks, loaded = [], None
+                while sum(bool(c.finish_reason) for c in chunks) < n:
+                    assert child.exited() is None, child.log_tail()
+                    _, msg = await hub.recv(timeout=60)
+                    if isinstance(msg, WeightsLoaded):
+                        loaded = msg
+                    elif isinstance(msg, ResponseChunk):
+                        chunks.append(msg)
             return chunks, loaded
         finally:
-            stop_all([child], grace_s=0.0)
-            await hub.close()
             standin.close()
 
     chunks, loaded = run(scenario())

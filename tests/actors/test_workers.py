@@ -1,6 +1,7 @@
 """Rollout and reward workers as real child processes answering over loopback ZeroMQ; the test is the hub."""
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -46,6 +47,25 @@ async def _exit_code(child, timeout: float = 10.0):
     return child.exited()
 
 
+@contextlib.asynccontextmanager
+async def actor_process(tmp_path, module: str, *args: str, role: str):
+    """A Hub playing the coordinator and one actor process (``python -m module``) connected to it: yields
+    (hub, child, peer) once its Hello arrived; a block that ends normally also checks a clean exit on Shutdown."""
+    hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+    await hub.start()
+    child = spawn(f"{role}-0", python_module(module, "--endpoint", hub.endpoint, "--config",
+                                             str(tmp_path / "config.yaml"), *args), log_dir=tmp_path / "logs")
+    try:
+        assert (await _recv(hub, Hello, child)).role == role
+        peer = next(iter(hub.peers))
+        yield hub, child, peer
+        await hub.send(peer, Shutdown(reason="test"))
+        assert await _exit_code(child) == 0, child.log_tail()
+    finally:
+        stop_all([child], grace_s=0.0)
+        await hub.close()
+
+
 async def _responses(hub: Hub, child, want: int) -> dict[tuple[str, int], list]:
     """Collect chunks until ``want`` responses finished: (group, sample) -> its chunks in arrival order."""
     chunks: dict[tuple[str, int], list] = {}
@@ -62,14 +82,8 @@ def test_rollout_worker_streams_chunks_and_takes_weights_in_flight(tmp_path):
     prompt = np.asarray(task.prompt_ids(task.eval_set[0]), dtype=np.int32)
 
     async def scenario():
-        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
-        await hub.start()
-        child = spawn("rollout-0", python_module(
-            "actors.rollout_worker", "--endpoint", hub.endpoint, "--config", str(tmp_path / "config.yaml"),
-            "--worker-id", "0", "--init", str(tmp_path / "init")), log_dir=tmp_path / "logs")
-        try:
-            assert (await _recv(hub, Hello, child)).role == "rollout"
-            peer = next(iter(hub.peers))
+        async with actor_process(tmp_path, "actors.rollout_worker", "--init", str(tmp_path / "init"),
+                                 role="rollout") as (hub, child, peer):
             await hub.send(peer, GenerateRequest(group_id="g0", prompt_id=7, prompt_ids=prompt, num_samples=3,
                                                  max_new_tokens=9, temperature=1.0, return_routes=True))
             for (group, _), chunks in (await _responses(hub, child, 3)).items():
@@ -103,11 +117,6 @@ def test_rollout_worker_streams_chunks_and_takes_weights_in_flight(tmp_path):
             spanning = [v for v in versions.values() if v[0] == 0 and v[-1] == 1]
             assert spanning, "no response spans the weight update"
             assert all(v == sorted(v) for v in versions.values())  # a version boundary, never back
-            await hub.send(peer, Shutdown(reason="test"))
-            assert await _exit_code(child) == 0, child.log_tail()
-        finally:
-            stop_all([child], grace_s=0.0)
-            await hub.close()
 
     run(scenario())
 
@@ -119,23 +128,11 @@ def test_reward_worker_process_scores_responses(tmp_path):
     wrong_ids = np.asarray(task.tokenizer.encode(ex.answer + "9") + [task.tokenizer.eos_id], dtype=np.int32)
 
     async def scenario():
-        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
-        await hub.start()
-        child = spawn("reward-0", python_module(
-            "actors.reward_worker", "--endpoint", hub.endpoint, "--config", str(tmp_path / "config.yaml")),
-            log_dir=tmp_path / "logs")
-        try:
-            assert (await _recv(hub, Hello, child)).role == "reward"
-            peer = next(iter(hub.peers))
+        async with actor_process(tmp_path, "actors.reward_worker", role="reward") as (hub, child, peer):
             await hub.send(peer, ScoreRequest(sample_key="g/0", token_ids=answer_ids, answer=ex.answer))
             await hub.send(peer, ScoreRequest(sample_key="g/1", token_ids=wrong_ids, answer=ex.answer))
             scores = {s.sample_key: s for s in [await _recv(hub, Scored, child) for _ in range(2)]}
             assert scores["g/0"].reward == 1.0 and scores["g/0"].valid and scores["g/0"].text == ex.answer
             assert scores["g/1"].reward == 0.0 and scores["g/1"].valid
-            await hub.send(peer, Shutdown())
-            assert await _exit_code(child) == 0, child.log_tail()
-        finally:
-            stop_all([child], grace_s=0.0)
-            await hub.close()
 
     run(scenario())
