@@ -81,7 +81,8 @@ class RolloutWorker:
         self._capture_routes = capture_routes
         self._batch = backend.new_batch(capture_routes=capture_routes)
         self._queue: deque[list[Row]] = deque()  # requests not yet in the batch, as rows
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[int, Row] = {}  # id -> batch row to drop (the rows, not their keys: a key may be
+        # cancelled and sent again at once, and the new request must survive the old one's cancel)
         self._weights: LoadWeights | None = None  # newest weights not yet applied
         self._wake = asyncio.Event()
         self.version = 0
@@ -108,7 +109,10 @@ class RolloutWorker:
                 case ContinueRequest():
                     self._queue.append([_row(msg, msg.sample_index, msg.prompt_ids.tolist(), msg.prefix.tolist())])
                 case CancelRequest():
-                    self._cancelled.update(msg.sample_keys)
+                    gone = set(msg.sample_keys)
+                    self._queue = deque(kept for rows in self._queue
+                                        if (kept := [r for r in rows if f"{r.key[0]}/{r.key[1]}" not in gone]))
+                    self._cancelled.update({id(r): r for r in self._batch.rows if f"{r.key[0]}/{r.key[1]}" in gone})
                 case LoadWeights():
                     if self._weights is None or msg.version > self._weights.version:
                         self._weights = msg
@@ -170,10 +174,8 @@ class RolloutWorker:
     def _drop_cancelled(self) -> None:
         if not self._cancelled:
             return
-        gone, self._cancelled = self._cancelled, set()
-        self._batch.remove([r for r in self._batch.rows if f"{r.key[0]}/{r.key[1]}" in gone])
-        queue = ([r for r in rows if f"{r.key[0]}/{r.key[1]}" not in gone] for rows in self._queue)
-        self._queue = deque(rows for rows in queue if rows)
+        gone, self._cancelled = self._cancelled, {}
+        self._batch.remove([r for r in self._batch.rows if id(r) in gone])
 
     async def _emit(self) -> None:
         """Send each response's ready tokens (fed, so their routes are known; or final) in chunks of
