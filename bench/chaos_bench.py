@@ -99,7 +99,10 @@ async def _hostile(per_kind: int) -> dict:
                 reason = kinds[kind]["reason"]
                 before = hub.rejected[reason] if reason else 0
                 await asyncio.to_thread(fn)
-                kinds[kind]["counted"] += min(await counted(reason, before, 1), 1)
+                got = min(await counted(reason, before, 1), 1)
+                kinds[kind]["counted"] += got
+                if not got and ghost.peer_id not in hub.peers:  # ZeroMQ refused the connection itself (the
+                    kinds[kind]["refused_by_zmq"] = kinds[kind].get("refused_by_zmq", 0) + 1  # id still held)
         await peer.send(Scored(sample_key="still-there", reward=1.0, valid=True))
         serving = (await hub.recv(timeout=10))[1].sample_key == "still-there"
         return {"per_kind": kinds, "rejected": dict(hub.rejected), "serving_after": serving,
@@ -157,7 +160,8 @@ def _kill_run(out: Path, sft_cache: Path, steps: int, kills: int, rng: random.Ra
     # a disk fault in the newest checkpoint, then resume=true with more steps
     root = run.run_dir / "checkpoints"
     newest = max(root.glob("step_*"))
-    files = sorted(p for p in newest.rglob("*") if p.is_file() and p.name != "meta.json")
+    files = sorted(p for p in newest.rglob("*") if p.suffix in (".pt", ".npz", ".safetensors", ".json")
+                   and p.name != "meta.json")  # model, optimizer, RNG, weights, coordinator state
     victim, fault = rng.choice(files), rng.choice(["flip", "truncate", "delete"])
     if fault == "delete":
         victim.unlink()
@@ -229,7 +233,8 @@ def main(argv: list[str]) -> dict:
 
     rows = [_row("codec fuzz frame", fuzz["injected"], fuzz["survived"], 0, 0, [])]
     for kind, k in hostile["per_kind"].items():  # survived = counted with its reason, and the hub still serves
-        rows.append(_row(f"frame: {kind}", k["injected"], k["counted"] if hostile["serving_after"] else 0, 0, 0, []))
+        kept_out = k["counted"] + k.get("refused_by_zmq", 0)
+        rows.append(_row(f"frame: {kind}", k["injected"], kept_out if hostile["serving_after"] else 0, 0, 0, []))
     rows.append(_row("stalled consumer", 1, stalled["survived"], stalled["lost"], stalled["duplicated"], []))
     for kind in KILL_KINDS:
         ev = [(r, e) for r in runs for e in r["events"] if e["kind"] == kind]

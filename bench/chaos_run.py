@@ -64,8 +64,9 @@ class ChaosRun:
         return self.out_dir / "tiny"
 
     def argv(self, *extra: str) -> list[str]:
+        sft_cache = self.sft_cache or self.out_dir / "sft_cache"
         return [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={self.out_dir}",
-                "progress=false", f"sft.cache_dir={self.sft_cache or self.out_dir / 'sft_cache'}", f"train.num_steps={self.steps}",
+                "progress=false", f"sft.cache_dir={sft_cache}", f"train.num_steps={self.steps}",
                 "transport.heartbeat_s=0.5", *self.overrides, *extra]
 
     def start(self, *extra: str) -> None:

@@ -5,10 +5,11 @@ Every frame is one ``codec`` message, preceded by its sequence number: the envel
 Each side runs two background tasks: a receive loop that decodes frames into an inbox, and a heartbeat sender.
 A bad frame is dropped, counted in ``rejected[reason]`` and logged as ``transport.frame_rejected``; it never
 stops the receive loop (the log line has the running count; after the first 20 of a reason only every
-2^k-th one is logged, so a flood cannot fill the disk). Reasons: the codec's (malformed, too_large, too_deep, protocol_version, unknown_type,
-bad_fields, bad_array), plus bad_envelope, unknown_peer (a frame before Hello), replayed (a sequence number not
-above the last one seen from that peer, including a replayed Hello of a peer that is gone), too_many_peers, and
-at the hub's socket auth_failed / bad_handshake (CURVE or ZMTP handshake refused: a wrong key, a port scanner).
+2^k-th one is logged, so a flood cannot fill the disk). Reasons: the codec's (malformed, too_large, too_deep,
+protocol_version, unknown_type, bad_fields, bad_array), plus bad_envelope, unknown_peer (a frame before Hello),
+replayed (a sequence number not above the last one seen from that peer, including a replayed Hello of a peer
+that is gone), too_many_peers, and at the hub's socket auth_failed / bad_handshake (CURVE or ZMTP handshake
+refused: a wrong key, a port scanner).
 If a background task dies anyway, the next ``recv()`` raises. Liveness: any valid frame counts; an actor's
 ``Peer.recv()`` raises ``PeerLost`` once the hub has been silent for ``peer_timeout_s``, so actors of a dead
 coordinator exit by themselves. Actors run blocking work (torch) in ``asyncio.to_thread`` so heartbeats flow.

@@ -161,7 +161,7 @@ def test_hub_rejects_bad_frames_and_keeps_serving():
             reply = Heartbeat(sent_at=0.0)
             while isinstance(reply, Heartbeat):  # the hub heartbeats this peer now that it said Hello
                 assert await raw.poll(5000), "hub did not answer after rejecting bad frames"
-                seq, frame = await raw.recv_multipart()
+                _, frame = await raw.recv_multipart()  # [sequence number, payload]
                 reply = decode(frame)
             assert reply == Shutdown(reason="bye")
         finally:
