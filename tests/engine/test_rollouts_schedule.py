@@ -2,6 +2,7 @@
 real Peers over loopback ZeroMQ that play two rollout workers and a reward worker."""
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -14,16 +15,25 @@ from transport import GenerateRequest, Hello, Hub, Peer, ResponseChunk, ScoreReq
 pytestmark = pytest.mark.timeout(60)
 
 
-async def _peers(hub: Hub, roles: list[str]) -> tuple[list[Peer], list[str]]:
+@contextlib.asynccontextmanager
+async def _peers(roles: list[str]):
+    """A Hub (the coordinator's side) and one connected Peer per role: yields (hub, peers, peer ids)."""
+    hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
+    await hub.start()
     peers, ids = [], []
-    for i, role in enumerate(roles):
-        p = Peer(hub.endpoint, hello=Hello(role=role, worker_id=i, pid=1), heartbeat_s=0.5, peer_timeout_s=30.0)
-        await p.start()
-        peer_id, hello = await hub.recv(timeout=10)
-        assert isinstance(hello, Hello)
-        peers.append(p)
-        ids.append(peer_id)
-    return peers, ids
+    try:
+        for i, role in enumerate(roles):
+            p = Peer(hub.endpoint, hello=Hello(role=role, worker_id=i, pid=1), heartbeat_s=0.5, peer_timeout_s=30.0)
+            peers.append(p)
+            await p.start()
+            peer_id, hello = await hub.recv(timeout=10)
+            assert isinstance(hello, Hello)
+            ids.append(peer_id)
+        yield hub, peers, ids
+    finally:
+        for p in peers:
+            await p.close()
+        await hub.close()
 
 
 async def _drain(peer: Peer, kind: type, timeout: float = 0.5) -> list:
@@ -45,10 +55,7 @@ def _chunk(req: GenerateRequest, index: int, n: int) -> ResponseChunk:
 
 def test_length_aware_dispatch_sends_longest_first_to_the_least_loaded_worker():
     async def scenario():
-        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
-        await hub.start()
-        (w0, w1, rw), ids = await _peers(hub, ["rollout", "rollout", "reward"])
-        try:
+        async with _peers(["rollout", "rollout", "reward"]) as (hub, (w0, w1, rw), ids):
             pred = LengthPredictor()
             for prompt, length in ((0, 10), (1, 500), (2, 50), (3, 400)):  # an earlier epoch
                 pred.observe(prompt, "s", [length])
@@ -62,10 +69,6 @@ def test_length_aware_dispatch_sends_longest_first_to_the_least_loaded_worker():
             assert [m.prompt_id for m in got1] == [3, 2, 0]
             assert all(m.num_samples == 2 for m in got0 + got1)  # a whole group on one worker
             await r.stop()
-        finally:
-            for p in (w0, w1, rw):
-                await p.close()
-            await hub.close()
 
     run(scenario())
 
@@ -73,11 +76,8 @@ def test_length_aware_dispatch_sends_longest_first_to_the_least_loaded_worker():
 @pytest.mark.parametrize("overlap", [True, False])
 def test_scores_go_through_the_pool_as_responses_finish_or_after_the_wave(overlap):
     async def scenario():
-        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
-        await hub.start()
-        (w0, rw), ids = await _peers(hub, ["rollout", "reward"])
-        processed = []
-        try:
+        async with _peers(["rollout", "reward"]) as (hub, (w0, rw), ids):
+            processed = []
             r = Rollouts(hub, workers=ids[:1], rewards=ids[1:], buffer=GroupBuffer(), group_size=2, temperature=1.0,
                          max_new_tokens=8, groups_per_step=1, max_staleness=0, postprocess_workers=2,
                          reward_overlap=overlap, postprocess=lambda t: processed.append(len(t)))
@@ -91,20 +91,13 @@ def test_scores_go_through_the_pool_as_responses_finish_or_after_the_wave(overla
             assert sorted(m.sample_key for m in first + rest) == [f"{req.group_id}/0", f"{req.group_id}/1"]
             assert sorted(processed) == [3, 4]  # every response went through the pool first
             await r.stop()
-        finally:
-            for p in (w0, rw):
-                await p.close()
-            await hub.close()
 
     run(scenario())
 
 
 def test_fifo_dispatch_spreads_groups_by_outstanding_samples():
     async def scenario():
-        hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
-        await hub.start()
-        (w0, w1, rw), ids = await _peers(hub, ["rollout", "rollout", "reward"])
-        try:
+        async with _peers(["rollout", "rollout", "reward"]) as (hub, (w0, w1, rw), ids):
             r = Rollouts(hub, workers=ids[:2], rewards=ids[2:], buffer=GroupBuffer(), group_size=2, temperature=1.0,
                          max_new_tokens=8, groups_per_step=4, max_staleness=0)
             r.start(iter([PromptItem(p, [1, 2], "", source="s") for p in range(4)]), total_groups=4)
@@ -112,9 +105,5 @@ def test_fifo_dispatch_spreads_groups_by_outstanding_samples():
             assert [m.prompt_id for m in got0] == [0, 2] and [m.prompt_id for m in got1] == [1, 3]
             await asyncio.sleep(0)
             await r.stop()
-        finally:
-            for p in (w0, w1, rw):
-                await p.close()
-            await hub.close()
 
     run(scenario())
