@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from engine.launch import learner_command, learner_env, write_join_info
+from engine.launch import is_elastic, learner_command, learner_env, write_join_info
 from configs.schema import RunConfig, TransportConfig
 from engine.buffer import GroupBuffer
 from engine.procs import Child, python_module, respawn, spawn, stop_all
@@ -269,6 +269,7 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_l
     await hub.start()
     children: list[Child] = []
     sup: Supervisor | None = None
+    failing = False
     try:
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner, rdzv_endpoint)
         sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts, faults=faults)
@@ -297,7 +298,15 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_l
             yield actors
             pump.cancel()
         await rollouts.stop()
+    except BaseException:
+        failing = True
+        raise
     finally:
+        # An elastic learner that exits cleanly closes its rendezvous for good (torchrun's "job done"), and the
+        # agents on other nodes could never rejoin: on the way to a recovery it is stopped by a signal instead.
+        keep_rdzv = failing and is_elastic(cfg) and sup is not None and "learner" in sup.children
+        if keep_rdzv:
+            await asyncio.to_thread(stop_all, [sup.children["learner"]], grace_s=0.0)
         for peer in list(hub.peers):
             with contextlib.suppress(Exception):
                 await hub.send(peer, Shutdown(reason="run finished"))

@@ -48,7 +48,7 @@ def _trained_once(tmp_path, steps: int, groups: int) -> None:
 
 
 def test_a_second_learner_agent_joins_and_a_killed_rank_resumes_from_the_checkpoint(tmp_path):
-    proc = _start(tmp_path, "learner.nnodes=1:2", "train.num_steps=30", "train.checkpoint_every=2",
+    proc = _start(tmp_path, "learner.nnodes=1:2", "train.num_steps=200", "train.checkpoint_every=5",
                   "learner.max_restarts=6")
     agent = None
     try:
@@ -74,8 +74,8 @@ def test_a_second_learner_agent_joins_and_a_killed_rank_resumes_from_the_checkpo
                 os.killpg(p.pid, signal.SIGKILL) if p is agent else p.kill()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["steps"] == 30 and summary["learner_restarts"] >= 1, summary
-    _trained_once(tmp_path, 30, 8)
+    assert summary["steps"] == 200 and summary["learner_restarts"] >= 1, summary
+    _trained_once(tmp_path, 200, 8)
 
 
 def test_a_stand_alone_rollout_worker_joins_a_running_job_and_gets_work(tmp_path):
