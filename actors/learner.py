@@ -12,7 +12,7 @@ Launch (what ``engine.launch.learner_command`` builds; the coordinator runs it):
 
 Process layout: only rank 0 talks to the coordinator (a ``Peer``). It re-broadcasts every frame to the other
 ranks over torch.distributed (gloo), without pickle: an int64 size, then the codec's bytes as a uint8 tensor.
-A size <= 0 is a control code (``_TICK``, ``_SHUTDOWN``, ``_PEER_LOST``). Every rank decodes the same batch
+A size <= 0 is a control code (``TICK``, ``SHUTDOWN``, ``PEER_LOST``). Every rank decodes the same batch
 and trains on its contiguous shard of the N sequences. Ranks > 0 poll their pending broadcast, so a signal
 still reaches Python while they wait; rank 0 sends a tick when idle so gloo's collective timeout never fires.
 
@@ -48,7 +48,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-import numpy as np
 import structlog
 import torch
 import torch.distributed as dist
@@ -56,13 +55,15 @@ import transformers
 
 from actors.common import actor_parser, make_peer
 from configs.load import load_resolved
-from configs.schema import LearnerConfig, RunConfig
+from configs.schema import RunConfig
 from engine.log import configure_logging
 from engine.procs import die_with_parent
 from engine.advantages import zvp_token_advantages
 from engine.espo import batch_entropy_threshold
 from engine.losses import LOSSES
-from engine.expert_parallel import autoep_config, hf_state_dict, patch_transformers, replica_check
+from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, deepspeed_config,
+                                  fanout_recv, fanout_send, loss_settings, shard_bounds, skip_shm_comm_build)
+from engine.expert_parallel import hf_state_dict, patch_transformers, replica_check
 from engine.model import load_model, load_weights, old_policy_pass, save_state, save_weights, token_logprobs
 from engine.routing import mismatch_NT, route_hooks
 from transport.channels import PeerLost, run
@@ -73,56 +74,12 @@ log = structlog.get_logger()
 
 LearnerInbox = TrainBatch | SaveCheckpoint | Shutdown
 
-_TICK, _SHUTDOWN, _PEER_LOST = 0, -1, -2  # control codes sent in place of a frame size
 _TICK_S = 60.0  # idle rank 0 sends a tick this often; far below gloo's 30 min collective timeout
-_POLL_S = 0.02  # ranks > 0 poll their pending broadcast at this period (s)
 _KEEP_VERSIONS = 2
 _REPORT_GRACE_S = 0.5  # time for the ErrorReport frame to leave before the socket closes
 
 
 # ---- one rank's model and step -------------------------------------------------------------------------
-
-
-def shard_bounds(num_items: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous [lo, hi) of rank's share; sizes differ by at most one when world does not divide it."""
-    return num_items * rank // world, num_items * (rank + 1) // world
-
-
-def _deepspeed_config(cfg: LearnerConfig, model_type: str = "qwen3_moe") -> dict:
-    ep = {"expert_parallel": autoep_config(cfg.expert_parallel, model_type)} if cfg.expert_parallel > 1 else {}
-    return {**ep,
-        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: a rank's whole shard is one micro-batch
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW",  # torch_adam: torch's AdamW, so no FusedAdam JIT build
-                      "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True}},
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _skip_shm_comm_build() -> None:
-    """Mark DeepSpeed's CPU shared-memory comm op incompatible so the backend init does not JIT-build it."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a cached dict; edits persist by design
-
-
-def loss_settings(lc: LearnerConfig, *, vocab_size: int) -> tuple[str, dict]:
-    """(aggregation, keyword hyperparameters) for ``LOSSES[lc.loss]`` from the config."""
-    hyper, default_agg = {
-        "grpo": ({"clip_eps_low": lc.clip_eps_low, "clip_eps_high": lc.clip_eps_high}, "token_mean"),
-        "gspo": ({"clip_eps_low": lc.gspo_clip_eps_low, "clip_eps_high": lc.gspo_clip_eps_high},
-                 "seq_mean_token_mean"),
-        "cispo": ({"clip_eps_high": lc.cispo_clip_eps_high}, "token_mean"),
-        "espo": ({"vocab_size": vocab_size, "alpha": lc.espo_alpha, "rho": lc.espo_rho,
-                  "ratio_mode": lc.espo_ratio_mode, "entropy_quantile_scope": lc.espo_entropy_scope},
-                 "seq_mean_group_mean"),
-    }[lc.loss]
-    return (default_agg if lc.aggregation == "auto" else lc.aggregation), hyper
 
 
 class LearnerRank:
@@ -132,7 +89,7 @@ class LearnerRank:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        _skip_shm_comm_build()
+        skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         model = load_model(init_dir)
@@ -141,7 +98,7 @@ class LearnerRank:
         if self.expert_parallel > 1:
             patch_transformers()
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=_deepspeed_config(cfg.learner, model.config.model_type))
+                                               config=deepspeed_config(cfg.learner, model.config.model_type))
         self.temperature = cfg.rollout.temperature
         self.loss_fn = LOSSES[cfg.learner.loss]
         self.aggregation, self.loss_hyper = loss_settings(cfg.learner, vocab_size=model.config.vocab_size)
@@ -170,13 +127,13 @@ class LearnerRank:
         for m in range(num_mb):
             mlo, mhi = shard_bounds(num_seqs, m, num_mb)
             lo, hi = shard_bounds(mhi - mlo, self.rank, self.world)
-            shards.append(_Shard(batch, mlo + lo, mlo + hi, aggregation=self.aggregation,
+            shards.append(Shard(batch, mlo + lo, mlo + hi, aggregation=self.aggregation,
                                  mb_rows=(mlo, mhi)))
         if self.replay == "R3" and not (batch.routed_lens > 0).any():
             raise ValueError("learner.router_replay=R3 but this batch carries no MoE routes: the rollout "
                              "backend did not record them (keep rollout.return_routes=true) or pass "
                              "learner.router_replay=R2 or off")
-        acc = _StatSums()
+        acc = StatSums()
         if self.gap_probe_seqs:
             self._probe_rollout_gap(shards, acc)
             self.probe_model.load_state_dict(self.hf_state())  # version v: next step's v - 1
@@ -210,7 +167,7 @@ class LearnerRank:
                 grad_norm = self.engine.get_global_grad_norm()  # ZeRO 1/2: pre-clip norm of the whole gradient
             tokens = sh.mask_NL.sum().double()
             acc.add("loss", loss.detach(), 1.0 / self.world)  # a mini-batch's shard losses sum to its loss
-            acc.add("grad_norm", _float(grad_norm), 1.0)  # the same on every rank
+            acc.add("grad_norm", as_float(grad_norm), 1.0)  # the same on every rank
             acc.maximum("ratio_max", stats.pop("ratio_max"))
             for k, v in stats.items():
                 acc.add(k, v.double() * tokens, tokens)
@@ -222,7 +179,7 @@ class LearnerRank:
         out.update(sequences=float(num_seqs), lr=float(self.engine.get_lr()[0]), train_s=time.perf_counter() - t0)
         return out
 
-    def _rl_zvp(self, sh: "_Shard", acc: "_StatSums") -> torch.Tensor:
+    def _rl_zvp(self, sh: "Shard", acc: "StatSums") -> torch.Tensor:
         """Token advantages [N, L]: RL-ZVP (entropy-shaped, signed by correctness) for responses of
         zero-variance groups, the group advantage broadcast for the rest."""
         zvp_NL = zvp_token_advantages(sh.entropy_NL, sh.mask_NL, sh.zvp_sign_N, alpha=self.rl_zvp_alpha)
@@ -233,7 +190,7 @@ class LearnerRank:
         return torch.where(shaped_N[:, None], zvp_NL, sh.adv_N[:, None] * sh.mask_NL)
 
     @torch.no_grad()
-    def _old_policy_pass(self, sh: "_Shard", acc: "_StatSums") -> None:
+    def _old_policy_pass(self, sh: "Shard", acc: "StatSums") -> None:
         """Entropy and proximal log-probs (rollout routes replayed under R3) and the trainer's own routes (R2)."""
         replay = sh.routes_NLLK is not None and self.replay == "R3"
         with route_hooks(self.engine.module, forced_NTLK=sh.routes_NLLK if replay else None,
@@ -249,7 +206,7 @@ class LearnerRank:
         acc.add("behavior_proximal_abs_diff", ((prox_logp_NL - sh.old_logp_NL).abs() * sh.mask_NL).sum(), tokens)
 
     @torch.no_grad()
-    def _probe_rollout_gap(self, shards: list["_Shard"], acc: "_StatSums") -> None:
+    def _probe_rollout_gap(self, shards: list["Shard"], acc: "StatSums") -> None:
         """|log pi_train_old - log pi_rollout| per token: the trainer's teacher-forced recompute of tokens under the
         very weights that sampled them, against the rollout's log-probs, on up to ``gap_probe_seqs`` sequences.
 
@@ -290,7 +247,7 @@ class LearnerRank:
             if budget <= 0:
                 break
 
-    def _batch_entropy_threshold(self, shards: list["_Shard"]) -> torch.Tensor:
+    def _batch_entropy_threshold(self, shards: list["Shard"]) -> torch.Tensor:
         """ESPO's top-rho entropy threshold over the whole batch: every rank's trained tokens, all-gathered."""
         local = torch.cat([sh.entropy_NL[sh.mask_NL] for sh in shards])
         counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
@@ -367,115 +324,18 @@ class LearnerRank:
         return str(path)
 
 
-class _Shard:
-    """One rank's rows [lo, hi) of one mini-batch (rows ``mb_rows`` of the batch), as tensors trimmed to their
-    own length. An empty shard keeps one row with an all-false mask: every rank must join every collective."""
-
-    def __init__(self, batch: TrainBatch, lo: int, hi: int, *, aggregation: str, mb_rows: tuple[int, int]) -> None:
-        empty = hi == lo
-        if empty:
-            lo, hi = mb_rows[0], mb_rows[0] + 1
-        start_n = torch.from_numpy(batch.prompt_lens[lo:hi].astype(np.int64))
-        end_n = start_n + torch.from_numpy(batch.response_lens[lo:hi].astype(np.int64))
-        length = max(int(end_n.max()), 2)  # trim the shard's padding
-        pos_L = torch.arange(length)
-        self.ids_NL = torch.from_numpy(batch.input_ids[lo:hi, :length].astype(np.int64))
-        self.attn_NL = (pos_L < end_n[:, None]).long()
-        self.mask_NL = (pos_L >= start_n[:, None]) & (pos_L < end_n[:, None]) & (not empty)
-        self.old_logp_NL = torch.from_numpy(np.array(batch.behavior_logprobs[lo:hi, :length], dtype=np.float32))
-        self.versions_NL = torch.from_numpy(batch.token_versions[lo:hi, :length].astype(np.int64))
-        self.adv_N = torch.from_numpy(np.array(batch.advantages[lo:hi], dtype=np.float32))
-        self.zvp_sign_N = (torch.from_numpy(batch.zvp_sign[lo:hi].astype(np.int64)) if batch.zvp_sign.size
-                           else None)
-        self.routes_NLLK = self.routed_N = None
-        if batch.routes.size:
-            width = min(length, batch.routes.shape[1])
-            routes = np.zeros((hi - lo, length) + batch.routes.shape[2:], dtype=np.int64)
-            routes[:, :width] = batch.routes[lo:hi, :width]
-            self.routes_NLLK = torch.from_numpy(routes)
-            self.routed_N = torch.from_numpy(np.minimum(batch.routed_lens[lo:hi], length).astype(np.int64))
-        mb_lens = batch.response_lens[mb_rows[0]:mb_rows[1]]
-        self.denom = max(int(mb_lens.sum()) if aggregation == "token_mean" else int((mb_lens > 0).sum()), 1)
-        self.entropy_NL = self.own_routes_NLLK = self.prox_logp_NL = None  # filled by the old-policy pass
-
-
-class _StatSums:
-    """Weighted means and maxima accumulated over mini-batches, reduced across ranks in one all-reduce each."""
-
-    def __init__(self) -> None:
-        self._sums: dict[str, list] = {}
-        self._max: dict[str, torch.Tensor] = {}
-        self._totals: dict[str, float] = {}
-
-    def add(self, name: str, total, weight) -> None:
-        entry = self._sums.setdefault(name, [0.0, 0.0])
-        entry[0] += float(total)
-        entry[1] += float(weight)
-
-    def total(self, name: str, value) -> None:
-        """A sum over mini-batches and ranks (reported as is, not as a mean)."""
-        self._totals[name] = self._totals.get(name, 0.0) + float(value)
-
-    def maximum(self, name: str, value: torch.Tensor) -> None:
-        v = value.detach().double().reshape(())
-        self._max[name] = torch.maximum(self._max[name], v) if name in self._max else v
-
-    def reduce(self) -> dict[str, float]:
-        names, maxes, totals = sorted(self._sums), sorted(self._max), sorted(self._totals)
-        sums = torch.tensor([x for k in names for x in self._sums[k]] + [self._totals[k] for k in totals],
-                            dtype=torch.float64)
-        top = torch.stack([self._max[k] for k in maxes]) if maxes else torch.zeros(0, dtype=torch.float64)
-        dist.all_reduce(sums)
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        out = {k: float(sums[2 * i]) / float(sums[2 * i + 1]) if float(sums[2 * i + 1]) > 0 else float("nan")
-               for i, k in enumerate(names)}
-        out.update({k: float(top[i]) for i, k in enumerate(maxes)})
-        out.update({k: float(sums[2 * len(names) + i]) for i, k in enumerate(totals)})
-        out["tokens"] = float(sums[2 * names.index("entropy") + 1]) if "entropy" in names else 0.0
-        return out
-
-
-def _float(x) -> float:
-    return float("nan") if x is None else float(x)
-
-
-# ---- rank 0 -> other ranks -----------------------------------------------------------------------------
-
-
-def fanout_send(frame: bytes | None, code: int = _TICK) -> None:
-    """Rank 0: broadcast one frame (or, with frame=None, a control code <= 0) to every rank."""
-    dist.broadcast(torch.tensor([len(frame) if frame else code], dtype=torch.int64), src=0)
-    if frame:
-        dist.broadcast(torch.frombuffer(bytearray(frame), dtype=torch.uint8), src=0)
-
-
-def _wait(work) -> None:
-    while not work.is_completed():  # poll rather than block in C, so SIGTERM/SIGINT handlers can run
-        time.sleep(_POLL_S)
-    work.wait()
-
-
-def fanout_recv() -> bytes | int:
-    """Ranks > 0: the next frame from rank 0, or a control code (an int <= 0)."""
-    size_1 = torch.zeros(1, dtype=torch.int64)
-    _wait(dist.broadcast(size_1, src=0, async_op=True))
-    size = int(size_1[0])
-    if size <= 0:
-        return size
-    buf = torch.empty(size, dtype=torch.uint8)
-    _wait(dist.broadcast(buf, src=0, async_op=True))
-    return buf.numpy().tobytes()
+# ---- ranks > 0 -----------------------------------------------------------------------------------------
 
 
 def _follow(learner: LearnerRank, max_frame_bytes: int) -> int:
     """Ranks > 0: train on every batch rank 0 forwards, until it says stop."""
     while True:
         item = fanout_recv()
-        if item == _TICK:
+        if item == TICK:
             continue
-        if item == _SHUTDOWN:
+        if item == SHUTDOWN:
             return 0
-        if item == _PEER_LOST:
+        if item == PEER_LOST:
             log.error("learner.coordinator_lost", detail="rank 0 lost the coordinator; exiting")
             return 1
         msg = decode(item, max_frame_bytes=max_frame_bytes)
@@ -501,7 +361,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
             try:
                 msg: LearnerInbox = await peer.recv(timeout=_TICK_S)
             except TimeoutError:
-                await asyncio.to_thread(fanout_send, None, _TICK)
+                await asyncio.to_thread(fanout_send, None, TICK)
                 continue
             match msg:
                 case TrainBatch():
@@ -512,7 +372,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
                     await asyncio.to_thread(_fanout_and_save, learner, msg, encode(msg))
                     await peer.send(CheckpointSaved(step=msg.step, path=msg.path, seconds=time.perf_counter() - t0))
                 case Shutdown():
-                    await asyncio.to_thread(fanout_send, None, _SHUTDOWN)
+                    await asyncio.to_thread(fanout_send, None, SHUTDOWN)
                     log.info("learner.shutdown", reason=msg.reason, version=learner.version)
                     return 0
                 case _:
@@ -520,7 +380,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
     except PeerLost as e:
         log.error("learner.coordinator_lost", endpoint=args.endpoint, error=str(e))
         if learner is not None:
-            await asyncio.to_thread(fanout_send, None, _PEER_LOST)
+            await asyncio.to_thread(fanout_send, None, PEER_LOST)
         return 1
     except Exception as e:  # the actor boundary: report, then exit non-zero (torchrun stops the other ranks)
         error = traceback.format_exc()

@@ -1,0 +1,162 @@
+"""The learner rank's building blocks that need no actor machinery: the DeepSpeed config, the loss settings,
+one rank's share of a batch (``Shard``), statistics reduced across ranks (``StatSums``), and the rank-0 fan-out of
+frames to the other ranks (an int64 size, then the codec's bytes as a uint8 tensor; a size <= 0 is a control
+code). actors/learner.py composes them into ``LearnerRank`` and the actor."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configs.schema import LearnerConfig
+from engine.expert_parallel import autoep_config
+from transport.messages import TrainBatch
+
+TICK, SHUTDOWN, PEER_LOST = 0, -1, -2  # control codes sent in place of a frame size
+_POLL_S = 0.02  # ranks > 0 poll their pending broadcast at this period (s)
+
+
+def shard_bounds(num_items: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous [lo, hi) of rank's share; sizes differ by at most one when world does not divide it."""
+    return num_items * rank // world, num_items * (rank + 1) // world
+
+
+def deepspeed_config(cfg: LearnerConfig, model_type: str = "qwen3_moe") -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: a rank's whole shard is one micro-batch
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW",  # torch_adam: torch's AdamW, so no FusedAdam JIT build
+                      "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.expert_parallel > 1:
+        config["expert_parallel"] = autoep_config(cfg.expert_parallel, model_type)
+    return config
+
+
+def skip_shm_comm_build() -> None:
+    """Mark DeepSpeed's CPU shared-memory comm op incompatible so the backend init does not JIT-build it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a cached dict; edits persist by design
+
+
+def loss_settings(lc: LearnerConfig, *, vocab_size: int) -> tuple[str, dict]:
+    """(aggregation, keyword hyperparameters) for ``LOSSES[lc.loss]`` from the config."""
+    hyper, default_agg = {
+        "grpo": ({"clip_eps_low": lc.clip_eps_low, "clip_eps_high": lc.clip_eps_high}, "token_mean"),
+        "gspo": ({"clip_eps_low": lc.gspo_clip_eps_low, "clip_eps_high": lc.gspo_clip_eps_high},
+                 "seq_mean_token_mean"),
+        "cispo": ({"clip_eps_high": lc.cispo_clip_eps_high}, "token_mean"),
+        "espo": ({"vocab_size": vocab_size, "alpha": lc.espo_alpha, "rho": lc.espo_rho,
+                  "ratio_mode": lc.espo_ratio_mode, "entropy_quantile_scope": lc.espo_entropy_scope},
+                 "seq_mean_group_mean"),
+    }[lc.loss]
+    return (default_agg if lc.aggregation == "auto" else lc.aggregation), hyper
+
+
+class Shard:
+    """One rank's rows [lo, hi) of one mini-batch (rows ``mb_rows`` of the batch), as tensors trimmed to their
+    own length. An empty shard keeps one row with an all-false mask: every rank must join every collective."""
+
+    def __init__(self, batch: TrainBatch, lo: int, hi: int, *, aggregation: str, mb_rows: tuple[int, int]) -> None:
+        empty = hi == lo
+        if empty:
+            lo, hi = mb_rows[0], mb_rows[0] + 1
+        start_n = torch.from_numpy(batch.prompt_lens[lo:hi].astype(np.int64))
+        end_n = start_n + torch.from_numpy(batch.response_lens[lo:hi].astype(np.int64))
+        length = max(int(end_n.max()), 2)  # trim the shard's padding
+        pos_L = torch.arange(length)
+        self.ids_NL = torch.from_numpy(batch.input_ids[lo:hi, :length].astype(np.int64))
+        self.attn_NL = (pos_L < end_n[:, None]).long()
+        self.mask_NL = (pos_L >= start_n[:, None]) & (pos_L < end_n[:, None]) & (not empty)
+        self.old_logp_NL = torch.from_numpy(np.array(batch.behavior_logprobs[lo:hi, :length], dtype=np.float32))
+        self.versions_NL = torch.from_numpy(batch.token_versions[lo:hi, :length].astype(np.int64))
+        self.adv_N = torch.from_numpy(np.array(batch.advantages[lo:hi], dtype=np.float32))
+        self.zvp_sign_N = (torch.from_numpy(batch.zvp_sign[lo:hi].astype(np.int64)) if batch.zvp_sign.size
+                           else None)
+        self.routes_NLLK = self.routed_N = None
+        if batch.routes.size:
+            width = min(length, batch.routes.shape[1])
+            routes = np.zeros((hi - lo, length) + batch.routes.shape[2:], dtype=np.int64)
+            routes[:, :width] = batch.routes[lo:hi, :width]
+            self.routes_NLLK = torch.from_numpy(routes)
+            self.routed_N = torch.from_numpy(np.minimum(batch.routed_lens[lo:hi], length).astype(np.int64))
+        mb_lens = batch.response_lens[mb_rows[0]:mb_rows[1]]
+        self.denom = max(int(mb_lens.sum()) if aggregation == "token_mean" else int((mb_lens > 0).sum()), 1)
+        self.entropy_NL = self.own_routes_NLLK = self.prox_logp_NL = None  # filled by the old-policy pass
+
+
+class StatSums:
+    """Weighted means and maxima accumulated over mini-batches, reduced across ranks in one all-reduce each."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list] = {}
+        self._max: dict[str, torch.Tensor] = {}
+        self._totals: dict[str, float] = {}
+
+    def add(self, name: str, total, weight) -> None:
+        entry = self._sums.setdefault(name, [0.0, 0.0])
+        entry[0] += float(total)
+        entry[1] += float(weight)
+
+    def total(self, name: str, value) -> None:
+        """A sum over mini-batches and ranks (reported as is, not as a mean)."""
+        self._totals[name] = self._totals.get(name, 0.0) + float(value)
+
+    def maximum(self, name: str, value: torch.Tensor) -> None:
+        v = value.detach().double().reshape(())
+        self._max[name] = torch.maximum(self._max[name], v) if name in self._max else v
+
+    def reduce(self) -> dict[str, float]:
+        names, maxes, totals = sorted(self._sums), sorted(self._max), sorted(self._totals)
+        sums = torch.tensor([x for k in names for x in self._sums[k]] + [self._totals[k] for k in totals],
+                            dtype=torch.float64)
+        top = torch.stack([self._max[k] for k in maxes]) if maxes else torch.zeros(0, dtype=torch.float64)
+        dist.all_reduce(sums)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        out = {k: float(sums[2 * i]) / float(sums[2 * i + 1]) if float(sums[2 * i + 1]) > 0 else float("nan")
+               for i, k in enumerate(names)}
+        out.update({k: float(top[i]) for i, k in enumerate(maxes)})
+        out.update({k: float(sums[2 * len(names) + i]) for i, k in enumerate(totals)})
+        out["tokens"] = float(sums[2 * names.index("entropy") + 1]) if "entropy" in names else 0.0
+        return out
+
+
+def as_float(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+
+
+def fanout_send(frame: bytes | None, code: int = TICK) -> None:
+    """Rank 0: broadcast one frame (or, with frame=None, a control code <= 0) to every rank."""
+    dist.broadcast(torch.tensor([len(frame) if frame else code], dtype=torch.int64), src=0)
+    if frame:
+        dist.broadcast(torch.frombuffer(bytearray(frame), dtype=torch.uint8), src=0)
+
+
+def _wait(work) -> None:
+    while not work.is_completed():  # poll rather than block in C, so SIGTERM/SIGINT handlers can run
+        time.sleep(_POLL_S)
+    work.wait()
+
+
+def fanout_recv() -> bytes | int:
+    """Ranks > 0: the next frame from rank 0, or a control code (an int <= 0)."""
+    size_1 = torch.zeros(1, dtype=torch.int64)
+    _wait(dist.broadcast(size_1, src=0, async_op=True))
+    size = int(size_1[0])
+    if size <= 0:
+        return size
+    buf = torch.empty(size, dtype=torch.uint8)
+    _wait(dist.broadcast(buf, src=0, async_op=True))
+    return buf.numpy().tobytes()
