@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 
 from actors.rollout_worker import HFBackend
@@ -69,7 +67,9 @@ class CharJudgeTokenizer:
 
 class SglangJudgeBackend:
     def __init__(self, url: str, *, timeout_s: float) -> None:
-        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        from actors.sglang_backend import SGLangClient
+
+        self.client = SGLangClient(url, timeout_s=timeout_s)
 
     @staticmethod
     def payload(prompts: list[str], *, max_new_tokens: int, temperature: float) -> dict:
@@ -77,10 +77,8 @@ class SglangJudgeBackend:
                                                      "max_new_tokens": int(max_new_tokens)}}
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
-        body = json.dumps(self.payload(prompts, max_new_tokens=max_new_tokens, temperature=temperature)).encode()
-        req = urllib.request.Request(f"{self.url}/generate", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            return self.parse(json.loads(resp.read()), len(prompts))
+        body = self.payload(prompts, max_new_tokens=max_new_tokens, temperature=temperature)
+        return self.parse(self.client.post("/generate", body), len(prompts))
 
     @staticmethod
     def parse(items, num: int) -> list[str]:

@@ -269,8 +269,8 @@ class SGLangBatch:
 
     def _fold(self, row, seg: _Segment, item: dict) -> None:
         meta = item.get("meta_info") or {}
-        reason = (meta.get("finish_reason") or {}).get("type", "") if isinstance(meta.get("finish_reason"), dict) \
-            else str(meta.get("finish_reason") or "")
+        reason = meta.get("finish_reason") or {}
+        reason = reason.get("type", "") if isinstance(reason, dict) else str(reason)  # {"type": "stop", ...}
         prompt = row.prompt + row.tokens[:seg.start]
         [out] = parse_generate_response(
             [item], [prompt], num_layers=self._backend.num_layers, top_k=self._backend.top_k,
@@ -292,7 +292,7 @@ class SGLangBatch:
             have = row.route_base + len(row.routes)
             row.routes.extend(full[len(row.prompt) + have: len(row.prompt) + len(row.tokens) - 1])
         if reason in ("stop", "length") or len(row.tokens) >= row.max_new_tokens:
-            row.finish_reason = "length" if reason == "length" or reason != "stop" else "stop"
+            row.finish_reason = "stop" if reason == "stop" else "length"
 
 
 class SGLangBackend:
