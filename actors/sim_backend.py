@@ -12,7 +12,7 @@ transformers, so 64 workers fit in a few hundred MB on 2 cores.
 
 consumes/produces: as RolloutWorker.   blocks on: nothing (decode time is an asyncio sleep)
 
-    everyprompt-sim-workers --endpoint tcp://127.0.0.1:5555 --config runs/x/config.yaml --worker-id 0 --count 32
+    python -m actors.sim_backend --endpoint tcp://127.0.0.1:5555 --config runs/x/config.yaml --worker-id 0 --count 32
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ async def serve_many(workers: list[RolloutWorker]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = actor_parser("everyprompt-sim-workers", __doc__)
+    p = actor_parser("python -m actors.sim_backend", __doc__)
     p.add_argument("--count", type=int, default=1, help="simulated workers in this process: ids worker-id ...")
     args = p.parse_args(argv)
     cfg = setup_actor(args, "rollout")
