@@ -1,8 +1,8 @@
-"""Judge backends: the generative judge's model served through the rollout backends (engine/judge.py calls
+"""Judge backends: the generative judge's model served through the rollout backends (engine/rewards/judge.py calls
 ``generate(prompts, max_new_tokens=..., temperature=...) -> texts``).
 
 - ``HFJudgeBackend``: the rollout workers' transformers backend (``actors.rollout_worker.HFBackend``, decoded by
-  ``engine/decode.py``), here with a frozen judge model: the run's initial policy by default (the tiny model in
+  ``engine/modeling/decode.py``), here with a frozen judge model: the run's initial policy by default (the tiny model in
   tests and in the built-in run: it emits mostly unparseable verdicts, which are recorded as failures), or any HF
   folder (``reward.judge.model``), tokenized by its own tokenizer.
 - ``SglangJudgeBackend``: a running sglang server's native ``/generate`` endpoint with text prompts, one batched
@@ -30,7 +30,7 @@ class HFJudgeBackend:
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
         import torch
 
-        from engine.model import generate
+        from engine.modeling.model import generate
 
         ids = [self.tokenizer.encode_prompt(p)[-(self._max_positions - max_new_tokens):] for p in prompts]
         with torch.no_grad():

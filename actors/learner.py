@@ -4,7 +4,7 @@ consumes: TrainBatch, Shutdown (coordinator -> rank 0)
 produces: TrainResult | ErrorReport (rank 0 -> coordinator)
 blocks on: the forward/backward/step of every rank (in a thread on rank 0, so heartbeats keep flowing)
 
-Launch (what ``engine.launch.learner_command`` builds; the coordinator runs it):
+Launch (what ``engine.coordinator.launch.learner_command`` builds; the coordinator runs it):
 
     python -m torch.distributed.run --nproc-per-node=R --nnodes=1 --master-addr=127.0.0.1 --master-port=P \
         -m actors.learner --config run/config.yaml --endpoint tcp://127.0.0.1:PORT \
@@ -26,7 +26,7 @@ first time). That op only serves ``inference_all_reduce`` (AutoTP inference laye
 through torch.distributed either way. We mark it incompatible before init, so no compiler runs at all.
 
 Expert parallelism (``learner.expert_parallel=E``): DeepSpeed AutoEP shards every MoE layer's experts over groups
-of E ranks (engine/expert_parallel.py); the rest stays data-parallel. After each step every rank joins one
+of E ranks (engine/modeling/expert_parallel.py); the rest stays data-parallel. After each step every rank joins one
 all-gather of the expert shards, so rank 0 publishes, and the gap probe loads, plain transformers weights.
 ``replica_drift`` (0 when the replicated weights agree across ranks) is logged every step with > 1 rank.
 
@@ -57,15 +57,15 @@ from actors.common import actor_parser, make_peer
 from configs.load import load_resolved
 from configs.schema import RunConfig
 from engine.log import configure_logging
-from engine.procs import die_with_parent
-from engine.advantages import zvp_token_advantages
-from engine.espo import batch_entropy_threshold
-from engine.losses import LOSSES
+from engine.coordinator.procs import die_with_parent
+from engine.algo.advantages import zvp_token_advantages
+from engine.algo.espo import batch_entropy_threshold
+from engine.algo.losses import LOSSES
 from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, deepspeed_config,
                                   fanout_recv, fanout_send, loss_settings, shard_bounds, skip_shm_comm_build)
-from engine.expert_parallel import hf_state_dict, patch_transformers, replica_check
-from engine.model import load_model, load_weights, old_policy_pass, save_state, save_weights, token_logprobs
-from engine.routing import mismatch_NT, route_hooks
+from engine.modeling.expert_parallel import hf_state_dict, patch_transformers, replica_check
+from engine.modeling.model import load_model, load_weights, old_policy_pass, save_state, save_weights, token_logprobs
+from engine.modeling.routing import mismatch_NT, route_hooks
 from transport.channels import PeerLost, run
 from transport.codec import decode, encode
 from transport.messages import CheckpointSaved, ErrorReport, SaveCheckpoint, Shutdown, TrainBatch, TrainResult
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="continue from RUN_DIR's newest complete checkpoint, if any (elastic: every group restart)")
     args = p.parse_args(argv)
     if args.resume_latest:
-        from engine.checkpoint import latest
+        from engine.coordinator.checkpoint import latest
 
         ckpt = latest(Path(args.resume_latest))
         args.resume = str(ckpt.learner_dir) if ckpt else None

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from configs.schema import LearnerConfig
-from engine.expert_parallel import autoep_config
+from engine.modeling.expert_parallel import autoep_config
 from transport.messages import TrainBatch
 
 TICK, SHUTDOWN, PEER_LOST = 0, -1, -2  # control codes sent in place of a frame size

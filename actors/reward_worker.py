@@ -3,16 +3,16 @@
 consumes: ScoreRequest (one per finished response), JudgeRequest (one per complete group, reward.plugin=judge),
           Shutdown (coordinator)
 produces: Scored, Judged
-blocks on: nothing: every response goes to the plugin pool (engine/plugins.py: ``reward.plugin_processes``
+blocks on: nothing: every response goes to the plugin pool (engine/rewards/plugins.py: ``reward.plugin_processes``
            processes, a per-call timeout, hung or dead processes replaced) as soon as it arrives, and the judge
            generates in a thread, so heartbeats keep flowing
 
 The reward is shaped as configured (``reward.*``: graded partial credit, soft overlong and n-gram repetition
-penalties, engine/rewards.py); every part, the raw ``correct`` included, travels in ``reward_parts``. A plugin
+penalties, engine/algo/shaping.py); every part, the raw ``correct`` included, travels in ``reward_parts``. A plugin
 that raises, times out or crashes yields ``valid=False`` (the response is left out of the advantage statistics)
 with the reason as a part, and the worker keeps serving. With ``reward.plugin=judge`` each response is first
 verified by ``reward.judge.verifier`` (its raw correctness), then the coordinator asks for the group's judge
-margins (engine/judge.py), which replace the rewards.
+margins (engine/rewards/judge.py), which replace the rewards.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import structlog
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from configs.schema import RunConfig
-from engine.plugins import PluginPool
-from engine.rewards import Shaping, reward_parts, shaped_reward
-from engine.tasks import Task, build_task
-from engine.verifiers import PluginScore
+from engine.rewards.plugins import PluginPool
+from engine.algo.shaping import Shaping, reward_parts, shaped_reward
+from engine.data.tasks import Task, build_task
+from engine.rewards.verifiers import PluginScore
 from transport import JudgeRequest, Judged, Peer, ScoreRequest, Scored, Shutdown
 
 log = structlog.get_logger()
@@ -88,7 +88,7 @@ class RewardWorker:
         await self._peer.send(to_scored(self._task, msg, text, verdict, plugin=self._plugin, shaping=self._shaping))
 
     async def _judge_group(self, msg: JudgeRequest) -> None:
-        from engine.judge import judge_group
+        from engine.rewards.judge import judge_group
 
         tok = self._task.tokenizer
         ids = msg.token_ids.tolist()
@@ -113,7 +113,7 @@ class RewardWorker:
 
 def _judge(cfg: RunConfig, init_dir: str | None, task: Task):
     from actors.judge_backend import build_judge_backend
-    from engine.judge import DEFAULT_TEMPLATE, JudgeSpec
+    from engine.rewards.judge import DEFAULT_TEMPLATE, JudgeSpec
 
     j = cfg.reward.judge
     spec = JudgeSpec(construction=j.construction, anchor=j.anchor, max_calls_per_group=j.max_calls_per_group,

@@ -27,8 +27,8 @@ import structlog
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from configs.schema import RunConfig
-from engine.rows import Row
-from engine.tasks import build_task
+from engine.modeling.rows import Row
+from engine.data.tasks import build_task
 from transport import (CancelRequest, ContinueRequest, GenerateRequest, LoadWeights, Peer, ResponseChunk, Shutdown,
                        WeightsLoaded)
 
@@ -36,20 +36,20 @@ log = structlog.get_logger()
 
 
 class HFBackend:
-    """transformers model on the CPU (the embedded default), decoded by engine/decode.py. torch is imported here,
+    """transformers model on the CPU (the embedded default), decoded by engine/modeling/decode.py. torch is imported here,
     not at module level, so that the simulated backend (actors/sim_backend.py) runs workers without it."""
 
     def __init__(self, init_dir: str, *, seed: int, eos_id: int, pad_id: int) -> None:
         import torch
 
-        from engine.model import load_model
+        from engine.modeling.model import load_model
 
         self.model = load_model(init_dir).eval()
         self._gen = torch.Generator().manual_seed(seed)
         self.eos_id, self._pad_id = eos_id, pad_id
 
     def load(self, path: str) -> None:
-        from engine.model import load_weights
+        from engine.modeling.model import load_weights
 
         load_weights(self.model, path)
 
@@ -57,7 +57,7 @@ class HFBackend:
         await asyncio.to_thread(self.load, path)
 
     def new_batch(self, *, capture_routes: bool):
-        from engine.decode import DecodeBatch
+        from engine.modeling.decode import DecodeBatch
 
         return DecodeBatch(self.model, eos_id=self.eos_id, pad_id=self._pad_id, capture_routes=capture_routes,
                            generator=self._gen)
@@ -67,7 +67,7 @@ class HFBackend:
         await asyncio.to_thread(decode_chunk)
 
     def stack_routes(self, routes: list[np.ndarray]) -> np.ndarray:
-        from engine.model import stack_routes
+        from engine.modeling.model import stack_routes
 
         return stack_routes(routes, self.model)
 

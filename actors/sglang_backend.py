@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.model import Generated
-from engine.routing import route_dtype
+from engine.modeling.model import Generated
+from engine.modeling.routing import route_dtype
 
 
 def server_args(model_path: str, *, host: str = "127.0.0.1", port: int = 30000, quantization: str = "",

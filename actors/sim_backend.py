@@ -3,8 +3,8 @@
 Each simulated worker is a real ``RolloutWorker`` (actors/rollout_worker.py) with its own ZeroMQ socket, Hello,
 heartbeats, streaming chunks, in-flight weight updates and cancellation: only generation is simulated. A
 ``SimBatch`` stands in for ``DecodeBatch``: a decode step appends one deterministic token to every running
-response, and the time it would have taken (engine/simulate.py's cost model) is slept, scaled by
-``sim.time_scale``, instead of computed. Lengths come from the workload (engine/simulate.py), so the same prompt
+response, and the time it would have taken (engine/backends/simulate.py's cost model) is slept, scaled by
+``sim.time_scale``, instead of computed. Lengths come from the workload (engine/backends/simulate.py), so the same prompt
 has the same typical length in every epoch.
 
 One process hosts ``sim.workers_per_process`` workers on one event loop and imports neither torch nor
@@ -25,9 +25,9 @@ import numpy as np
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from actors.rollout_worker import RolloutWorker
 from configs.schema import SimConfig
-from engine import simulate
-from engine.rows import Row
-from engine.tasks import build_task
+from engine.backends import simulate
+from engine.modeling.rows import Row
+from engine.data.tasks import build_task
 
 _BEHAVIOR_LOGPROB = -1.0  # every simulated token's log-prob
 
@@ -42,7 +42,7 @@ class SimBatch:
         self._plan: dict[int, tuple[np.ndarray, str]] = {}  # id(row) -> (its whole response, finish reason)
         self._prefilled: dict[str, None] = {}  # groups whose prompt is cached here (insertion-ordered LRU)
         self.elapsed_s = 0.0
-        self._rebuild = False  # sim.prefill_on_add=all: the next step re-prefills the batch (engine/decode.py)
+        self._rebuild = False  # sim.prefill_on_add=all: the next step re-prefills the batch (engine/modeling/decode.py)
 
     @property
     def active(self) -> int:

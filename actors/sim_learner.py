@@ -2,13 +2,13 @@
 CheckpointSaved) with the time of a training step taken from the cost model instead of computed.
 
 consumes: TrainBatch, SaveCheckpoint, Shutdown (coordinator)   produces: TrainResult, CheckpointSaved
-blocks on: nothing (a step is an asyncio sleep of engine/simulate.py's ``train_seconds`` x ``sim.time_scale``)
+blocks on: nothing (a step is an asyncio sleep of engine/backends/simulate.py's ``train_seconds`` x ``sim.time_scale``)
 
 A step costs ``sim.train_base_s + tokens * sim.train_per_token_s`` over the batch's prompt + response tokens.
 The result names ``weights/policy_v{k}.safetensors``. The simulated rollout workers only charge ``sim.load_s``
 for it and never read it; with ``sim.weights_file`` set (the bench's ``--backend hf`` sanity run, whose real
 workers load every version), that file is published under each version's name (a hard link, else a copy, put in
-place atomically), so the weights never change but every load is real. Started by engine/cluster.py when
+place atomically), so the weights never change but every load is real. Started by engine/coordinator/cluster.py when
 ``sim.learner=true``.
 """
 
@@ -25,7 +25,7 @@ import structlog
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from configs.schema import SimConfig
-from engine import simulate
+from engine.backends import simulate
 from transport import CheckpointSaved, SaveCheckpoint, Shutdown, TrainBatch, TrainResult
 
 log = structlog.get_logger()

@@ -1,6 +1,6 @@
 """Calibrate the simulated backend's cost model (``sim.*``) from a real backend: the transformers one here.
 
-Times ``engine/decode.py`` on the run's model (one torch thread, routes recorded, as a rollout worker runs it):
+Times ``engine/modeling/decode.py`` on the run's model (one torch thread, routes recorded, as a rollout worker runs it):
 decode steps at several running-batch sizes, fitted by least squares to ``decode_base_s + b * decode_per_seq_s``,
 and the prefill of a batch of prompts, per prompt token (``prefill_per_token_s``). With another backend (sglang on
 a GPU), time the same two things and pass the fitted values as ``sim.*`` overrides.
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from configs.schema import ModelConfig
-from engine.decode import DecodeBatch, Row
-from engine.model import build_model
-from engine.tasks import CharTokenizer
+from engine.modeling.decode import DecodeBatch, Row
+from engine.modeling.model import build_model
+from engine.data.tasks import CharTokenizer
 
 
 def _rows(n: int, prompt_len: int, max_new: int) -> list[Row]:

@@ -8,8 +8,8 @@ import time
 import torch
 
 from configs.schema import ModelConfig
-from engine.model import build_model, generate
-from engine.tasks import CharTokenizer
+from engine.modeling.model import build_model, generate
+from engine.data.tasks import CharTokenizer
 
 
 def main(argv: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """Pipeline throughput: sync vs one-step-off vs fully async, and the paper's ablation, on one workload in one run.
 
-Every setting starts the real actor processes through engine/cluster.py (ZeroMQ + msgpack transport, the
-coordinator's engine/rollouts.py, real reward workers) with the simulated rollout backend (actors/sim_backend.py,
+Every setting starts the real actor processes through engine/coordinator/cluster.py (ZeroMQ + msgpack transport, the
+coordinator's engine/coordinator/rollouts.py, real reward workers) with the simulated rollout backend (actors/sim_backend.py,
 many RolloutWorker actors per process, cost-model time) and the simulated learner (actors/sim_learner.py, the
 TrainBatch -> TrainResult protocol, cost-model time). ``--backend hf`` runs the same bench with real transformers
 workers (the sanity check of the simulator; the learner stays simulated so that only the rollout side differs).
@@ -16,7 +16,7 @@ Settings (same prompts, same lengths):
 
 Measured over the steps after ``--warmup`` (the first epoch of the prompt pool, so length predictions exist):
 trained tokens/s and samples/s, speed-up vs sync, rollout-worker idle fraction (time with nothing to decode),
-learner idle fraction, and the generation-bound ideal (engine/simulate.py ideal_seconds: the trained tokens'
+learner idle fraction, and the generation-bound ideal (engine/backends/simulate.py ideal_seconds: the trained tokens'
 decode work at a full batch on every worker) with the fraction of it achieved.
 """
 
@@ -35,11 +35,11 @@ import numpy as np
 
 from configs.load import load, save
 from configs.schema import RunConfig
-from engine import simulate
-from engine.batch import pack_batch
-from engine.cluster import start_actors
+from engine.backends import simulate
+from engine.coordinator.batch import pack_batch
+from engine.coordinator.cluster import start_actors
 from engine.log import configure_logging
-from engine.rollouts import PromptItem
+from engine.coordinator.rollouts import PromptItem
 from transport import LoadWeights, run
 
 MODES = {"sync": 0, "one_step_off": 1, "async": 2}  # mode -> train.max_staleness
@@ -56,7 +56,7 @@ FULL = ABLATION["+length_aware"]
 def _prompts(cfg: RunConfig):
     """The prompt pool, shuffled once and repeated epoch after epoch (the same order in every setting)."""
     ids = np.random.default_rng(cfg.sim.seed).permutation(cfg.sim.num_prompts)
-    vocab = 98  # engine/tasks.py CharTokenizer
+    vocab = 98  # engine/data/tasks.py CharTokenizer
     for p in cycle(ids.tolist()):
         yield PromptItem(prompt_id=p, prompt_ids=simulate.prompt_tokens(p, cfg.sim, vocab), answer="",
                          source=simulate.source_of(p, cfg.sim))
@@ -75,7 +75,7 @@ async def _loop_lag(lags: list[tuple[float, float]], period: float = 0.02) -> No
 
 
 async def _drive(cfg: RunConfig, run_dir: Path, mode: str, warmup: int, init_dir: str) -> dict:
-    """The coordinator's loop for one setting (engine/loop.py's _train_step, minus evals and checkpoints)."""
+    """The coordinator's loop for one setting (engine/coordinator/loop.py's _train_step, minus evals and checkpoints)."""
     gps, S, steps = cfg.train.groups_per_step, cfg.train.max_staleness, cfg.train.num_steps
     lags: list[tuple[float, float]] = []
     lag_task = asyncio.create_task(_loop_lag(lags))
@@ -175,8 +175,8 @@ def _run_setting(a: argparse.Namespace, name: str, mode: str, extra: list[str]) 
 def _hf_init(a: argparse.Namespace, cfg: RunConfig) -> str:
     """A random-init tiny model for the transformers workers (throughput does not depend on what it learned), with
     its weights also as ``policy_v0.safetensors`` (the file the simulated learner publishes as every version)."""
-    from engine.model import build_model, save_model, save_weights
-    from engine.tasks import CharTokenizer
+    from engine.modeling.model import build_model, save_model, save_weights
+    from engine.data.tasks import CharTokenizer
 
     path = Path(a.out_dir) / "hf-init"
     if not (path / "policy_v0.safetensors").exists():

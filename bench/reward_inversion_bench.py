@@ -11,12 +11,12 @@ Per response: an *inversion* is an advantage of the opposite sign to the truth; 
 advantage (the update pushes a response that deserves no push). Methods:
 
   scalar      r = quality + N(0, noise^2) (a Bradley-Terry-like reward model), Eq. 11 group normalisation
-  tie-aware   the real judge path (engine/judge.py: template, prompt, parser, construction, budget) with a
+  tie-aware   the real judge path (engine/rewards/judge.py: template, prompt, parser, construction, budget) with a
               simulated judge backend: it reads the two qualities from the prompt and answers "Verdict: Better/Tie/
               Worse", right with probability --judge-accuracy on ordered pairs and --tie-accuracy on tied pairs
               (a wrong answer is one of the two others at random), and malformed with probability --malformed.
-              Advantages: engine.advantages.tie_aware_advantages. Rows vary the robustness to judge errors
-              (engine.advantages.pairwise_rewards): the dead zone reward.judge.tie_margin (a response within
+              Advantages: engine.algo.advantages.tie_aware_advantages. Rows vary the robustness to judge errors
+              (engine.algo.advantages.pairwise_rewards): the dead zone reward.judge.tie_margin (a response within
               that many net verdicts of 0 is tied), the group tie test reward.judge.group_tie_frac, and
               both-orders agreement (reward.judge.order_rule=agree). "missed" = ordered responses given 0.
   real judge  the same path with the judge model served by the rollout decode loop: the tiny Qwen3-MoE (random
@@ -34,8 +34,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from engine.advantages import group_advantages, tie_aware_advantages
-from engine.judge import JudgeSpec, judge_group
+from engine.algo.advantages import group_advantages, tie_aware_advantages
+from engine.rewards.judge import JudgeSpec, judge_group
 
 
 class SimulatedJudge:
@@ -103,15 +103,15 @@ def judge_advantages(q: np.ndarray, backend, spec: JudgeSpec, seed: int) -> tupl
 
 
 class _TinyJudge:
-    """The tiny random-init Qwen3-MoE as judge, through the rollout backend (HFBackend + engine/decode.py)."""
+    """The tiny random-init Qwen3-MoE as judge, through the rollout backend (HFBackend + engine/modeling/decode.py)."""
 
     def __init__(self, seed: int) -> None:
         import tempfile
 
         from actors.judge_backend import CharJudgeTokenizer, HFJudgeBackend
         from configs.schema import ModelConfig
-        from engine.model import build_model, save_model
-        from engine.tasks import CharTokenizer
+        from engine.modeling.model import build_model, save_model
+        from engine.data.tasks import CharTokenizer
 
         tok = CharTokenizer()
         self._dir = tempfile.TemporaryDirectory(prefix="everyprompt-judge-")

@@ -1,8 +1,8 @@
 """Router Replay, measured: how far the trainer's recompute of the rollout's log-probs is with and without R3.
 
 A tiny-but-not-trivial Qwen3-MoE (default: 4 layers, 32 experts, top-4, vocab 2048, random init) in bfloat16
-generates groups with the rollout backend's KV-cache decode loop (engine/model.py::generate), recording every
-router's top-k (engine/routing.py). The "trainer" then recomputes the same tokens' log-probs teacher-forced in
+generates groups with the rollout backend's KV-cache decode loop (engine/modeling/model.py::generate), recording every
+router's top-k (engine/modeling/routing.py). The "trainer" then recomputes the same tokens' log-probs teacher-forced in
 one full forward, as the learner's old-policy pass does: different kernels (full causal attention instead of
 one-token decode against a cache), so bf16 numerics diverge and some routers flip. Replay off lets the trainer's
 routers choose; R3 forces the recorded experts. A float32 control runs the same comparison.
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from configs.schema import ModelConfig
-from engine.model import build_model, generate, token_logprobs
-from engine.routing import mismatch_NT, pack_routes, route_hooks
+from engine.modeling.model import build_model, generate, token_logprobs
+from engine.modeling.routing import mismatch_NT, pack_routes, route_hooks
 
 
 def _measure(model, prompts: list[list[int]], group_size: int, a: argparse.Namespace) -> dict:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.metrics import read_metrics
+from engine.coordinator.metrics import read_metrics
 
 
 def train(name: str, overrides: list[str], *, out_dir: str, sft_cache: str, config_name: str = "run",

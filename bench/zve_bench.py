@@ -50,7 +50,7 @@ def _filter(a: argparse.Namespace) -> tuple[str, str, dict]:
         if out == filtered:
             shutil.copyfile(unfiltered.with_name(unfiltered.name + ".progress.jsonl"),
                             filtered.with_name(filtered.name + ".progress.jsonl"))
-        proc = subprocess.run([sys.executable, "-m", "engine.pool", "--out", str(out), "--pool-size",
+        proc = subprocess.run([sys.executable, "-m", "engine.data.pool", "--out", str(out), "--pool-size",
                                str(a.pool_size), "-k", str(a.k), "--config-name", a.config_name,
                                f"sft.cache_dir={a.sft_cache}", *flags],
                               capture_output=True, text=True)

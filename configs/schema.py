@@ -110,7 +110,7 @@ class RolloutConfig:
     chunk_tokens: int = 4  # stream each response every this many tokens (0 = only whole responses)
     kv_on_update: str = "recompute"  # new weights mid-response: recompute the KV cache under them, or "keep" it
     schedule: str = "fifo"  # fifo: groups in arrival order to the worker with the fewest outstanding samples;
-    # length_aware: longest predicted first to the worker with the fewest predicted tokens (engine/schedule.py)
+    # length_aware: longest predicted first to the worker with the fewest predicted tokens (engine/coordinator/schedule.py)
     length_ema: float = 0.5  # length_aware: weight of a prompt's newest mean length in its prediction
     postprocess_workers: int = 0  # detokenization / post-processing pool before scoring (0 = none, score at once)
     reward_overlap: bool = True  # score each response as it finishes; false = hold scores until generation drains
@@ -156,7 +156,7 @@ class RolloutConfig:
 
 @dataclass
 class SandboxConfig:
-    """Limits of the code sandbox (engine/sandbox.py), per run of a response's code and its unit tests."""
+    """Limits of the code sandbox (engine/rewards/sandbox.py), per run of a response's code and its unit tests."""
 
     cpu_s: float = 2.0  # CPU seconds per process
     wall_s: float = 5.0  # wall-clock seconds for the whole run
@@ -173,7 +173,7 @@ class SandboxConfig:
 
 @dataclass
 class JudgeConfig:
-    """The tie-aware generative judge (engine/judge.py, spec B.5), used when reward.plugin=judge."""
+    """The tie-aware generative judge (engine/rewards/judge.py, spec B.5), used when reward.plugin=judge."""
 
     backend: str = "hf"  # hf: transformers on this machine (the rollout decode loop); sglang: a /generate server
     model: Optional[str] = None  # hf: an HF save_pretrained folder; None = the run's initial (SFT) policy
@@ -183,7 +183,7 @@ class JudgeConfig:
     anchor: str = "reference"  # anchor construction: compare with the reference answer, or "first" response
     max_calls_per_group: int = 32  # judge generations per group (0 = every pair); a random subset beyond it
     both_orders: bool = False  # judge (A, B) and (B, A) and average (cancels position bias, twice the calls)
-    template: Optional[str] = None  # {question} {response_a} {response_b} {reference}; None = engine/judge.py's
+    template: Optional[str] = None  # {question} {response_a} {response_b} {reference}; None = engine/rewards/judge.py's
     max_response_chars: int = 2000
     max_new_tokens: int = 8  # a chain-of-thought judge needs far more (e.g. 2048)
     temperature: float = 0.0
@@ -218,7 +218,7 @@ class JudgeConfig:
 
 @dataclass
 class RewardConfig:
-    """Reward plugins (engine/plugins.py) and shaping (engine/rewards.py). Zero-variance decisions always use the
+    """Reward plugins (engine/rewards/plugins.py) and shaping (engine/algo/shaping.py). Zero-variance decisions always use the
     raw correctness."""
 
     num_workers: int = 1
@@ -254,7 +254,7 @@ class RewardConfig:
 class LearnerConfig:
     num_ranks: int = 1  # data-parallel ranks launched with torchrun
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2)
-    loss: str = "espo"  # espo | gspo | grpo | cispo (engine/losses.py, engine/espo.py)
+    loss: str = "espo"  # espo | gspo | grpo | cispo (engine/algo/losses.py, engine/algo/espo.py)
     aggregation: str = "auto"  # auto = the loss's own (espo seq_mean_group_mean, gspo seq_mean_token_mean,
     # else token_mean)
     lr: float = 3e-4
@@ -388,7 +388,7 @@ class SimConfig:
 
     Costs are in simulated seconds and were calibrated once from the transformers backend (``everyprompt-bench
     pipeline --calibrate``); ``time_scale`` wall seconds pass per simulated second. Response lengths are
-    long-tailed per prompt and stable across epochs (engine/simulate.py)."""
+    long-tailed per prompt and stable across epochs (engine/backends/simulate.py)."""
 
     time_scale: float = 1.0  # wall seconds per simulated second
     workers_per_process: int = 32  # simulated rollout workers hosted by one process (each its own actor + socket)
@@ -409,7 +409,7 @@ class SimConfig:
     seed: int = 0
     learner: bool = False  # actors/sim_learner.py instead of the DeepSpeed learner (benchmarks)
     prefill_on_add: str = "new"  # rows joining a running batch prefill: "new" = only themselves (prefix-cached
-    # engines: sglang); "all" = every unfinished row again, padded to the longest (engine/decode.py's rebuild)
+    # engines: sglang); "all" = every unfinished row again, padded to the longest (engine/modeling/decode.py's rebuild)
     weights_file: str = ""  # sim learner: a real safetensors file it publishes as every new version (so real
     # rollout backends, e.g. the bench's --backend hf sanity run, have weights to load); "" = no file is written
 

@@ -3,7 +3,7 @@
 import os
 import time
 
-from engine.verifiers import PluginScore
+from engine.rewards.verifiers import PluginScore
 
 
 def length(response: str, reference: str, options: dict) -> PluginScore:

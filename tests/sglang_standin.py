@@ -22,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import torch
 
-from engine.model import load_model
-from engine.routing import route_hooks
+from engine.modeling.model import load_model
+from engine.modeling.routing import route_hooks
 
 
 class StandIn:

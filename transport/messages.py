@@ -80,7 +80,7 @@ class ResponseChunk:
     one has ``finish_reason`` "stop" (EOS included) or "length" ("" before that). Every token carries its behaviour
     log-prob and the policy version that sampled it: a response may span several versions.
 
-    Routes (engine/routing.py) are uint8 when the model has <= 256 experts. ``routes[j]`` is the routing of
+    Routes (engine/modeling/routing.py) are uint8 when the model has <= 256 experts. ``routes[j]`` is the routing of
     ``token_ids[j]``; a response's final token is never fed to the model, so the last chunk has one route fewer
     than tokens. ``prompt_routes`` ([P, layers, k]) travel once per group, with the first chunk a worker sends
     for it; empty otherwise.
@@ -166,7 +166,7 @@ class Scored:
 
 @_msg
 class JudgeRequest:
-    """Judge a whole group with the generative judge (engine/judge.py): sent by the coordinator once every response
+    """Judge a whole group with the generative judge (engine/rewards/judge.py): sent by the coordinator once every response
     of the group has been verified on its own. Responses are concatenated: response k is
     ``token_ids[offsets[k]:offsets[k + 1]]``."""
 

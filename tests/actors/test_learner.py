@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from actors.learner import shard_bounds
-from engine.launch import learner_command, learner_env
+from engine.coordinator.launch import learner_command, learner_env
 from configs.load import save
 from configs.schema import ModelConfig, RunConfig
-from engine.model import build_model, load_model, load_weights, save_model, token_logprobs
-from engine.routing import route_hooks
+from engine.modeling.model import build_model, load_model, load_weights, save_model, token_logprobs
+from engine.modeling.routing import route_hooks
 from transport.channels import Hub, run
 from transport.messages import ErrorReport, Hello, Shutdown, TrainBatch, TrainResult
 
@@ -238,7 +238,7 @@ def test_ranks_exit_nonzero_when_the_coordinator_vanishes(tmp_path):
                                                ("grpo", "token_mean"), ("cispo", "token_mean")])
 def test_loss_settings_map_config_to_each_loss(loss, aggregation):
     from actors.learner import loss_settings
-    from engine.losses import LOSSES
+    from engine.algo.losses import LOSSES
 
     cfg = RunConfig()
     cfg.learner.loss = loss

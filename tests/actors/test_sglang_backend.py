@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actors.sglang_backend import hub_layout, write_model_dir
-from engine.model import load_model, save_weights
+from engine.modeling.model import load_model, save_weights
 from tests.actors.test_workers import _setup, actor_process
 from tests.engine.test_decode import _teacher_forced
 from tests.sglang_standin import StandIn

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from actors.sglang_backend import decode_routed_experts, generate_payload, parse_generate_response
-from engine.routing import pack_routes
+from engine.modeling.routing import pack_routes
 
 LAYERS, K, EXPERTS = 3, 2, 16
 

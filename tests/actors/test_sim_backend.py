@@ -11,9 +11,9 @@ import pytest
 
 from configs.load import load, save
 from configs.schema import SimConfig
-from engine import simulate
-from engine.procs import python_module, spawn, stop_all
-from engine.tasks import CharTokenizer
+from engine.backends import simulate
+from engine.coordinator.procs import python_module, spawn, stop_all
+from engine.data.tasks import CharTokenizer
 from transport import (GenerateRequest, Hello, Hub, LoadWeights, ResponseChunk, Shutdown, TrainBatch, TrainResult,
                        WeightsLoaded, run)
 
@@ -155,7 +155,7 @@ def test_prefill_on_add_all_charges_a_rebuild_of_the_running_batch_like_decode_b
     """sim.prefill_on_add=all (the transformers backend): a row joining a running batch re-prefills every unfinished
     row, padded to the longest, once at the next step; "new" (prefix-cached engines) prefills the newcomer only."""
     from actors.sim_backend import SimBatch
-    from engine.rows import Row
+    from engine.modeling.rows import Row
 
     def cost(mode: str) -> float:
         sim = SimConfig(prefill_on_add=mode, decode_base_s=0.0, decode_per_seq_s=0.0, prefill_per_token_s=1.0)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from configs.load import load, save
-from engine.model import build_model, save_model, save_weights
-from engine.procs import python_module, spawn, stop_all
-from engine.tasks import build_task
+from engine.modeling.model import build_model, save_model, save_weights
+from engine.coordinator.procs import python_module, spawn, stop_all
+from engine.data.tasks import build_task
 from transport import (ResponseChunk, GenerateRequest, Hello, Hub, LoadWeights, ScoreRequest, Scored, Shutdown,
                        WeightsLoaded, run)
 

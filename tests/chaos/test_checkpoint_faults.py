@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from engine import checkpoint
-from engine.buffer import Group
+from engine.coordinator import checkpoint
+from engine.coordinator.buffer import Group
 
 pytestmark = pytest.mark.chaos
 

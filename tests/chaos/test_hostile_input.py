@@ -73,7 +73,7 @@ def test_replays_are_rejected_on_the_same_connection_and_from_a_retired_peer():
             peer._send_seq += 1
             await _round_trip(hub, peer, peer_id, 2)  # the connection goes on
             await peer.close()
-            hub.forget(peer_id)  # the coordinator declared it dead (engine/cluster.py)
+            hub.forget(peer_id)  # the coordinator declared it dead (engine/coordinator/cluster.py)
             await asyncio.to_thread(replay_hello, hub.endpoint, role="rollout", worker_id=0, pid=os.getpid())
             await _wait_rejected(hub, "replayed", 2)
             assert hub.peers == {}  # the replayed Hello did not bring the dead peer back

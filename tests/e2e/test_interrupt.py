@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.metrics import read_metrics
+from engine.coordinator.metrics import read_metrics
 from tests.helpers import processes_mentioning
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from engine.metrics import read_metrics
+from engine.coordinator.metrics import read_metrics
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # ~30-50 s: SFT + 3 RL steps + judge
 

@@ -12,7 +12,7 @@ import sys
 import psutil
 import pytest
 
-from engine.metrics import read_metrics
+from engine.coordinator.metrics import read_metrics
 from tests.helpers import processes_mentioning, wait_for
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

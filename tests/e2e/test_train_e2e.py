@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from configs.load import load_resolved
-from engine.metrics import read_metrics
+from engine.coordinator.metrics import read_metrics
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -59,7 +59,7 @@ def test_user_jsonl_dataset_runs_end_to_end(tmp_path):
 def test_every_zero_variance_stage_runs_end_to_end(tmp_path):
     """Offline filter -> filtered pool -> adaptive N, top-ups, shaped rewards, RL-ZVP and the variance buffer."""
     pool = tmp_path / "pool.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "engine.pool", "--out", str(pool), "--pool-size", "200",
+    proc = subprocess.run([sys.executable, "-m", "engine.data.pool", "--out", str(pool), "--pool-size", "200",
                            "--config-name", "tiny", f"sft.cache_dir={tmp_path / 'sft_cache'}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 import torch
 
-from engine.advantages import group_advantages
+from engine.algo.advantages import group_advantages
 
 
 def test_known_group_uses_population_std():

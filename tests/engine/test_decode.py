@@ -1,4 +1,4 @@
-"""engine/decode.py: rows joining a running batch, weights changing between decode steps, continuations.
+"""engine/modeling/decode.py: rows joining a running batch, weights changing between decode steps, continuations.
 The checks recompute everything teacher-forced with the weights each token was sampled with."""
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig
-from engine.decode import DecodeBatch, Row
-from engine.model import build_model, stack_routes, token_logprobs
-from engine.routing import moe_routers, route_hooks
-from engine.tasks import CharTokenizer
+from engine.modeling.decode import DecodeBatch, Row
+from engine.modeling.model import build_model, stack_routes, token_logprobs
+from engine.modeling.routing import moe_routers, route_hooks
+from engine.data.tasks import CharTokenizer
 
 pytestmark = pytest.mark.timeout(60)
 TOK = CharTokenizer()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.entropy import logprobs_and_entropy
+from engine.algo.entropy import logprobs_and_entropy
 
 pytestmark = pytest.mark.timeout(30)
 

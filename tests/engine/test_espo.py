@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from engine.espo import batch_entropy_threshold, entropy_groups, espo_loss
-from engine.losses import gspo_loss
+from engine.algo.espo import batch_entropy_threshold, entropy_groups, espo_loss
+from engine.algo.losses import gspo_loss
 
 pytestmark = pytest.mark.timeout(30)
 

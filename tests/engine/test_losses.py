@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.losses import LOSSES, grpo_loss
+from engine.algo.losses import LOSSES, grpo_loss
 
 
 def _leaf(x):

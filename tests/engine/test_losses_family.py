@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from engine.espo import espo_loss
-from engine.losses import LOSSES, cispo_loss, grpo_loss, gspo_loss
+from engine.algo.espo import espo_loss
+from engine.algo.losses import LOSSES, cispo_loss, grpo_loss, gspo_loss
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig, TaskConfig
-from engine.model import build_model, evaluate_greedy, generate, load_weights, save_weights, token_logprobs
-from engine.tasks import build_task
+from engine.modeling.model import build_model, evaluate_greedy, generate, load_weights, save_weights, token_logprobs
+from engine.data.tasks import build_task
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=4,
                    top_k=2, moe_intermediate_size=32)

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from engine.plugins import PluginPool, resolve
+from engine.rewards.plugins import PluginPool, resolve
 
 pytestmark = pytest.mark.timeout(60)
 

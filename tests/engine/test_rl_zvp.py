@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.advantages import group_advantages, rl_zvp_advantages
+from engine.algo.advantages import group_advantages, rl_zvp_advantages
 
 pytestmark = pytest.mark.timeout(30)
 

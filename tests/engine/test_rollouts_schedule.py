@@ -1,4 +1,4 @@
-"""The coordinator's length-aware dispatch, post-processing pool and reward overlap (engine/rollouts.py), against
+"""The coordinator's length-aware dispatch, post-processing pool and reward overlap (engine/coordinator/rollouts.py), against
 real Peers over loopback ZeroMQ that play two rollout workers and a reward worker."""
 
 import asyncio
@@ -7,9 +7,9 @@ import contextlib
 import numpy as np
 import pytest
 
-from engine.buffer import GroupBuffer
-from engine.rollouts import PromptItem, Rollouts
-from engine.schedule import LengthPredictor, Scheduler
+from engine.coordinator.buffer import GroupBuffer
+from engine.coordinator.rollouts import PromptItem, Rollouts
+from engine.coordinator.schedule import LengthPredictor, Scheduler
 from transport import GenerateRequest, Hello, Hub, Peer, ResponseChunk, ScoreRequest, run
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,12 +1,12 @@
-"""The rollout stage of zero-variance elimination in the coordinator (engine/rollouts.py): adaptive group size
+"""The rollout stage of zero-variance elimination in the coordinator (engine/coordinator/rollouts.py): adaptive group size
 from known pass rates within the extra-sample budget, and top-ups decided on raw correctness. The coordinator
 talks to a real Peer over loopback ZeroMQ that plays the rollout and reward worker."""
 
 import numpy as np
 import pytest
 
-from engine.buffer import GroupBuffer
-from engine.rollouts import PromptItem, Rollouts, Sampling
+from engine.coordinator.buffer import GroupBuffer
+from engine.coordinator.rollouts import PromptItem, Rollouts, Sampling
 from transport import (ContinueRequest, GenerateRequest, Hello, Hub, Peer, ResponseChunk, Scored, ScoreRequest,
                        run)
 

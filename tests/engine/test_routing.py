@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig
-from engine.model import build_model, generate, token_logprobs
-from engine.routing import mismatch_NT, moe_routers, pack_routes, route_dtype, route_hooks, route_shape
-from engine.tasks import CharTokenizer
+from engine.modeling.model import build_model, generate, token_logprobs
+from engine.modeling.routing import mismatch_NT, moe_routers, pack_routes, route_dtype, route_hooks, route_shape
+from engine.data.tasks import CharTokenizer
 
 pytestmark = pytest.mark.timeout(60)
 TOK = CharTokenizer()

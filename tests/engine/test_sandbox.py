@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from engine.sandbox import Limits, _pids_of_uid, run_python
+from engine.rewards.sandbox import Limits, _pids_of_uid, run_python
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -3,9 +3,9 @@ import os
 import pytest
 
 from configs.schema import ModelConfig, RunConfig, SFTConfig, TaskConfig
-from engine.model import load_model
-from engine.sft import ensure_sft_checkpoint
-from engine.tasks import build_task
+from engine.modeling.model import load_model
+from engine.modeling.sft import ensure_sft_checkpoint
+from engine.data.tasks import build_task
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, num_experts=4,
                    top_k=2, moe_intermediate_size=32)

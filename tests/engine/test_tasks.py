@@ -4,7 +4,7 @@ import random
 import pytest
 
 from configs.schema import TaskConfig
-from engine.tasks import CharTokenizer, build_task
+from engine.data.tasks import CharTokenizer, build_task
 
 
 @pytest.mark.timeout(10)

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from engine.advantages import group_advantages, pairwise_rewards, tie_aware_advantages
-from engine.judge import JudgeSpec, judge_group, parse_verdict, select_pairs
+from engine.algo.advantages import group_advantages, pairwise_rewards, tie_aware_advantages
+from engine.rewards.judge import JudgeSpec, judge_group, parse_verdict, select_pairs
 
 
 def _verdicts(quality):
@@ -96,9 +96,9 @@ def test_coordinator_judging_applies_margins_once_and_ignores_old_answers():
 
     import numpy as np
 
-    from engine.buffer import Group
-    from engine.judge import JUDGE_PART
-    from engine.judging import Judging
+    from engine.coordinator.buffer import Group
+    from engine.rewards.judge import JUDGE_PART
+    from engine.coordinator.judging import Judging
     from transport import Judged
 
     g = Group(group_id="g1", prompt_id=1, prompt_ids=np.arange(3, dtype=np.int32), answer="5", num_samples=2)
@@ -184,7 +184,7 @@ def test_group_tie_test():
 
 
 def test_both_orders_agreement_and_judge_group_defaults():
-    from engine.judge import merge_orders
+    from engine.rewards.judge import merge_orders
 
     assert merge_orders([1, 1], "agree") == 1.0 and merge_orders([1, 0], "agree") == 0.0
     assert merge_orders([-1], "agree") == 0.0 and merge_orders([1, 0], "mean") == 0.5

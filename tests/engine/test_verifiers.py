@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engine.verifiers import exact, extract_answer, instructions, math_answer, python_tests
+from engine.rewards.verifiers import exact, extract_answer, instructions, math_answer, python_tests
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from engine.batch import batch_stats, pack_batch
-from engine.buffer import Group, GroupBuffer, Sample, priority
-from engine.pool import main as filter_pool, select
-from engine.rewards import (Shaping, is_zero_variance, overlong_penalty, partial_credit, repetition_penalty,
+from engine.coordinator.batch import batch_stats, pack_batch
+from engine.coordinator.buffer import Group, GroupBuffer, Sample, priority
+from engine.data.pool import main as filter_pool, select
+from engine.algo.shaping import (Shaping, is_zero_variance, overlong_penalty, partial_credit, repetition_penalty,
                             reward_parts, shaped_reward)
 from transport import run
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from engine.loss_stats import clip_stats
+from engine.algo.loss_stats import clip_stats
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 
@@ -210,7 +210,7 @@ def cispo_loss(
     return loss, stats
 
 
-# engine.espo imports nothing from this module, so importing it here (after aggregate) cannot cycle
-from engine.espo import espo_loss
+# engine.algo.espo imports nothing from this module, so importing it here (after aggregate) cannot cycle
+from engine.algo.espo import espo_loss
 
 LOSSES: dict[str, PolicyLoss] = {"grpo": grpo_loss, "gspo": gspo_loss, "cispo": cispo_loss, "espo": espo_loss}

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configs.schema import RunConfig
-from engine.model import build_model, evaluate_greedy, save_model
-from engine.tasks import Task
+from engine.modeling.model import build_model, evaluate_greedy, save_model
+from engine.data.tasks import Task
 
 _STATS_FILE = "sft_stats.json"
 _NOT_IN_KEY = {"enabled", "cache_dir", "max_time_s"}  # these do not change what a finished run would produce

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from configs.schema import ModelConfig
-from engine.entropy import logprobs_and_entropy
-from engine.decode import DecodeBatch, Row
-from engine.routing import route_dtype, route_shape
+from engine.algo.entropy import logprobs_and_entropy
+from engine.modeling.decode import DecodeBatch, Row
+from engine.modeling.routing import route_dtype, route_shape
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, seed: int, pad_id: int = 0, bos_id: int = 1,
@@ -85,7 +85,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 class Generated(NamedTuple):
-    """One sampled continuation. Routes (engine/routing.py) are None unless asked for: ``prompt_routes`` is
+    """One sampled continuation. Routes (engine/modeling/routing.py) are None unless asked for: ``prompt_routes`` is
     [P, layers, k] (one row per prompt token) and ``routes`` [T - 1, layers, k], where ``routes[j]`` is the
     routing of ``token_ids[j]`` (the last token is never fed to the model, so it has none)."""
 
@@ -103,7 +103,7 @@ def generate(model: Qwen3MoeForCausalLM, prompts: list[list[int]], *, max_new_to
     Token ids end with eos when the sequence stopped. The log-prob of each token is taken under the
     distribution it was drawn from: log_softmax(logits / temperature), or log_softmax(logits) when
     temperature == 0 (greedy). With ``capture_routes`` every MoE router's top-k ids are recorded by forward hooks
-    during the prefill and every decode step (no second forward pass). One ``engine.decode.DecodeBatch`` run to
+    during the prefill and every decode step (no second forward pass). One ``engine.modeling.decode.DecodeBatch`` run to
     completion: the rollout worker drives the same class step by step.
     """
     batch = DecodeBatch(model, eos_id=eos_id, pad_id=pad_id, capture_routes=capture_routes, generator=generator)
@@ -143,7 +143,7 @@ def old_policy_pass(model: Qwen3MoeForCausalLM, input_ids: torch.Tensor, attenti
                     temperature: float = 1.0, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """The old-policy pass: (logp_BL, entropy_BL), where [:, t] are the log-prob of token t and the full-vocabulary
     entropy of the distribution it was drawn from (column 0 = 0). The LM head runs chunk by chunk over tokens
-    (engine/entropy.py), so no [B, L, V] tensor exists; peak extra memory is about 4 * chunk_tokens * V floats."""
+    (engine/algo/entropy.py), so no [B, L, V] tensor exists; peak extra memory is about 4 * chunk_tokens * V floats."""
     hidden_BLH = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     logp_BL, entropy_BL = logprobs_and_entropy(hidden_BLH[:, :-1], model.lm_head.weight, input_ids[:, 1:],
                                                temperature=temperature, chunk_tokens=chunk_tokens)

@@ -7,7 +7,7 @@ trained; reward workers score each response as soon as it finishes; the learner 
 groups are ready. Every ``train.checkpoint_every`` steps the whole asynchronous state is saved, and
 ``resume=true`` continues from there without skipping or repeating a prompt. A learner that dies mid-run is
 handled the same way, without a human: the run rolls back to the newest checkpoint and continues
-(engine/recovery.py).
+(engine/coordinator/recovery.py).
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import torch
 from tqdm import tqdm
 
 from configs.schema import RunConfig
-from engine import checkpoint
-from engine.batch import RunStats, batch_stats, pack_batch
-from engine.cluster import Actors, Faults, start_actors
-from engine.launch import Rendezvous, is_elastic
-from engine.metrics import MetricsWriter, truncate_jsonl
-from engine.recovery import restart_on_learner_failure
-from engine.rollouts import PromptItem
-from engine.sft import ensure_sft_checkpoint
-from engine.tasks import Task, build_task
+from engine.coordinator import checkpoint
+from engine.coordinator.batch import RunStats, batch_stats, pack_batch
+from engine.coordinator.cluster import Actors, Faults, start_actors
+from engine.coordinator.launch import Rendezvous, is_elastic
+from engine.coordinator.metrics import MetricsWriter, truncate_jsonl
+from engine.coordinator.recovery import restart_on_learner_failure
+from engine.coordinator.rollouts import PromptItem
+from engine.modeling.sft import ensure_sft_checkpoint
+from engine.data.tasks import Task, build_task
 from transport import LoadWeights
 
 

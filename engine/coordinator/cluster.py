@@ -1,10 +1,10 @@
 """Start every actor process, connect it, route its messages, watch its health, and stop it.
 
 ``start_actors`` is the one place that knows the process map of DESIGN.md. Inside the ``async with`` block the
-caller gets ``Actors``: rollouts (engine/rollouts.py), the group buffer, and the learner handle. A background
+caller gets ``Actors``: rollouts (engine/coordinator/rollouts.py), the group buffer, and the learner handle. A background
 pump routes every incoming frame. A dead or silent rollout or reward worker is restarted and its unfinished
 work re-queued (Supervisor, Rollouts); the learner dying or going silent aborts the block with ``LearnerFailed``
-(engine/recovery.py resumes the run from its newest checkpoint); an ErrorReport or too many worker restarts abort
+(engine/coordinator/recovery.py resumes the run from its newest checkpoint); an ErrorReport or too many worker restarts abort
 it with ``ActorFailed`` naming the actor and the tail of its log.
 """
 
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import structlog
 
-from engine.launch import is_elastic, learner_command, learner_env, write_join_info
+from engine.coordinator.launch import is_elastic, learner_command, learner_env, write_join_info
 from configs.schema import RunConfig, TransportConfig
-from engine.buffer import GroupBuffer
-from engine.procs import Child, python_module, respawn, spawn, stop_all
-from engine import simulate
-from engine.judging import Judging
-from engine.rollouts import Rollouts, Sampling
-from engine.schedule import LengthPredictor, Scheduler
-from engine.tasks import build_task
+from engine.coordinator.buffer import GroupBuffer
+from engine.coordinator.procs import Child, python_module, respawn, spawn, stop_all
+from engine.backends import simulate
+from engine.coordinator.judging import Judging
+from engine.coordinator.rollouts import Rollouts, Sampling
+from engine.coordinator.schedule import LengthPredictor, Scheduler
+from engine.data.tasks import build_task
 from transport import (CheckpointSaved, ErrorReport, Hello, Hub, Judged, ResponseChunk, SaveCheckpoint, Scored,
                        Shutdown, TrainBatch, TrainResult, WeightsLoaded)
 from transport.curve import CurveKeys, server_keys
@@ -44,7 +44,7 @@ class LearnerFailed(ActorFailed):
 
 @dataclass
 class Faults:
-    """Failures survived so far in this run, carried across learner restarts (engine/recovery.py)."""
+    """Failures survived so far in this run, carried across learner restarts (engine/coordinator/recovery.py)."""
 
     actor_restarts: int = 0  # rollout/reward workers restarted (transport.max_actor_restarts per run)
     learner_restarts: int = 0
@@ -84,7 +84,7 @@ class Supervisor:
 
     A child that exited, or whose peer sent nothing for transport.peer_timeout_s, has failed. A failed rollout
     or reward worker is killed (its whole session) and started again, up to transport.max_actor_restarts
-    times per run; the learner failing raises LearnerFailed (engine/recovery.py rolls the run back to a checkpoint).
+    times per run; the learner failing raises LearnerFailed (engine/coordinator/recovery.py rolls the run back to a checkpoint).
     """
 
     def __init__(self, hub: Hub, children: list[Child], *, max_restarts: int, faults: Faults | None = None) -> None:

@@ -10,7 +10,7 @@ the coordinator restores the checkpoint's buffer, partial responses, counters an
 steps after the checkpoint are trained again, on the same prompts; the ledger holds each prompt exactly once.
 Without a checkpoint yet, the run starts RL again from step 1.
 
-What counts as a learner failure (``LearnerFailed``, raised by engine/cluster.py): torchrun exiting (a rank
+What counts as a learner failure (``LearnerFailed``, raised by engine/coordinator/cluster.py): torchrun exiting (a rank
 killed by any signal makes torchrun stop the group), or rank 0 silent for ``transport.peer_timeout_s``. An
 ``ErrorReport`` (a Python exception in the learner: a bug or a bad config) is not retried: it would fail again.
 At most ``transport.max_learner_restarts`` restarts per run; one more failure stops the run with the reason.
@@ -24,8 +24,8 @@ from pathlib import Path
 import structlog
 
 from configs.schema import RunConfig
-from engine import checkpoint
-from engine.cluster import ActorFailed, Faults, LearnerFailed
+from engine.coordinator import checkpoint
+from engine.coordinator.cluster import ActorFailed, Faults, LearnerFailed
 
 log = structlog.get_logger()
 

@@ -2,7 +2,7 @@
 
 The buffer serves the oldest policy version first (FIFO within a version) and enforces the per-token staleness
 bound: ``take`` never returns a group holding a token older than ``min_version``. Groups over the bound are handed
-to ``on_over_bound`` (engine/rollouts.py regenerates their stale samples, or drops them, by policy); admission
+to ``on_over_bound`` (engine/coordinator/rollouts.py regenerates their stale samples, or drops them, by policy); admission
 pacing keeps this at zero in steady state.
 """
 

@@ -6,11 +6,11 @@ that can say "Tie" gives equal-quality responses identical rewards, so their adv
 0 for a response tied on balance): only real preferences produce signed advantages.
 
 Flow in a run: every response is first verified on its own (``reward.judge.verifier``, for the raw correctness
-that accuracy and zero-variance decisions use). When a group is complete the coordinator (engine/rollouts.py)
+that accuracy and zero-variance decisions use). When a group is complete the coordinator (engine/coordinator/rollouts.py)
 sends one ``JudgeRequest`` with the prompt and all its responses to a reward worker, which calls ``judge_group``
 with its judge backend (actors/judge_backend.py: the transformers decode loop of the rollout workers, or an
 sglang server) and answers ``Judged``. The group's rewards become the judge margins; the learner then uses
-``engine.advantages.tie_aware_advantages``.
+``engine.algo.advantages.tie_aware_advantages``.
 
 Constructions (``reward.judge.construction``):
 - ``round_robin``: pairs (i, j) of the group, r_i = mean over i's judged pairs of v(i, j), v in {+1, 0, -1};
@@ -19,7 +19,7 @@ Constructions (``reward.judge.construction``):
   (``anchor=first``, which gets 0): r_i = v(i, anchor); G calls (or the first ones within the budget).
 ``both_orders`` judges each pair as (A, B) and (B, A) and averages (position bias cancels; twice the calls);
 with ``order_rule="agree"`` a pair is Better/Worse only when both orders say so, else Tie.
-Round-robin robustness to judge errors (``engine.advantages.pairwise_rewards``): ``tie_margin`` is a dead zone in
+Round-robin robustness to judge errors (``engine.algo.advantages.pairwise_rewards``): ``tie_margin`` is a dead zone in
 net verdicts (a response within it is tied: reward 0), ``group_tie_frac`` a group-level tie test (a group with at
 most this fraction of non-Tie verdicts is all-tie). The anchor construction uses neither: its margin is one verdict.
 A verdict that does not parse is a recorded failure: the pair counts as not judged, and a response without a
@@ -35,7 +35,7 @@ from typing import Protocol
 
 import torch
 
-from engine.advantages import pairwise_rewards
+from engine.algo.advantages import pairwise_rewards
 
 DEFAULT_TEMPLATE = ("Question: {question}\nResponse A: {response_a}\nResponse B: {response_b}\n"
                     "Is A Better, Tie or Worse than B?\nVerdict:")
@@ -54,7 +54,7 @@ class JudgeSpec:
     max_new_tokens: int = 8
     temperature: float = 0.0
     order_rule: str = "mean"  # both_orders: "mean" (average the two verdicts) | "agree" (Tie unless both agree)
-    tie_margin: float = 1.0  # round_robin dead zone in net verdicts (0 = off); engine.advantages.pairwise_rewards
+    tie_margin: float = 1.0  # round_robin dead zone in net verdicts (0 = off); engine.algo.advantages.pairwise_rewards
     group_tie_frac: float = 0.1  # round_robin group tie test: <= this fraction of non-Tie verdicts = all-tie
 
     def __post_init__(self) -> None:

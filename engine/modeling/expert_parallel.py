@@ -5,7 +5,7 @@ With ``learner.expert_parallel=E`` (> 1) DeepSpeed's AutoEP replaces every ``Qwe
 holding ``num_experts / E`` experts per rank (``w1`` gate, ``w3`` up: [E_local, I, H]; ``w2`` down:
 [E_local, H, I]); tokens reach their experts by all-to-all inside each group of E ranks. Attention, norms,
 embeddings and routers stay replicated (data-parallel). Router replay hooks the AutoEP router
-(engine/routing.py), so R3/R2 work unchanged.
+(engine/modeling/routing.py), so R3/R2 work unchanged.
 
 Rollout workers and the gap probe use plain HF weights. ``hf_state_dict`` all-gathers the expert shards over
 the expert-parallel group and renames them (``gate_up_proj = cat(w1, w3)``, ``down_proj = w2``,

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from configs.load import load_cli
-from engine.model import generate, load_model
-from engine.tasks import Example, Task, build_task, read_pool
+from engine.modeling.model import generate, load_model
+from engine.data.tasks import Example, Task, build_task, read_pool
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [i for i in range(len(pool)) if i not in done]
     model_dir = args.model
     if todo and model_dir is None:
-        from engine.sft import ensure_sft_checkpoint
+        from engine.modeling.sft import ensure_sft_checkpoint
 
         model_dir, _ = ensure_sft_checkpoint(cfg, task, progress=True)
     model = load_model(model_dir).eval() if todo else None  # nothing left to estimate: no model needed

@@ -1,4 +1,4 @@
-"""Verifiers: the built-in reward plugins (engine/plugins.py). Graded where the spec says so (ALGORITHMS.md B.2.2).
+"""Verifiers: the built-in reward plugins (engine/rewards/plugins.py). Graded where the spec says so (ALGORITHMS.md B.2.2).
 
 Every verifier is ``fn(response, reference, options) -> PluginScore`` and may raise: the plugin pool turns an
 exception into a recorded failure (``valid=False``), never a dead worker.
@@ -7,7 +7,7 @@ exception into a recorded failure (``valid=False``), never a dead worker.
 - ``math``: the final answer (``\\boxed{}``, "answer is ...", ``#### ...`` or the last number) against the
   reference, equal as normalised strings, as numbers (fractions, decimals, percentages, thousands separators)
   or symbolically (sympy, on a whitelisted character set).
-- ``code``: the response's Python (its last fenced block, or all of it) run in the sandbox (engine/sandbox.py)
+- ``code``: the response's Python (its last fenced block, or all of it) run in the sandbox (engine/rewards/sandbox.py)
   with the reference's unit tests; the score is the fraction of tests passed.
 - ``instruction``: the reference is a JSON list of constraints; the score is the fraction satisfied.
 """
@@ -19,8 +19,8 @@ import re
 from fractions import Fraction
 from typing import NamedTuple
 
-from engine.sandbox import Limits, run_python
-from engine.tasks import normalise
+from engine.rewards.sandbox import Limits, run_python
+from engine.data.tasks import normalise
 
 
 class PluginScore(NamedTuple):

@@ -1,12 +1,12 @@
 """The coordinator's side of the generative judge (reward.plugin=judge): whole groups out, judge margins back.
 
-consumes: complete groups (engine/rollouts.py, once every response is verified on its own), Judged (reward workers)
+consumes: complete groups (engine/coordinator/rollouts.py, once every response is verified on its own), Judged (reward workers)
 produces: JudgeRequest (one per group, round-robin over the live reward workers)
 
 The judge needs a whole group (round-robin pairs, or every response against the same anchor), while responses are
 verified one by one as they finish. So the coordinator, which already knows when a group is complete (top-ups
-included), sends the group once; a reward worker judges it (engine/judge.py) and answers with one margin per
-response. Those margins replace the rewards, and the ``judge_margin`` part tells engine/batch.py to use the
+included), sends the group once; a reward worker judges it (engine/rewards/judge.py) and answers with one margin per
+response. Those margins replace the rewards, and the ``judge_margin`` part tells engine/coordinator/batch.py to use the
 tie-aware advantages. A request to a reward worker that dies is sent again to another one; an answer to an older
 request (some responses regenerated since) is ignored.
 """
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.buffer import Group
-from engine.judge import JUDGE_PART
+from engine.coordinator.buffer import Group
+from engine.rewards.judge import JUDGE_PART
 from transport import Hub, JudgeRequest, Judged
 
 
 class Judging:
     def __init__(self, hub: Hub, rewards: list[str]) -> None:
-        self._hub, self._rewards = hub, rewards  # the live reward peers (the list engine/rollouts.py keeps)
+        self._hub, self._rewards = hub, rewards  # the live reward peers (the list engine/coordinator/rollouts.py keeps)
         self._pending: dict[str, tuple[str | None, JudgeRequest]] = {}  # group_id -> (peer, request)
         self._num_sent = 0
         self.counts = {"judge_requests": 0, "requeued_judgements": 0}

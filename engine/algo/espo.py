@@ -1,8 +1,8 @@
 """ESPO: Entropy importance Sampling Policy Optimization (ALGORITHMS.md A.3-A.11; pure math, torch only).
 
 Shape letters: N = sequences (responses), T = padded tokens; all [N, T] tensors share one alignment.
-The call convention is the one of engine.losses (``LOSSES["espo"]`` is ``espo_loss``). This module imports
-nothing from engine.losses, so either may be imported first.
+The call convention is the one of engine.algo.losses (``LOSSES["espo"]`` is ``espo_loss``). This module imports
+nothing from engine.algo.losses, so either may be imported first.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from engine.loss_stats import clip_stats
+from engine.algo.loss_stats import clip_stats
 
 RATIO_MODES = ("gspo_token", "literal")
 QUANTILE_SCOPES = ("sequence", "batch")
@@ -116,7 +116,7 @@ def espo_loss(
     4. Per token: loss_t = -min(s_t A_t, clip(s_t) A_t) (pessimistic PPO form).
     5. Aggregation "seq_mean_group_mean" (Eq. 5): mean over each group's tokens, mean over the response's
        non-empty groups, mean over the responses with a trained token (denom: their number in the whole
-       batch). "seq_mean_token_mean" / "token_mean" are the engine.losses.aggregate reductions (ablations).
+       batch). "seq_mean_token_mean" / "token_mean" are the engine.algo.losses.aggregate reductions (ablations).
     Stats (detached): clip_frac_low/high/clip_frac, approx_kl (k3 of the per-token ratio), ratio_mean,
     ratio_max over trained tokens (as grpo_loss); per group g in {hi_ent, lo_ent}, averaged over that
     group's tokens in this call: clip_frac_upper_<g>, clip_frac_lower_<g>, eps_<g> (clip half-width),

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from engine.buffer import Group, GroupBuffer, Sample
-from engine.postprocess import ScorePath
-from engine.rewards import is_zero_variance
-from engine.schedule import Scheduler
-from engine.judging import Judging
+from engine.coordinator.buffer import Group, GroupBuffer, Sample
+from engine.coordinator.postprocess import ScorePath
+from engine.algo.shaping import is_zero_variance
+from engine.coordinator.schedule import Scheduler
+from engine.coordinator.judging import Judging
 from transport import (CancelRequest, ContinueRequest, GenerateRequest, Hub, Judged, LoadWeights, ResponseChunk,
                        ScoreRequest, Scored, WeightsLoaded)
 
@@ -51,7 +51,7 @@ class PromptItem:
 
 @dataclass
 class Sampling:
-    """The rollout stage of zero-variance elimination (engine/rollouts.py): adaptive group size and top-ups,
+    """The rollout stage of zero-variance elimination (engine/coordinator/rollouts.py): adaptive group size and top-ups,
     paid for from a budget of ``extra_sample_frac`` x the base samples (rollout.group_size per group)."""
 
     adaptive: bool = False  # raise N for prompts likely to come out zero-variance
@@ -90,7 +90,7 @@ class Rollouts:
         self.sent_version = 0  # newest weights sent to every worker
         self._inflight: dict[str, Group] = {}  # group_id -> group being generated or scored
         self._owner: dict[tuple[str, int], str] = {}  # (group_id, sample_index) -> worker generating it
-        self._sched = scheduler or Scheduler()  # which worker (engine/schedule.py); its load tracks _owner
+        self._sched = scheduler or Scheduler()  # which worker (engine/coordinator/schedule.py); its load tracks _owner
         for w in workers:
             self._sched.add_worker(w)
         self._load_of: dict[tuple[str, int], float] = {}  # (group_id, sample_index) -> what it adds to the load
@@ -378,7 +378,7 @@ class Rollouts:
             self._versions_changed.clear()
             await self._versions_changed.wait()
 
-    # ---- membership: actors restarted by engine/cluster.py ------------------------------------------------
+    # ---- membership: actors restarted by engine/coordinator/cluster.py ------------------------------------------------
 
     async def add_worker(self, peer: str) -> None:
         """A (re)started rollout worker: bring it to the newest weights, then give it work."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from engine.buffer import Group, Sample
+from engine.coordinator.buffer import Group, Sample
 
 _KEEP = 2
 _STAGING = ".staging_"

@@ -22,8 +22,8 @@ from contextlib import nullcontext
 import torch
 from transformers import DynamicCache
 
-from engine.routing import route_dtype, route_hooks, route_shape
-from engine.rows import Row
+from engine.modeling.routing import route_dtype, route_hooks, route_shape
+from engine.modeling.rows import Row
 
 _COMPACT_DONE_FRAC = 0.5  # rebuild once finished rows are more than this fraction of the batch
 

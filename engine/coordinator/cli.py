@@ -1,4 +1,4 @@
-"""``everyprompt-train``: the entry point. Parses the config, prepares runs/<name>/, runs engine.loop.run.
+"""``everyprompt-train``: the entry point. Parses the config, prepares runs/<name>/, runs engine.coordinator.loop.run.
 
 Usage: everyprompt-train [--config-name NAME] [--config-dir DIR] [key=value ...]
 Writes runs/<name>/{config.yaml, metrics.jsonl, report.png, logs/}; the last stdout line is a JSON summary.
@@ -16,9 +16,9 @@ from pathlib import Path
 import structlog
 
 from configs.load import ConfigError, load_cli, save
-from engine.cluster import ActorFailed
+from engine.coordinator.cluster import ActorFailed
 from engine.log import configure_logging
-from engine.metrics import write_report
+from engine.coordinator.metrics import write_report
 
 log = structlog.get_logger()
 
@@ -34,10 +34,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def prepare_run_dir(out_dir: str, name: str, *, resume: bool = False) -> Path:
     """runs/<name>/ for a fresh run (earlier outputs of the same name are replaced), or for resuming it from its
-    latest checkpoint (its metrics and checkpoints are kept; engine/loop.py trims what came after)."""
+    latest checkpoint (its metrics and checkpoints are kept; engine/coordinator/loop.py trims what came after)."""
     run_dir = Path(out_dir) / name
     if resume:
-        from engine.checkpoint import latest
+        from engine.coordinator.checkpoint import latest
 
         if latest(run_dir) is None:
             raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete checkpoint "
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     configure_logging(role="coordinator", json_lines=cfg.log_json)
-    from engine.loop import run  # heavy imports only after the config is valid
+    from engine.coordinator.loop import run  # heavy imports only after the config is valid
     from transport import run as run_async
 
     try:

@@ -1,8 +1,8 @@
 """Reward plugins: a registry by name, and the process pool the reward worker runs them in.
 
-A plugin is a function ``fn(response: str, reference: str, options: dict) -> PluginScore`` (engine/verifiers.py).
+A plugin is a function ``fn(response: str, reference: str, options: dict) -> PluginScore`` (engine/rewards/verifiers.py).
 ``reward.plugin`` names a built-in (``exact`` (default), ``math``, ``code``, ``instruction``) or any importable
-``package.module:function``; nothing else registers it. ``judge`` is group-level (engine/judge.py): its
+``package.module:function``; nothing else registers it. ``judge`` is group-level (engine/rewards/judge.py): its
 per-response verifier is ``reward.judge.verifier``.
 
 ``PluginPool`` runs the plugin in ``reward.plugin_processes`` spawned processes, one response per call, each
@@ -21,12 +21,12 @@ from typing import Callable
 
 import structlog
 
-from engine.verifiers import PluginScore
+from engine.rewards.verifiers import PluginScore
 
 log = structlog.get_logger()
 
-BUILTIN = {"exact": "engine.verifiers:exact", "math": "engine.verifiers:math_answer",
-           "code": "engine.verifiers:python_tests", "instruction": "engine.verifiers:instructions"}
+BUILTIN = {"exact": "engine.rewards.verifiers:exact", "math": "engine.rewards.verifiers:math_answer",
+           "code": "engine.rewards.verifiers:python_tests", "instruction": "engine.rewards.verifiers:instructions"}
 
 
 def resolve(name: str) -> Callable[[str, str, dict], PluginScore]:

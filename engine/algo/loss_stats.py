@@ -1,4 +1,4 @@
-"""Detached clip statistics shared by every PPO-style loss (engine/losses.py, engine/espo.py). Pure math."""
+"""Detached clip statistics shared by every PPO-style loss (engine/algo/losses.py, engine/algo/espo.py). Pure math."""
 
 from __future__ import annotations
 

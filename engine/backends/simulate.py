@@ -23,7 +23,7 @@ import numpy as np
 
 from configs.schema import SimConfig
 
-_FIRST_TOKEN = 3  # ids below are pad, bos, eos (engine/tasks.py CharTokenizer)
+_FIRST_TOKEN = 3  # ids below are pad, bos, eos (engine/data/tasks.py CharTokenizer)
 
 
 def source_of(prompt_id: int, sim: SimConfig) -> str:

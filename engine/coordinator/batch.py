@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.advantages import group_advantages, tie_aware_advantages
-from engine.judge import JUDGE_PART
-from engine.buffer import Group
-from engine.rewards import is_zero_variance
-from engine.routing import pack_routes
+from engine.algo.advantages import group_advantages, tie_aware_advantages
+from engine.rewards.judge import JUDGE_PART
+from engine.coordinator.buffer import Group
+from engine.algo.shaping import is_zero_variance
+from engine.modeling.routing import pack_routes
 from transport import TrainBatch
 
 
