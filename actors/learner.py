@@ -58,13 +58,13 @@ from configs.load import load_resolved
 from configs.schema import RunConfig
 from engine.log import configure_logging
 from engine.coordinator.procs import die_with_parent
-from engine.algo.advantages import zvp_token_advantages
-from engine.algo.espo import batch_entropy_threshold
-from engine.algo.losses import LOSSES
+from engine.algo.loss_seam import LossInputs, build_loss
+from engine.algo.transforms import decoupled_weights, rl_zvp
 from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, deepspeed_config,
-                                  fanout_recv, fanout_send, loss_settings, shard_bounds, skip_shm_comm_build)
+                                  fanout_recv, fanout_send, gather_tokens, shard_bounds, skip_shm_comm_build)
 from engine.modeling.expert_parallel import hf_state_dict, patch_transformers, replica_check
 from engine.modeling.model import load_model, load_weights, old_policy_pass, save_state, save_weights, token_logprobs
+from engine.modeling.replay_mode import ReplayMode
 from engine.modeling.routing import mismatch_NT, route_hooks
 from transport.channels import PeerLost, run
 from transport.codec import decode, encode
@@ -92,7 +92,7 @@ class LearnerRank:
         skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        model = load_model(init_dir)
+        model = load_model(init_dir, cfg.model.dtype)
         model.train()
         self.expert_parallel = cfg.learner.expert_parallel
         if self.expert_parallel > 1:
@@ -100,13 +100,13 @@ class LearnerRank:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg.learner, model.config.model_type))
         self.temperature = cfg.rollout.temperature
-        self.loss_fn = LOSSES[cfg.learner.loss]
-        self.aggregation, self.loss_hyper = loss_settings(cfg.learner, vocab_size=model.config.vocab_size)
-        self.batch_entropy_scope = cfg.learner.loss == "espo" and cfg.learner.espo_entropy_scope == "batch"
+        lc = cfg.learner
+        self.loss = build_loss(lc.loss, getattr(lc, lc.loss), aggregation=lc.aggregation,
+                               vocab_size=model.config.vocab_size, norm_len=cfg.task.max_answer_tokens)
         self.chunk_tokens = cfg.learner.entropy_chunk_tokens
-        self.replay, self.num_minibatches = cfg.learner.router_replay, cfg.learner.num_minibatches
+        self.replay, self.num_minibatches = ReplayMode(cfg.learner.router_replay), cfg.learner.num_minibatches
         self.gap_probe_seqs = max(cfg.learner.gap_probe_seqs // self.world, 1) if cfg.learner.gap_probe_seqs else 0
-        self.probe_model = load_model(init_dir).eval() if self.gap_probe_seqs else None  # the previous version
+        self.probe_model = load_model(init_dir, cfg.model.dtype).eval() if self.gap_probe_seqs else None  # the previous version
         self.decoupled, self.decoupled_cap = cfg.learner.decoupled, cfg.learner.decoupled_is_cap
         self.rl_zvp_alpha = cfg.learner.rl_zvp_alpha
         self.weights_dir = Path(weights_dir)
@@ -120,57 +120,76 @@ class LearnerRank:
 
         The N sequences split into ``num_minibatches`` contiguous mini-batches; each rank trains on its shard of
         each. The old-policy pass (entropy, proximal log-probs, R2 routes, rollout-vs-trainer gaps) runs on every
-        shard before the first update, i.e. with the weights the batch's newest tokens were sampled from."""
+        shard before the first update, i.e. with the weights the batch's newest tokens were sampled from. The
+        loss's batch-global statistics (ESPO's batch-scope entropy threshold) are taken once, over every rank."""
         t0 = time.perf_counter()
-        num_seqs, num_mb = batch.input_ids.shape[0], self.num_minibatches
-        shards = []
-        for m in range(num_mb):
-            mlo, mhi = shard_bounds(num_seqs, m, num_mb)
-            lo, hi = shard_bounds(mhi - mlo, self.rank, self.world)
-            shards.append(Shard(batch, mlo + lo, mlo + hi, aggregation=self.aggregation,
-                                 mb_rows=(mlo, mhi)))
-        if self.replay == "R3" and not (batch.routed_lens > 0).any():
-            raise ValueError("learner.router_replay=R3 but this batch carries no MoE routes: the rollout "
-                             "backend did not record them (keep rollout.return_routes=true) or pass "
-                             "learner.router_replay=R2 or off")
+        shards = self._shards(batch)
         acc = StatSums()
         if self.gap_probe_seqs:
             self._probe_rollout_gap(shards, acc)
             self.probe_model.load_state_dict(self.hf_state())  # version v: next step's v - 1
         for sh in shards:
             self._old_policy_pass(sh, acc)
-        threshold = self._batch_entropy_threshold(shards) if self.batch_entropy_scope else None
+        global_stats = self._batch_statistics(shards)
         for sh in shards:
-            hyper = dict(self.loss_hyper)
-            if threshold is not None:
-                hyper["entropy_threshold"] = threshold
-            forced = {"R3": (sh.routes_NLLK, sh.routed_N), "R2": (sh.own_routes_NLLK, None)}.get(self.replay)
-            with route_hooks(self.engine.module, forced_NTLK=forced[0] if forced else None,
-                             routed_N=forced[1] if forced else None, record=False):
-                logp_NL = token_logprobs(self.engine, sh.ids_NL, sh.attn_NL, temperature=self.temperature)
-            old_logp_NL, adv = sh.old_logp_NL, sh.adv_N
-            if self.rl_zvp_alpha > 0 and sh.zvp_sign_N is not None and bool((sh.zvp_sign_N != 0).any()):
-                adv = self._rl_zvp(sh, acc)
-            if self.decoupled:  # ratio vs the proximal policy; behaviour -> proximal by truncated IS (AReaL)
-                w_NL = (sh.prox_logp_NL - sh.old_logp_NL).exp().clamp(max=self.decoupled_cap) * sh.mask_NL
-                old_logp_NL, adv = sh.prox_logp_NL, (adv if adv.dim() == 2 else adv[:, None]) * w_NL
-                tokens = sh.mask_NL.sum().double()
-                acc.add("is_weight_mean", w_NL.sum(), tokens)
-                truncated = ((sh.prox_logp_NL - sh.old_logp_NL).exp() > self.decoupled_cap) & sh.mask_NL
-                acc.add("is_truncated_frac", truncated.sum(), tokens)
-            loss, stats = self.loss_fn(logp_NL, old_logp_NL, adv, sh.mask_NL, entropy_NT=sh.entropy_NL,
-                                       aggregation=self.aggregation, denom=float(sh.denom), **hyper)
-            self.engine.backward(loss * self.world)  # DeepSpeed divides the summed gradients by world
-            grad_norm = self._stage0_grad_norm()
-            self.engine.step()
-            if grad_norm is None:
-                grad_norm = self.engine.get_global_grad_norm()  # ZeRO 1/2: pre-clip norm of the whole gradient
-            tokens = sh.mask_NL.sum().double()
-            acc.add("loss", loss.detach(), 1.0 / self.world)  # a mini-batch's shard losses sum to its loss
-            acc.add("grad_norm", as_float(grad_norm), 1.0)  # the same on every rank
-            acc.maximum("ratio_max", stats.pop("ratio_max"))
-            for k, v in stats.items():
-                acc.add(k, v.double() * tokens, tokens)
+            self._update(self._loss_inputs(sh, acc), global_stats, acc)
+        return self._finish(acc, num_seqs=batch.input_ids.shape[0], t0=t0)
+
+    def _shards(self, batch: TrainBatch) -> list[Shard]:
+        """This rank's shard of each mini-batch; under R3 the batch must carry the rollout's routes."""
+        if self.replay is ReplayMode.R3 and not (batch.routed_lens > 0).any():
+            raise ValueError("learner.router_replay=R3 but this batch carries no MoE routes: the rollout "
+                             "backend did not record them (keep rollout.return_routes=true) or pass "
+                             "learner.router_replay=R2 or off")
+        num_seqs, shards = batch.input_ids.shape[0], []
+        for m in range(self.num_minibatches):
+            mlo, mhi = shard_bounds(num_seqs, m, self.num_minibatches)
+            lo, hi = shard_bounds(mhi - mlo, self.rank, self.world)
+            shards.append(Shard(batch, mlo + lo, mlo + hi, aggregation=self.loss.aggregation, mb_rows=(mlo, mhi)))
+        return shards
+
+    def _batch_statistics(self, shards: list[Shard]) -> dict[str, torch.Tensor]:
+        """The loss's batch-global hook: the fields it names, at every trained token of every shard and rank."""
+        if not self.loss.batch_fields:
+            return {}
+        gathered = {name: gather_tokens(torch.cat([sh.field(name)[sh.mask_NL] for sh in shards]))
+                    for name in self.loss.batch_fields}
+        return self.loss.batch_statistics(gathered)
+
+    def _loss_inputs(self, sh: Shard, acc: StatSums) -> LossInputs:
+        """The shard's log-probs under the live weights (routes replayed as configured) and its loss record,
+        through the advantage transforms: RL-ZVP, then decoupled PPO's proximal ratio and weights."""
+        forced_NLLK, routed_N = {ReplayMode.R3: (sh.routes_NLLK, sh.routed_N),
+                                 ReplayMode.R2: (sh.own_routes_NLLK, None)}.get(self.replay, (None, None))
+        with route_hooks(self.engine.module, forced_NTLK=forced_NLLK, routed_N=routed_N, record=False):
+            logp_NL = token_logprobs(self.engine, sh.ids_NL, sh.attn_NL, temperature=self.temperature)
+        x = LossInputs(logp_NL, sh.old_logp_NL, sh.adv_N, sh.mask_NL, entropy_NT=sh.entropy_NL,
+                       denom=float(sh.denom))
+        if self.rl_zvp_alpha > 0 and sh.zvp_sign_N is not None and bool((sh.zvp_sign_N != 0).any()):
+            x, sums = rl_zvp(x, sh.zvp_sign_N, alpha=self.rl_zvp_alpha)
+            acc.add_sums(sums)
+        if self.decoupled:  # ratio vs the proximal policy; behaviour -> proximal by truncated IS (AReaL)
+            x, sums = decoupled_weights(x, sh.prox_logp_NL, cap=self.decoupled_cap)
+            acc.add_sums(sums)
+        return x
+
+    def _update(self, x: LossInputs, global_stats: dict[str, torch.Tensor], acc: StatSums) -> None:
+        """Loss, backward and one optimizer step on this shard; its loss statistics into ``acc``."""
+        loss, stats = self.loss(x, global_stats)
+        self.engine.backward(loss * self.world)  # DeepSpeed divides the summed gradients by world
+        grad_norm = self._stage0_grad_norm()
+        self.engine.step()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()  # ZeRO 1/2: pre-clip norm of the whole gradient
+        tokens = x.mask_NT.sum().double()
+        acc.add("loss", loss.detach(), 1.0 / self.world)  # a mini-batch's shard losses sum to its loss
+        acc.add("grad_norm", as_float(grad_norm), 1.0)  # the same on every rank
+        acc.maximum("ratio_max", stats.pop("ratio_max"))
+        for k, v in stats.items():
+            acc.add(k, v.double() * tokens, tokens)
+
+    def _finish(self, acc: StatSums, *, num_seqs: int, t0: float) -> dict[str, float]:
+        """Count the new version, gather its weights (a collective under EP) and reduce the stats over ranks."""
         self.version += 1
         self._hf_state = self._gather_hf_state()  # a collective under EP: every rank, before rank 0 publishes
         out = acc.reduce()
@@ -179,20 +198,10 @@ class LearnerRank:
         out.update(sequences=float(num_seqs), lr=float(self.engine.get_lr()[0]), train_s=time.perf_counter() - t0)
         return out
 
-    def _rl_zvp(self, sh: "Shard", acc: "StatSums") -> torch.Tensor:
-        """Token advantages [N, L]: RL-ZVP (entropy-shaped, signed by correctness) for responses of
-        zero-variance groups, the group advantage broadcast for the rest."""
-        zvp_NL = zvp_token_advantages(sh.entropy_NL, sh.mask_NL, sh.zvp_sign_N, alpha=self.rl_zvp_alpha)
-        shaped_N = sh.zvp_sign_N != 0
-        tokens = (sh.mask_NL & shaped_N[:, None]).sum().double()
-        acc.add("rl_zvp_token_frac", tokens, sh.mask_NL.sum().double())
-        acc.add("rl_zvp_abs_adv", zvp_NL.abs().sum(), tokens)
-        return torch.where(shaped_N[:, None], zvp_NL, sh.adv_N[:, None] * sh.mask_NL)
-
     @torch.no_grad()
     def _old_policy_pass(self, sh: "Shard", acc: "StatSums") -> None:
         """Entropy and proximal log-probs (rollout routes replayed under R3) and the trainer's own routes (R2)."""
-        replay = sh.routes_NLLK is not None and self.replay == "R3"
+        replay = sh.routes_NLLK is not None and self.replay is ReplayMode.R3
         with route_hooks(self.engine.module, forced_NTLK=sh.routes_NLLK if replay else None,
                          routed_N=sh.routed_N if replay else None) as own:
             prox_logp_NL, sh.entropy_NL = old_policy_pass(self.engine.module, sh.ids_NL, sh.attn_NL,
@@ -226,7 +235,7 @@ class LearnerRank:
                 keep = on_NL.any(-1)
                 r, on_NL = rows[keep], on_NL[keep]
                 routes = (sh.routes_NLLK[r], sh.routed_N[r]) if sh.routes_NLLK is not None else (None, None)
-                replays = [True, False] if self.replay == "R3" and routes[0] is not None else [False]
+                replays = [True, False] if self.replay is ReplayMode.R3 and routes[0] is not None else [False]
                 for replay in replays:  # R2 replays the trainer's own routes: for the probe that is no replay
                     forced = routes if replay else (None, None)
                     with route_hooks(model, forced_NTLK=forced[0], routed_N=forced[1]) as own:
@@ -246,19 +255,6 @@ class LearnerRank:
                             acc.add("routing_mismatch_frac", differs_NL.sum().double(), routed_NL.sum().double())
             if budget <= 0:
                 break
-
-    def _batch_entropy_threshold(self, shards: list["Shard"]) -> torch.Tensor:
-        """ESPO's top-rho entropy threshold over the whole batch: every rank's trained tokens, all-gathered."""
-        local = torch.cat([sh.entropy_NL[sh.mask_NL] for sh in shards])
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(counts, torch.tensor([local.numel()]))
-        width = max(int(c) for c in counts)
-        padded = torch.full((max(width, 1),), float("-inf"))
-        padded[: local.numel()] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
-        everything = torch.cat(parts)
-        return batch_entropy_threshold(everything[None], torch.isfinite(everything)[None], self.loss_hyper["rho"])
 
     def _gather_hf_state(self) -> dict[str, torch.Tensor] | None:
         return hf_state_dict(self.engine.module) if self.expert_parallel > 1 else None

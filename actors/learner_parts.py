@@ -1,5 +1,6 @@
-"""The learner rank's building blocks that need no actor machinery: the DeepSpeed config, the loss settings,
-one rank's share of a batch (``Shard``), statistics reduced across ranks (``StatSums``), and the rank-0 fan-out of
+"""The learner rank's building blocks that need no actor machinery: the DeepSpeed config, one rank's share of a
+batch (``Shard``), statistics reduced across ranks (``StatSums``), the all-gather of token values for a loss's
+batch-global statistics (``gather_tokens``), and the rank-0 fan-out of
 frames to the other ranks (an int64 size, then the codec's bytes as a uint8 tensor; a size <= 0 is a control
 code). actors/learner.py composes them into ``LearnerRank`` and the actor."""
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from configs.schema import LearnerConfig
+from engine.algo.loss_registry import counts_tokens
 from engine.modeling.expert_parallel import autoep_config
 from transport.messages import TrainBatch
 
@@ -49,20 +51,6 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a cached dict; edits persist by design
 
 
-def loss_settings(lc: LearnerConfig, *, vocab_size: int) -> tuple[str, dict]:
-    """(aggregation, keyword hyperparameters) for ``LOSSES[lc.loss]`` from the config."""
-    hyper, default_agg = {
-        "grpo": ({"clip_eps_low": lc.clip_eps_low, "clip_eps_high": lc.clip_eps_high}, "token_mean"),
-        "gspo": ({"clip_eps_low": lc.gspo_clip_eps_low, "clip_eps_high": lc.gspo_clip_eps_high},
-                 "seq_mean_token_mean"),
-        "cispo": ({"clip_eps_high": lc.cispo_clip_eps_high}, "token_mean"),
-        "espo": ({"vocab_size": vocab_size, "alpha": lc.espo_alpha, "rho": lc.espo_rho,
-                  "ratio_mode": lc.espo_ratio_mode, "entropy_quantile_scope": lc.espo_entropy_scope},
-                 "seq_mean_group_mean"),
-    }[lc.loss]
-    return (default_agg if lc.aggregation == "auto" else lc.aggregation), hyper
-
-
 class Shard:
     """One rank's rows [lo, hi) of one mini-batch (rows ``mb_rows`` of the batch), as tensors trimmed to their
     own length. An empty shard keeps one row with an all-false mask: every rank must join every collective."""
@@ -91,8 +79,16 @@ class Shard:
             self.routes_NLLK = torch.from_numpy(routes)
             self.routed_N = torch.from_numpy(np.minimum(batch.routed_lens[lo:hi], length).astype(np.int64))
         mb_lens = batch.response_lens[mb_rows[0]:mb_rows[1]]
-        self.denom = max(int(mb_lens.sum()) if aggregation == "token_mean" else int((mb_lens > 0).sum()), 1)
+        self.denom = max(int(mb_lens.sum()) if counts_tokens(aggregation) else int((mb_lens > 0).sum()), 1)
         self.entropy_NL = self.own_routes_NLLK = self.prox_logp_NL = None  # filled by the old-policy pass
+
+    def field(self, name: str) -> torch.Tensor:
+        """The shard's tensor for the ``LossInputs`` field ``name`` known before the update (a loss's
+        ``batch_fields``)."""
+        fields = {"entropy_NT": self.entropy_NL, "old_logp_NT": self.old_logp_NL, "mask_NT": self.mask_NL}
+        if name not in fields:
+            raise ValueError(f"a loss asked for batch field {name!r}; the learner gathers only {sorted(fields)}")
+        return fields[name]
 
 
 class StatSums:
@@ -107,6 +103,11 @@ class StatSums:
         entry = self._sums.setdefault(name, [0.0, 0.0])
         entry[0] += float(total)
         entry[1] += float(weight)
+
+    def add_sums(self, sums: dict) -> None:
+        """``{name: (total, weight)}`` from an advantage transform (engine/algo/transforms.py)."""
+        for name, (total, weight) in sums.items():
+            self.add(name, total, weight)
 
     def total(self, name: str, value) -> None:
         """A sum over mini-batches and ranks (reported as is, not as a mean)."""
@@ -135,6 +136,16 @@ def as_float(x) -> float:
     return float("nan") if x is None else float(x)
 
 
+def gather_tokens(values_M: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D ``values_M`` (lengths may differ), concatenated in rank order; a collective."""
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([values_M.numel()]))
+    padded = values_M.new_zeros(max(max(int(c) for c in counts), 1))
+    padded[: values_M.numel()] = values_M
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)])
 
 
 def fanout_send(frame: bytes | None, code: int = TICK) -> None:

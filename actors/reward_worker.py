@@ -24,36 +24,40 @@ import zlib
 import structlog
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
-from configs.schema import RunConfig
+from configs.schema import RewardConfig
+from engine.algo.shaping import reward_parts, shaped_reward
+from engine.data.tasks import Task, load_task
 from engine.rewards.plugins import PluginPool
-from engine.algo.shaping import Shaping, reward_parts, shaped_reward
-from engine.data.tasks import Task, build_task
 from engine.rewards.verifiers import PluginScore
 from transport import JudgeRequest, Judged, Peer, ScoreRequest, Scored, Shutdown
 
 log = structlog.get_logger()
 
 
-def to_scored(task: Task, msg: ScoreRequest, text: str, verdict: PluginScore, *, plugin: str,
-              shaping: Shaping = Shaping()) -> Scored:
-    """A plugin's verdict -> Scored with the shaped reward and every part (``correct`` = the raw verdict)."""
+def verifier_name(reward: RewardConfig) -> str:
+    """The per-response plugin: ``reward.plugin``, or ``reward.judge.verifier`` under the judge."""
+    return reward.judge.verifier if reward.plugin == "judge" else reward.plugin
+
+
+def to_scored(task: Task, msg: ScoreRequest, text: str, verdict: PluginScore, reward: RewardConfig) -> Scored:
+    """A plugin's verdict -> Scored with the reward shaped as ``reward`` says and every part (``correct`` = the
+    raw verdict)."""
     if not verdict.valid:
         return Scored(sample_key=msg.sample_key, reward=0.0, valid=False, reward_parts=dict(verdict.parts), text=text)
     tokens = msg.token_ids.tolist()
     parts = reward_parts(correct=verdict.score, response=text, reference=msg.answer, tokens=tokens,
-                         max_length=task.max_answer_tokens, shaping=shaping)
-    if plugin != "exact":  # a graded verifier (tests or constraints passed) is its own partial credit
+                         max_length=task.max_answer_tokens, shaping=reward)
+    if verifier_name(reward) != "exact":  # a graded verifier (tests or constraints passed) is its own partial credit
         parts["partial"] = verdict.score
     parts.update(verdict.parts)
-    return Scored(sample_key=msg.sample_key, reward=shaped_reward(parts, shaping), valid=True, reward_parts=parts,
+    return Scored(sample_key=msg.sample_key, reward=shaped_reward(parts, reward), valid=True, reward_parts=parts,
                   text=text)
 
 
 class RewardWorker:
-    def __init__(self, peer: Peer, task: Task, pool: PluginPool, *, plugin: str, shaping: Shaping = Shaping(),
-                 judge=None) -> None:
-        self._peer, self._task, self._pool, self._plugin, self._shaping = peer, task, pool, plugin, shaping
-        self._judge = judge  # (backend, JudgeSpec) when reward.plugin=judge
+    def __init__(self, peer: Peer, task: Task, pool: PluginPool, reward: RewardConfig, *, judge=None) -> None:
+        self._peer, self._task, self._pool, self._reward = peer, task, pool, reward
+        self._judge = judge  # the judge backend when reward.plugin=judge
         self._judge_lock = asyncio.Lock()  # one group at a time through the judge model
         self._tasks: set[asyncio.Task] = set()
 
@@ -85,7 +89,7 @@ class RewardWorker:
     async def _score(self, msg: ScoreRequest) -> None:
         text = self._task.tokenizer.decode(msg.token_ids.tolist())
         verdict = await self._pool.score(text, msg.answer)
-        await self._peer.send(to_scored(self._task, msg, text, verdict, plugin=self._plugin, shaping=self._shaping))
+        await self._peer.send(to_scored(self._task, msg, text, verdict, self._reward))
 
     async def _judge_group(self, msg: JudgeRequest) -> None:
         from engine.rewards.judge import judge_group
@@ -97,9 +101,9 @@ class RewardWorker:
         try:
             if self._judge is None:
                 raise RuntimeError("this reward worker has no judge: set reward.plugin=judge")
-            backend, spec = self._judge
             async with self._judge_lock:
-                out = await asyncio.to_thread(judge_group, backend, spec, question=tok.decode(msg.prompt_ids.tolist()),
+                out = await asyncio.to_thread(judge_group, self._judge, self._reward.judge,
+                                              question=tok.decode(msg.prompt_ids.tolist()),
                                               responses=responses, reference=msg.answer,
                                               seed=zlib.crc32(msg.group_id.encode()))
             rewards, valid, parts = out.rewards, out.valid, out.parts
@@ -111,36 +115,20 @@ class RewardWorker:
                                      parts=parts, request_id=msg.request_id))
 
 
-def _judge(cfg: RunConfig, init_dir: str | None, task: Task):
-    from actors.judge_backend import build_judge_backend
-    from engine.rewards.judge import DEFAULT_TEMPLATE, JudgeSpec
-
-    j = cfg.reward.judge
-    spec = JudgeSpec(construction=j.construction, anchor=j.anchor, max_calls_per_group=j.max_calls_per_group,
-                     both_orders=j.both_orders, template=j.template or DEFAULT_TEMPLATE,
-                     max_response_chars=j.max_response_chars, max_new_tokens=j.max_new_tokens,
-                     temperature=j.temperature, order_rule=j.order_rule, tie_margin=j.tie_margin,
-                     group_tie_frac=j.group_tie_frac)
-    return build_judge_backend(cfg, init_dir, task.tokenizer), spec
-
-
 def main(argv: list[str] | None = None) -> int:
     p = actor_parser("everyprompt-reward-worker", __doc__)
     p.add_argument("--init", default=None, help="the run's initial policy (the default judge model)")
     args = p.parse_args(argv)
     cfg = setup_actor(args, "reward")
     r = cfg.reward
-    shaping = Shaping(graded=r.graded, overlong_coef=r.overlong_coef, overlong_cache=r.overlong_cache,
-                      repetition_coef=r.repetition_coef, repetition_ngram=r.repetition_ngram)
-    plugin = r.judge.verifier if r.plugin == "judge" else r.plugin
-    sb = r.sandbox
-    options = {"sandbox": {"cpu_s": sb.cpu_s, "wall_s": sb.wall_s, "memory_bytes": sb.memory_mb << 20,
-                           "max_processes": sb.max_processes, "max_file_bytes": sb.max_file_mb << 20,
-                           "network": sb.network}}
-    task = build_task(cfg.task)
-    pool = PluginPool(plugin, options, num_procs=r.plugin_processes, timeout_s=r.plugin_timeout_s)
-    judge = _judge(cfg, args.init, task) if r.plugin == "judge" else None
-    worker = RewardWorker(make_peer(args, cfg, "reward"), task, pool, plugin=plugin, shaping=shaping, judge=judge)
+    task = load_task(cfg)
+    pool = PluginPool(verifier_name(r), {"sandbox": r.sandbox}, num_procs=r.plugin_processes,
+                      timeout_s=r.plugin_timeout_s)
+    judge = None
+    if r.plugin == "judge":
+        from engine.backends.registry import build_judge
+        judge = build_judge(cfg, args.init, task.tokenizer)
+    worker = RewardWorker(make_peer(args, cfg, "reward"), task, pool, r, judge=judge)
     return run_actor(worker.serve(), "reward")
 
 

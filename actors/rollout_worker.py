@@ -13,6 +13,9 @@ step plus the load), then either keeps the KV cache or recomputes it under the n
 ``rollout.max_batch_samples`` unfinished responses. A response can therefore span several policy versions;
 each token records the one that sampled it. Weights never travel on this socket: ``LoadWeights`` names a
 safetensors file the learner wrote atomically, and the worker swaps it in between two decode steps.
+
+Generation is the backend's (``rollout.backend``: engine/backends/registry.py picks it, engine/backends/base.py
+declares what the worker calls): the worker only admits rows, steps the batch, and streams what the rows hold.
 """
 
 from __future__ import annotations
@@ -26,54 +29,17 @@ import numpy as np
 import structlog
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
-from configs.schema import RunConfig
+from engine.backends.base import RolloutBackend
+from engine.backends.registry import build_rollout
 from engine.modeling.rows import Row
-from engine.data.tasks import build_task
 from transport import (CancelRequest, ContinueRequest, GenerateRequest, LoadWeights, Peer, ResponseChunk, Shutdown,
                        WeightsLoaded)
 
 log = structlog.get_logger()
 
 
-class HFBackend:
-    """transformers model on the CPU (the embedded default), decoded by engine/modeling/decode.py. torch is imported here,
-    not at module level, so that the simulated backend (actors/sim_backend.py) runs workers without it."""
-
-    def __init__(self, init_dir: str, *, seed: int, eos_id: int, pad_id: int) -> None:
-        import torch
-
-        from engine.modeling.model import load_model
-
-        self.model = load_model(init_dir).eval()
-        self._gen = torch.Generator().manual_seed(seed)
-        self.eos_id, self._pad_id = eos_id, pad_id
-
-    def load(self, path: str) -> None:
-        from engine.modeling.model import load_weights
-
-        load_weights(self.model, path)
-
-    async def load_async(self, path: str) -> None:
-        await asyncio.to_thread(self.load, path)
-
-    def new_batch(self, *, capture_routes: bool):
-        from engine.modeling.decode import DecodeBatch
-
-        return DecodeBatch(self.model, eos_id=self.eos_id, pad_id=self._pad_id, capture_routes=capture_routes,
-                           generator=self._gen)
-
-    async def run_decode(self, decode_chunk) -> None:
-        """Run ``decode_chunk`` (some decode steps) in a thread, so heartbeats keep flowing."""
-        await asyncio.to_thread(decode_chunk)
-
-    def stack_routes(self, routes: list[np.ndarray]) -> np.ndarray:
-        from engine.modeling.model import stack_routes
-
-        return stack_routes(routes, self.model)
-
-
 class RolloutWorker:
-    def __init__(self, peer: Peer, backend, *, worker_id: int, max_batch_samples: int,
+    def __init__(self, peer: Peer, backend: RolloutBackend, *, worker_id: int, max_batch_samples: int,
                  chunk_tokens: int = 4, kv_on_update: str = "recompute", capture_routes: bool = True) -> None:
         self._peer, self._backend = peer, backend
         self._worker_id, self._max_batch_samples = worker_id, max_batch_samples
@@ -224,27 +190,12 @@ def _row(req: GenerateRequest | ContinueRequest, sample_index: int, prompt: list
     return Row.continuing(key, prompt, prefix, **kw) if prefix else Row(key=key, prompt=prompt, **kw)
 
 
-def _build(cfg: RunConfig, init_dir: str, worker_id: int) -> HFBackend:
-    import torch
-
-    torch.set_num_threads(cfg.rollout.threads_per_worker)  # processes sharing a machine must split its cores
-    tok = build_task(cfg.task).tokenizer
-    if cfg.rollout.backend == "sglang":
-        from actors.sglang_backend import SGLangBackend
-
-        r = cfg.rollout
-        return SGLangBackend(init_dir, url=r.sglang_url, port=r.sglang_port + worker_id, eos_id=tok.eos_id,
-                             quantization=r.quantization, kv_cache_dtype=r.kv_cache_dtype,
-                             max_inflight=r.max_batch_samples)
-    return HFBackend(init_dir, seed=cfg.seed * 1000 + worker_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = actor_parser("everyprompt-rollout-worker", __doc__)
     p.add_argument("--init", required=True, help="HF save_pretrained folder with the initial (version 0) policy")
     args = p.parse_args(argv)
     cfg = setup_actor(args, "rollout")
-    backend = _build(cfg, args.init, args.worker_id)
+    backend = build_rollout(cfg, args.init, args.worker_id)  # rollout.backend, engine/backends/registry.py
     worker = RolloutWorker(make_peer(args, cfg, "rollout"), backend, worker_id=args.worker_id,
                            max_batch_samples=cfg.rollout.max_batch_samples, chunk_tokens=cfg.rollout.chunk_tokens,
                            kv_on_update=cfg.rollout.kv_on_update, capture_routes=cfg.rollout.return_routes)

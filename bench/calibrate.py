@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from configs.schema import ModelConfig
-from engine.modeling.decode import DecodeBatch, Row
+from engine.modeling.decode import DecodeBatch
+from engine.modeling.rows import Row
 from engine.modeling.model import build_model
 from engine.data.tasks import CharTokenizer
 

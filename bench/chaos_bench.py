@@ -197,7 +197,7 @@ def _row(kind: str, injected: int, survived: int, lost: int, dup: int, rec: list
 
 
 def main(argv: list[str]) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
     from transport import run as run_async
 
     p = argparse.ArgumentParser(prog="everyprompt-bench chaos", description=__doc__,

@@ -14,29 +14,23 @@ stdout line, one JSON object (config, hardware, metrics).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
-import platform
 import sys
 
-from bench import chaos_bench, codec_bench, generate_bench, loss_bench, pipeline_bench, router_replay_bench, zve_bench
-from bench import reward_inversion_bench
+from bench.common import hardware
 
-BENCHES = {"codec": codec_bench.main, "generate": generate_bench.main, "losses": loss_bench.main,
-           "router-replay": router_replay_bench.main, "zve": zve_bench.main, "pipeline": pipeline_bench.main,
-           "reward-inversion": reward_inversion_bench.main, "chaos": chaos_bench.main}
-
-
-def hardware() -> dict:
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+BENCHES = {  # name -> "module:function"; a bench is imported only when it runs (a new bench: one line here)
+    "codec": "bench.codec_bench:main", "generate": "bench.generate_bench:main", "losses": "bench.loss_bench:main",
+    "router-replay": "bench.router_replay_bench:main", "zve": "bench.zve_bench:main",
+    "pipeline": "bench.pipeline_bench:main", "reward-inversion": "bench.reward_inversion_bench:main",
+    "chaos": "bench.chaos_bench:main"}
 
 
-def print_table(headers: list[str], rows: list[list]) -> None:
-    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+def resolve(name: str):
+    """The ``main(argv) -> dict`` of the bench called ``name``."""
+    module, _, attr = BENCHES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bench", choices=sorted(BENCHES))
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the bench (see its --help)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    result = BENCHES[a.bench](a.args)
+    result = resolve(a.bench)(a.args)
     print(json.dumps({"bench": a.bench, "hardware": hardware(), **result}))
     return 0
 

@@ -34,7 +34,7 @@ def _time(fn, min_s: float = 0.5) -> float:
 
 
 def main(argv: list[str]) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
 
     p = argparse.ArgumentParser(prog="everyprompt-bench codec")
     p.add_argument("--response-len", type=int, default=4096)

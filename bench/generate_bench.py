@@ -13,7 +13,7 @@ from engine.data.tasks import CharTokenizer
 
 
 def main(argv: list[str]) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
 
     p = argparse.ArgumentParser(prog="everyprompt-bench generate")
     p.add_argument("--batches", default="16,128,512")

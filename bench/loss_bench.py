@@ -42,7 +42,7 @@ def _summarise(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
 
     p = argparse.ArgumentParser(prog="everyprompt-bench losses", description=__doc__)
     p.add_argument("--losses", default="espo,gspo,grpo,cispo")

@@ -1,10 +1,11 @@
 """Pipeline throughput: sync vs one-step-off vs fully async, and the paper's ablation, on one workload in one run.
 
 Every setting starts the real actor processes through engine/coordinator/cluster.py (ZeroMQ + msgpack transport, the
-coordinator's engine/coordinator/rollouts.py, real reward workers) with the simulated rollout backend (actors/sim_backend.py,
-many RolloutWorker actors per process, cost-model time) and the simulated learner (actors/sim_learner.py, the
-TrainBatch -> TrainResult protocol, cost-model time). ``--backend hf`` runs the same bench with real transformers
-workers (the sanity check of the simulator; the learner stays simulated so that only the rollout side differs).
+coordinator's engine/coordinator/rollouts.py, real reward workers) with the simulated rollout backend
+(engine/backends/sim.py, many RolloutWorker actors per process, cost-model time) and the simulated learner
+(actors/sim_learner.py, the TrainBatch -> TrainResult protocol, cost-model time). ``--backend hf`` runs the same
+bench with real transformers workers (the sanity check of the simulator; the learner stays simulated so that only
+the rollout side differs).
 
 Settings (same prompts, same lengths):
   sync          generate a step's groups, then train on them (max_staleness 0)
@@ -39,6 +40,8 @@ from engine.backends import simulate
 from engine.coordinator.batch import pack_batch
 from engine.coordinator.cluster import start_actors
 from engine.log import configure_logging
+from engine.coordinator.counters import RolloutCounters
+from engine.coordinator.loop import admit_prompts, continuous_rollouts
 from engine.coordinator.rollouts import PromptItem
 from transport import LoadWeights, run
 
@@ -79,8 +82,8 @@ async def _drive(cfg: RunConfig, run_dir: Path, mode: str, warmup: int, init_dir
     gps, S, steps = cfg.train.groups_per_step, cfg.train.max_staleness, cfg.train.num_steps
     lags: list[tuple[float, float]] = []
     lag_task = asyncio.create_task(_loop_lag(lags))
-    async with start_actors(cfg, run_dir, init_dir) as a:
-        a.rollouts.start(_prompts(cfg), total_groups=(steps + S + 1) * gps)
+    async with start_actors(cfg, run_dir, init_dir, produce=continuous_rollouts) as a:
+        a.rollouts.start(admit_prompts(a.rollouts, _prompts(cfg), total_groups=(steps + S + 1) * gps))
         version, pending, rows = 0, None, []
         for step in range(1, steps + 1):
             groups = await a.buffer.take(gps, min_version=version - S)
@@ -99,9 +102,9 @@ async def _drive(cfg: RunConfig, run_dir: Path, mode: str, warmup: int, init_dir
             rows.append({"end": done, "train_s": done - t_train, "samples": len(samples),
                          "tokens": sum(s.length for s in samples), "groups": len(groups),
                          "max_staleness": max(version - s.min_version for s in samples),
-                         "clocks": dict(a.rollouts.worker_clocks()), "cpu_s": time.process_time()})
+                         "clocks": a.rollouts.workers.clocks(), "cpu_s": time.process_time()})
             version = result.version
-        counts = a.rollouts.counters()
+        counts = a.rollouts.counters
     lag_task.cancel()
     return _summarize(cfg, rows, warmup, counts, lags)
 
@@ -112,7 +115,8 @@ def _idle_frac(start: dict, end: dict) -> float:
     return float(np.mean(fracs)) if fracs else float("nan")
 
 
-def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: dict, lags: list[tuple[float, float]]) -> dict:
+def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: RolloutCounters,
+               lags: list[tuple[float, float]]) -> dict:
     first, window = rows[warmup - 1], rows[warmup:]
     lag_ms = np.array([lag for t, lag in lags if first["end"] <= t <= window[-1]["end"]] or [0.0]) * 1000
     wall = window[-1]["end"] - first["end"]
@@ -131,8 +135,8 @@ def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: dict, lags
             "max_token_staleness": max(r["max_staleness"] for r in window),
             "coordinator_lag_ms_mean": float(lag_ms.mean()), "coordinator_lag_ms_p99": float(np.percentile(lag_ms, 99)),
             "coordinator_cpu_frac": (window[-1]["cpu_s"] - first["cpu_s"]) / wall,
-            **{k: counts[k] for k in ("samples_over_bound", "regenerated_samples", "discarded_samples",
-                                      "cancelled_samples")}}
+            "samples_over_bound": counts.samples_over_bound, "regenerated_samples": counts.regenerated_samples,
+            "discarded_samples": counts.discarded_samples, "cancelled_samples": counts.cancelled_samples}
 
 
 def _overrides(a: argparse.Namespace) -> list[str]:
@@ -187,7 +191,7 @@ def _hf_init(a: argparse.Namespace, cfg: RunConfig) -> str:
 
 
 def main(argv: list[str]) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
 
     p = argparse.ArgumentParser(prog="everyprompt-bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,7 +238,7 @@ def main(argv: list[str]) -> dict:
 
 
 def _report(a: argparse.Namespace, results: dict) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
 
     base = results.get("sync") or next(iter(results.values()))
     for r in results.values():

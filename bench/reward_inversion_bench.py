@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from engine.algo.advantages import group_advantages, tie_aware_advantages
-from engine.rewards.judge import JudgeSpec, judge_group
+from configs.schema import JudgeConfig
+from engine.rewards.judge import judge_group
 
 
 class SimulatedJudge:
@@ -88,7 +89,7 @@ def inversions(adv: np.ndarray, t: np.ndarray) -> dict:
             "num_responses": int(t.size), "num_true_ties": int(ties.sum())}
 
 
-def judge_advantages(q: np.ndarray, backend, spec: JudgeSpec, seed: int) -> tuple[np.ndarray, dict]:
+def judge_advantages(q: np.ndarray, backend, spec: JudgeConfig, seed: int) -> tuple[np.ndarray, dict]:
     rewards, valid, calls, failures = [], [], 0, 0
     for n, row in enumerate(q):
         out = judge_group(backend, spec, question="Which response is better?", reference="quality 1",
@@ -108,7 +109,7 @@ class _TinyJudge:
     def __init__(self, seed: int) -> None:
         import tempfile
 
-        from actors.judge_backend import CharJudgeTokenizer, HFJudgeBackend
+        from engine.backends.hf import CharJudgeTokenizer, HFJudgeBackend
         from configs.schema import ModelConfig
         from engine.modeling.model import build_model, save_model
         from engine.data.tasks import CharTokenizer
@@ -123,7 +124,7 @@ class _TinyJudge:
 
 
 def main(argv: list[str]) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
 
     p = argparse.ArgumentParser(prog="everyprompt-bench reward-inversion", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,10 +148,10 @@ def main(argv: list[str]) -> dict:
     for noise in [a.noise] + [float(x) for x in a.noises.split(",") if x]:
         r = torch.tensor(q + rng.normal(0.0, noise, q.shape), dtype=torch.float64)
         rows[f"scalar noise={noise:g}"] = inversions(group_advantages(r).numpy(), t)
-    full = JudgeSpec(max_calls_per_group=0)  # the defaults: tie_margin=1, group_tie_frac=0.1
+    full = JudgeConfig(max_calls_per_group=0)  # the defaults: tie_margin=1, group_tie_frac=0.1
     d = f"margin={full.tie_margin:g} group={full.group_tie_frac:g}"
 
-    def rr(**kw) -> JudgeSpec:
+    def rr(**kw) -> JudgeConfig:
         return replace(full, **kw)
 
     acc, tie, bad = a.judge_accuracy, a.tie_accuracy, a.malformed
@@ -168,14 +169,14 @@ def main(argv: list[str]) -> dict:
         f"round-robin, perfect judge, {d}": (full, 1.0, 1.0, 0.0),
         f"round-robin tie=1 (perfect on ties), {d}": (full, acc, 1.0, bad),
         f"round-robin budget={a.budget}, {d}": (rr(max_calls_per_group=a.budget), acc, tie, bad),
-        "tie-aware anchor (reference = quality 1)": (JudgeSpec(construction="anchor"), acc, tie, bad),
+        "tie-aware anchor (reference = quality 1)": (JudgeConfig(construction="anchor"), acc, tie, bad),
     }
     for name, (spec, acc_, tie_, bad_) in sims.items():
         backend = SimulatedJudge(acc_, tie_, bad_, a.seed)
         adv, stats = judge_advantages(q, backend, spec, a.seed)
         rows[name] = {**inversions(adv, t), **stats}
     if a.real_groups:
-        adv, stats = judge_advantages(q[:a.real_groups], _TinyJudge(a.seed), JudgeSpec(max_calls_per_group=0),
+        adv, stats = judge_advantages(q[:a.real_groups], _TinyJudge(a.seed), JudgeConfig(max_calls_per_group=0),
                                       a.seed)
         rows["real judge path: tiny model (untrained)"] = {**inversions(adv, t[:a.real_groups]), **stats}
 

@@ -81,7 +81,7 @@ def _measure(model, prompts: list[list[int]], group_size: int, a: argparse.Names
 
 
 def main(argv: list[str]) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
 
     p = argparse.ArgumentParser(prog="everyprompt-bench router-replay", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

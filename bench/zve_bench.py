@@ -61,7 +61,7 @@ def _filter(a: argparse.Namespace) -> tuple[str, str, dict]:
 
 
 def main(argv: list[str]) -> dict:
-    from bench.cli import print_table
+    from bench.common import print_table
 
     p = argparse.ArgumentParser(prog="everyprompt-bench zve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
+import typing
 from pathlib import Path
+from typing import Optional
 
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -18,12 +21,68 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.schema import RunConfig
-
-ConfigStore.instance().store(name="run_schema", node=RunConfig)
+from configs.schema import RunConfig, field_types, literal_choices
 
 
-RENAMED = {"train.max_policy_lag": "train.max_staleness"}  # old key -> new key
+@functools.cache
+def omega_schema(cls: type) -> type:
+    """A mirror of the config dataclass ``cls`` that OmegaConf 2.3 accepts: each ``Literal[...]`` annotation becomes
+    the type of its values and nested configs become their mirrors; defaults are the same, no validation (the real
+    classes validate when ``_build`` makes them)."""
+    specs = []
+    for f in dataclasses.fields(cls):
+        kind = field_types(cls)[f.name]
+        choices = literal_choices(kind)
+        if choices is not None:
+            kind = Optional[type(choices[0])] if type(None) in typing.get_args(kind) else type(choices[0])
+        if dataclasses.is_dataclass(kind):
+            specs.append((f.name, omega_schema(kind), dataclasses.field(default_factory=omega_schema(kind))))
+        elif f.default_factory is not dataclasses.MISSING:
+            specs.append((f.name, kind, dataclasses.field(default_factory=f.default_factory)))
+        else:
+            specs.append((f.name, kind, dataclasses.field(default=f.default)))
+    return dataclasses.make_dataclass(cls.__name__, specs)
+
+
+def _build(cls: type, values: dict):
+    """The real ``cls`` from plain composed values, nested configs first (each ``__post_init__`` validates)."""
+    kinds = field_types(cls)
+    return cls(**{name: _build(kinds[name], v) if dataclasses.is_dataclass(kinds[name]) else v
+                  for name, v in values.items()})
+
+
+def _to_config(node) -> RunConfig:
+    return _build(RunConfig, OmegaConf.to_container(node, resolve=True, throw_on_missing=True))
+
+
+def check_verifiers(cfg: RunConfig) -> None:
+    """``reward.plugin`` and ``reward.judge.verifier`` name a built-in verifier (the ``@builtin`` registry of
+    engine/rewards/verifiers.py, torch-free), ``judge`` (reward.plugin only) or a ``package.module:function``."""
+    from engine.rewards.verifiers import VERIFIERS
+
+    for key, name in (("reward.plugin", cfg.reward.plugin), ("reward.judge.verifier", cfg.reward.judge.verifier)):
+        if name in VERIFIERS or ":" in name or (key == "reward.plugin" and name == "judge"):
+            continue
+        judge = ", judge" if key == "reward.plugin" else ""
+        raise ValueError(f"{key}={name!r} is invalid: choose {', '.join(VERIFIERS)}{judge}, or give your own "
+                         f"function as {key}=package.module:function")
+
+
+ConfigStore.instance().store(name="run_schema", node=omega_schema(RunConfig))
+
+
+RENAMED = {  # old key -> new key
+    "train.max_policy_lag": "train.max_staleness",
+    "learner.clip_eps_low": "learner.grpo.clip_eps_low",  # each loss's options moved to its section learner.<loss>
+    "learner.clip_eps_high": "learner.grpo.clip_eps_high",
+    "learner.gspo_clip_eps_low": "learner.gspo.clip_eps_low",
+    "learner.gspo_clip_eps_high": "learner.gspo.clip_eps_high",
+    "learner.cispo_clip_eps_high": "learner.cispo.clip_eps_high",
+    "learner.espo_alpha": "learner.espo.alpha",
+    "learner.espo_rho": "learner.espo.rho",
+    "learner.espo_ratio_mode": "learner.espo.ratio_mode",
+    "learner.espo_entropy_scope": "learner.espo.entropy_scope",
+}
 
 
 class ConfigError(ValueError):
@@ -70,7 +129,9 @@ def load(overrides: list[str] | None = None, *, config_name: str = "run", config
                 if config_dir else initialize_config_module(config_module="configs", version_base=None))
         with init:
             dcfg = compose(config_name=config_name, overrides=overrides)
-        return OmegaConf.to_object(dcfg)
+        cfg = _to_config(dcfg)
+        check_verifiers(cfg)
+        return cfg
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain(e)) from None
     except ValueError as e:  # raised by a schema __post_init__; already names the key and the fix
@@ -89,7 +150,7 @@ def load_cli(prog: str, overrides: list[str], *, config_name: str = "run", confi
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:
@@ -99,7 +160,7 @@ def save(cfg: RunConfig, path: str | Path) -> None:
 def load_resolved(path: str | Path) -> RunConfig:
     """Read a config.yaml written by ``save`` (how actor processes receive the run's configuration)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
-        return OmegaConf.to_object(merged)
+        merged = OmegaConf.merge(OmegaConf.structured(omega_schema(RunConfig)), OmegaConf.load(path))
+        return _to_config(merged)
     except (OmegaConfBaseException, ValueError) as e:
         raise ConfigError(f"{path}: {_explain(e) if isinstance(e, OmegaConfBaseException) else e}") from None

@@ -3,19 +3,83 @@
 YAML files in this folder only override them; every CLI takes ``key=value`` (hydra syntax).
 ``configs.load`` composes and converts once at the entry point, so no DictConfig reaches engine/ or actors/.
 Validation lives in ``__post_init__`` and raises ``ValueError`` naming the key and the override that fixes it.
+
+Choices are ``Literal[...]`` annotations (see ``check_choices`` below); ``python -m configs.reference`` prints every
+key with its default, type or choices and comment. One module over 400 lines on purpose: the whole schema, one
+dataclass a section, read in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
+
+from engine.algo.loss_registry import AGGREGATION_CHOICES, LOSS_NAMES, LOSSES, resolve_aggregation  # torch-free
+from engine.backends.registry import ROLLOUT_BACKENDS  # torch-free: names only
+from engine.modeling.replay_mode import REPLAY_MODES  # torch-free
 
 
 def _require(cond: bool, key: str, value, fix: str) -> None:
     if not cond:
         raise ValueError(f"{key}={value!r} is invalid: {fix}")
+
+
+# ---- choices: one schema-wide mechanism -------------------------------------------------------------------------
+# A key with a fixed set of values is annotated ``name: Literal["a", "b"] = "a"`` and its class's ``__post_init__``
+# starts with ``check_choices(self)``; no per-key ``_require(x in (...))``. The one generic check raises the house's
+# one-line error, e.g. ``rollout.schedule='x' is invalid: choose fifo or length_aware``. OmegaConf 2.3 rejects
+# ``Literal`` annotations, so configs/load.py hands it a mirror of these classes with each Literal mapped to the type
+# of its values (``str`` or ``int``) and builds the real dataclasses from the composed values.
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, object]:
+    """The resolved annotation of every field of the config dataclass ``cls``."""
+    return typing.get_type_hints(cls)
+
+
+def literal_choices(annotation) -> tuple | None:
+    """The allowed values of a ``Literal[...]`` annotation (also inside ``Optional``), else None."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg)
+    return None
+
+
+def format_choices(choices: tuple) -> str:
+    """``('a', 'b', 'c')`` -> ``a, b or c`` (an empty string reads ``""``)."""
+    names = [f'"{c}"' if c == "" else str(c) for c in choices]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+@functools.cache
+def key_prefix(cls: type) -> str:
+    """Where instances of ``cls`` sit in a RunConfig, e.g. ``reward.sandbox.`` ("" for RunConfig itself)."""
+    todo = [(RunConfig, "")]
+    while todo:
+        node, prefix = todo.pop()
+        if node is cls:
+            return prefix
+        todo += [(t, f"{prefix}{name}.") for name, t in field_types(node).items() if dataclasses.is_dataclass(t)]
+    return ""
+
+
+def check_choices(cfg) -> None:
+    """Raise the one-line ``ValueError`` for the first ``Literal`` field of the dataclass ``cfg`` holding a value
+    outside its choices. Call it first in ``__post_init__``, so later checks see only valid choices."""
+    for name, annotation in field_types(type(cfg)).items():
+        choices, value = literal_choices(annotation), getattr(cfg, name)
+        if choices is None or value in choices or (value is None and type(None) in typing.get_args(annotation)):
+            continue
+        _require(False, f"{key_prefix(type(cfg))}{name}", value, f"choose {format_choices(choices)}")
 
 
 @dataclass
@@ -31,9 +95,12 @@ class ModelConfig:
     top_k: int = 2
     moe_intermediate_size: int = 128
     max_position_embeddings: int = 256
-    init_from: Optional[str] = None  # an HF save_pretrained folder to start from instead of random init + SFT
+    init_from: Optional[str] = None  # any HF causal-LM folder (AutoModelForCausalLM + its own tokenizer) to start
+    # from instead of the tiny model above (random init + SFT); its own config then decides the shape
+    dtype: Literal["float32", "bfloat16"] = "float32"  # rollout workers' and learner's weights (bfloat16 runs on CPU)
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _require(1 <= self.top_k <= self.num_experts, "model.top_k", self.top_k,
                  f"it must be between 1 and model.num_experts={self.num_experts}")
         _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads,
@@ -46,7 +113,7 @@ class ModelConfig:
 class TaskConfig:
     """The prompts and the verifier. ``arithmetic`` is built in; ``jsonl`` reads {"prompt", "answer"} lines."""
 
-    name: str = "arithmetic"  # "arithmetic" | "jsonl"
+    name: Literal["arithmetic", "jsonl"] = "arithmetic"
     min_digits: int = 1
     max_digits: int = 4
     jsonl_path: Optional[str] = None  # for name=jsonl
@@ -59,8 +126,7 @@ class TaskConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        _require(self.name in ("arithmetic", "jsonl"), "task.name", self.name,
-                 "choose task.name=arithmetic or task.name=jsonl")
+        check_choices(self)
         if self.name == "jsonl":
             _require(bool(self.jsonl_path), "task.jsonl_path", self.jsonl_path,
                      "task.name=jsonl needs a file: pass task.jsonl_path=/path/to/data.jsonl")
@@ -75,7 +141,7 @@ class TaskConfig:
 class SFTConfig:
     """Cold-start SFT (the paper's first stage); the result is cached and reused by later runs."""
 
-    enabled: bool = True
+    enabled: Optional[bool] = None  # None = on for the built-in model, off with model.init_from (true trains it too)
     target_accuracy: float = 0.3  # stop once greedy dev accuracy reaches this (leaves RL headroom)
     max_steps: int = 3000
     max_time_s: float = 240.0
@@ -95,7 +161,8 @@ class SFTConfig:
 @dataclass
 class RolloutConfig:
     num_workers: int = 1  # workers the coordinator starts on this machine (more can join: runs/<name>/join.json)
-    backend: str = "hf"  # "hf" (transformers, CPU default)
+    backend: Literal[ROLLOUT_BACKENDS] = "hf"  # engine/backends/registry.py: hf (transformers, CPU default), sglang
+    # (a GPU server, pip install everyprompt[sglang]) or sim (the calibrated simulator, for benchmarks)
     group_size: int = 8  # responses per prompt (G)
     temperature: float = 1.0
     max_batch_samples: int = 512  # sequences decoded together by one worker
@@ -108,33 +175,29 @@ class RolloutConfig:
     top_up: int = 0  # extra samples for a group whose samples all agree in raw correctness (0 = off)
     extra_sample_frac: float = 0.25  # budget for adaptive N and top-ups: this fraction of the base samples
     chunk_tokens: int = 4  # stream each response every this many tokens (0 = only whole responses)
-    kv_on_update: str = "recompute"  # new weights mid-response: recompute the KV cache under them, or "keep" it
-    schedule: str = "fifo"  # fifo: groups in arrival order to the worker with the fewest outstanding samples;
+    kv_on_update: Literal["recompute", "keep"] = "recompute"  # new weights mid-response: recompute the KV cache
+    # under them (exact), or keep it (no prefill; older keys/values)
+    schedule: Literal["fifo", "length_aware"] = "fifo"  # fifo: groups in arrival order to the worker with the
+    # fewest outstanding samples;
     # length_aware: longest predicted first to the worker with the fewest predicted tokens (engine/coordinator/schedule.py)
     length_ema: float = 0.5  # length_aware: weight of a prompt's newest mean length in its prediction
     postprocess_workers: int = 0  # detokenization / post-processing pool before scoring (0 = none, score at once)
     reward_overlap: bool = True  # score each response as it finishes; false = hold scores until generation drains
-    quantization: str = ""  # sglang backend: "fp8" = FP8 weights for rollout (--quantization fp8); "" = none
-    kv_cache_dtype: str = "auto"  # sglang backend: "fp8_e5m2" / "fp8_e4m3" = FP8 KV cache
+    quantization: Literal["", "fp8"] = ""  # sglang backend: "fp8" = FP8 weights for rollout (--quantization
+    # fp8); "" = none
+    kv_cache_dtype: Literal["auto", "fp8_e5m2", "fp8_e4m3"] = "auto"  # sglang backend: "fp8_e5m2" / "fp8_e4m3"
+    # = FP8 KV cache
     sglang_url: str = ""  # sglang backend: a running server (http://host:port); "" = each worker launches its own
     sglang_port: int = 30000  # sglang backend without a url: worker i's server listens on this port + i
 
     def __post_init__(self) -> None:
-        _require(self.backend in ("hf", "sim", "sglang"), "rollout.backend", self.backend,
-                 "choose rollout.backend=hf (transformers), sglang (a GPU server, pip install everyprompt[sglang]) "
-                 "or sim (the calibrated simulator, for benchmarks)")
+        check_choices(self)
         _require(self.backend != "sglang" or self.kv_on_update == "recompute", "rollout.kv_on_update",
                  self.kv_on_update, "the sglang backend continues responses across a weight update by re-sending "
                  "them (per-token versions stay exact); pass rollout.kv_on_update=recompute")
-        _require(self.schedule in ("fifo", "length_aware"), "rollout.schedule", self.schedule,
-                 "choose rollout.schedule=fifo or length_aware")
         _require(0 < self.length_ema <= 1, "rollout.length_ema", self.length_ema, "it must be in (0, 1]")
         _require(self.postprocess_workers >= 0, "rollout.postprocess_workers", self.postprocess_workers,
                  "it must be >= 0 (0 = no pool)")
-        _require(self.quantization in ("", "fp8"), "rollout.quantization", self.quantization,
-                 'choose rollout.quantization=fp8 or leave it "" (sglang backend only)')
-        _require(self.kv_cache_dtype in ("auto", "fp8_e5m2", "fp8_e4m3"), "rollout.kv_cache_dtype",
-                 self.kv_cache_dtype, "choose auto, fp8_e5m2 or fp8_e4m3 (sglang backend only)")
         _require(self.num_workers >= 0, "rollout.num_workers", self.num_workers,
                  "it must be >= 0 (0 = only stand-alone workers started with everyprompt-rollout-worker)")
         _require(self.num_workers >= 1 or self.backend != "sim", "rollout.num_workers", self.num_workers,
@@ -148,8 +211,6 @@ class RolloutConfig:
         _require(self.top_up >= 0 and self.extra_sample_frac >= 0, "rollout.top_up", self.top_up,
                  "rollout.top_up and rollout.extra_sample_frac must be >= 0")
         _require(self.chunk_tokens >= 0, "rollout.chunk_tokens", self.chunk_tokens, "it must be >= 0")
-        _require(self.kv_on_update in ("recompute", "keep"), "rollout.kv_on_update", self.kv_on_update,
-                 "choose recompute (exact under the new weights) or keep (no prefill; older keys/values)")
         _require(self.threads_per_worker >= 1, "rollout.threads_per_worker", self.threads_per_worker,
                  "it must be >= 1")
 
@@ -163,24 +224,27 @@ class SandboxConfig:
     memory_mb: int = 512  # address space per process
     max_processes: int = 16  # processes of the sandbox uid (fork bombs stop here)
     max_file_mb: int = 8  # largest file it may write, stdout/stderr included
-    network: str = "auto"  # auto: a network namespace when permitted, else an audit hook; audit: the hook only
+    network: Literal["auto", "audit"] = "auto"  # auto: a network namespace when permitted, else an audit hook;
+    # audit: the hook only
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in ("cpu_s", "wall_s", "memory_mb", "max_processes", "max_file_mb"):
             _require(getattr(self, name) > 0, f"reward.sandbox.{name}", getattr(self, name), "it must be positive")
-        _require(self.network in ("auto", "audit"), "reward.sandbox.network", self.network, "choose auto or audit")
 
 
 @dataclass
 class JudgeConfig:
     """The tie-aware generative judge (engine/rewards/judge.py, spec B.5), used when reward.plugin=judge."""
 
-    backend: str = "hf"  # hf: transformers on this machine (the rollout decode loop); sglang: a /generate server
+    backend: Literal["hf", "sglang"] = "hf"  # hf: transformers on this machine (the rollout decode loop);
+    # sglang: a /generate server
     model: Optional[str] = None  # hf: an HF save_pretrained folder; None = the run's initial (SFT) policy
     url: str = "http://127.0.0.1:30000"  # sglang: the server serving the judge model
     verifier: str = "exact"  # per-response plugin for the raw correctness (accuracy, zero-variance decisions)
-    construction: str = "round_robin"  # round_robin (pairs within the group) | anchor
-    anchor: str = "reference"  # anchor construction: compare with the reference answer, or "first" response
+    construction: Literal["round_robin", "anchor"] = "round_robin"  # round_robin: pairs within the group
+    anchor: Literal["reference", "first"] = "reference"  # anchor construction: compare with the reference
+    # answer, or the group's first response
     max_calls_per_group: int = 32  # judge generations per group (0 = every pair); a random subset beyond it
     both_orders: bool = False  # judge (A, B) and (B, A) and average (cancels position bias, twice the calls)
     template: Optional[str] = None  # {question} {response_a} {response_b} {reference}; None = engine/rewards/judge.py's
@@ -188,13 +252,13 @@ class JudgeConfig:
     max_new_tokens: int = 8  # a chain-of-thought judge needs far more (e.g. 2048)
     temperature: float = 0.0
     timeout_s: float = 300.0  # sglang: per group request
-    order_rule: str = "mean"  # both_orders: mean (average the two verdicts) | agree (Tie unless both orders agree)
+    order_rule: Literal["mean", "agree"] = "mean"  # both_orders: mean (average the two verdicts) | agree (Tie
+    # unless both orders agree)
     tie_margin: float = 1.0  # round_robin: |net verdicts| <= this = tied (advantage 0); 0 = off
     group_tie_frac: float = 0.1  # round_robin: <= this fraction of non-Tie verdicts = all-tie group; 0 = off
 
     def __post_init__(self) -> None:
-        _require(self.order_rule in ("mean", "agree"), "reward.judge.order_rule", self.order_rule,
-                 "choose mean (average both orders) or agree (Better/Worse only when both orders agree)")
+        check_choices(self)
         _require(self.order_rule != "agree" or self.both_orders, "reward.judge.order_rule", self.order_rule,
                  "agree compares the two orders of a pair: pass reward.judge.both_orders=true")
         _require(self.tie_margin >= 0, "reward.judge.tie_margin", self.tie_margin,
@@ -202,11 +266,6 @@ class JudgeConfig:
         _require(0 <= self.group_tie_frac < 1, "reward.judge.group_tie_frac", self.group_tie_frac,
                  "it must be in [0, 1) (0 = off); keep it a few times the judge's error rate on ties and below "
                  "2/rollout.group_size, e.g. 0.1")
-        _require(self.backend in ("hf", "sglang"), "reward.judge.backend", self.backend, "choose hf or sglang")
-        _require(self.construction in ("round_robin", "anchor"), "reward.judge.construction", self.construction,
-                 "choose round_robin (pairs within the group) or anchor")
-        _require(self.anchor in ("reference", "first"), "reward.judge.anchor", self.anchor,
-                 "choose reference (the answer) or first (the group's first response)")
         _require(self.verifier != "judge", "reward.judge.verifier", self.verifier,
                  "the per-response verifier must be a plugin such as exact or math")
         _require(self.max_calls_per_group >= 0, "reward.judge.max_calls_per_group", self.max_calls_per_group,
@@ -222,7 +281,8 @@ class RewardConfig:
     raw correctness."""
 
     num_workers: int = 1
-    plugin: str = "exact"  # exact | math | code | instruction | judge | package.module:function
+    plugin: str = "exact"  # a built-in verifier (engine/rewards/verifiers.py: exact, math, code, instruction,
+    # choice), judge (engine/rewards/judge.py), or your own package.module:function; checked by configs/load.py
     plugin_processes: int = 2  # processes per reward worker running the plugin (a hung one is replaced)
     plugin_timeout_s: float = 10.0  # per response; past it the response is a recorded failure (valid=false)
     graded: bool = False  # partial credit (fraction of the answer right) instead of 0/1
@@ -238,9 +298,6 @@ class RewardConfig:
         _require(self.overlong_coef >= 0 and self.repetition_coef >= 0, "reward.overlong_coef",
                  self.overlong_coef, "penalty weights must be >= 0 (the penalties themselves are <= 0)")
         _require(self.repetition_ngram >= 1, "reward.repetition_ngram", self.repetition_ngram, "it must be >= 1")
-        _require(self.plugin in ("exact", "math", "code", "instruction", "judge") or ":" in self.plugin,
-                 "reward.plugin", self.plugin, "choose exact, math, code, instruction, judge, or give your own "
-                 "function as reward.plugin=package.module:function")
         _require(self.plugin_processes >= 1, "reward.plugin_processes", self.plugin_processes, "it must be >= 1")
         _require(self.plugin_timeout_s > self.sandbox.wall_s or self.plugin != "code", "reward.plugin_timeout_s",
                  self.plugin_timeout_s, f"it must exceed reward.sandbox.wall_s={self.sandbox.wall_s}; pass "
@@ -250,26 +307,33 @@ class RewardConfig:
                  "it: pass reward.graded=false reward.overlong_coef=0 reward.repetition_coef=0")
 
 
+def _loss_sections(cls: type) -> type:
+    """Give the (not yet dataclass) ``cls`` one nested section per registered loss, after its own fields:
+    ``learner.<name>`` of type ``LOSSES[name].config`` (engine/algo/loss_registry.py), so a new loss needs no
+    edit here."""
+    for name, entry in LOSSES.items():
+        cls.__annotations__[name] = entry.config
+        setattr(cls, name, field(default_factory=entry.config))
+    return cls
+
+
 @dataclass
+@_loss_sections
 class LearnerConfig:
+    """The learner. ``loss`` selects a registered loss (engine/algo/loss_registry.py); each loss's own options
+    sit in its section ``learner.<loss>.*`` (e.g. learner.espo.alpha, learner.gspo.clip_eps_low), added after
+    these fields by ``_loss_sections``."""
+
     num_ranks: int = 1  # data-parallel ranks launched with torchrun
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2)
-    loss: str = "espo"  # espo | gspo | grpo | cispo (engine/algo/losses.py, engine/algo/espo.py)
-    aggregation: str = "auto"  # auto = the loss's own (espo seq_mean_group_mean, gspo seq_mean_token_mean,
-    # else token_mean)
+    loss: Literal[LOSS_NAMES] = "espo"  # espo | gspo | grpo | cispo | dr_grpo; options in learner.<loss>.*
+    aggregation: Literal[AGGREGATION_CHOICES] = "auto"  # auto = the loss's own (espo seq_mean_group_mean, gspo
+    # seq_mean_token_mean, dr_grpo seq_mean_token_sum_norm, else token_mean); engine/algo/loss_registry.py
     lr: float = 3e-4
     weight_decay: float = 0.0
-    clip_eps_low: float = 0.2  # grpo token-level clip
-    clip_eps_high: float = 0.28
-    gspo_clip_eps_low: float = 3e-4  # gspo sequence-level clip
-    gspo_clip_eps_high: float = 4e-4
-    cispo_clip_eps_high: float = 5.0  # cispo: upper bound of the clipped IS weight (no lower bound)
-    espo_alpha: float = 0.02  # espo: eps_tau = alpha * mean entropy of the group / ln|V|
-    espo_rho: float = 0.2  # espo: fraction of a response's tokens in the high-entropy group
-    espo_ratio_mode: str = "gspo_token"  # or "literal" (spec A.7)
-    espo_entropy_scope: str = "sequence"  # or "batch" (spec A.5)
     entropy_chunk_tokens: int = 1024  # old-policy pass: tokens per chunk of full-vocabulary entropy
-    router_replay: str = "R3"  # R3: rollout routes; R2: the learner's own old-pass routes; off (spec B.4)
+    router_replay: Literal[REPLAY_MODES] = "R3"  # R3: rollout routes; R2: the learner's own old-pass routes; off
+    # (spec B.4; engine/modeling/replay_mode.py)
     num_minibatches: int = 1  # optimizer steps per TrainBatch (PPO mini-batches); the version counts batches
     rl_zvp_alpha: float = 0.0  # RL-ZVP (actor stage): zero-variance groups get entropy-shaped token advantages
     # of this scale (0 = off: such groups get zero advantage); spec B.2.3
@@ -288,25 +352,14 @@ class LearnerConfig:
     master_port: int = 0  # 0 = pick a free port
 
     def __post_init__(self) -> None:
+        check_choices(self)
+        for name in LOSSES:  # the sections' own Literal choices (their numeric checks ran when they were built)
+            check_choices(getattr(self, name))
         _require(self.zero_stage in (0, 1, 2), "learner.zero_stage", self.zero_stage,
                  "use learner.zero_stage=1 or 2 (0 disables ZeRO)")
-        _require(self.loss in ("espo", "gspo", "grpo", "cispo"), "learner.loss", self.loss,
-                 "choose learner.loss=espo, gspo, grpo or cispo")
-        _require(self.aggregation in ("auto", "token_mean", "seq_mean_token_mean", "seq_mean_group_mean"),
-                 "learner.aggregation", self.aggregation,
-                 "choose auto, token_mean, seq_mean_token_mean or seq_mean_group_mean (espo only)")
-        _require(self.aggregation != "seq_mean_group_mean" or self.loss == "espo", "learner.aggregation",
-                 self.aggregation, "entropy groups exist only in espo; pass learner.aggregation=auto")
-        _require(self.espo_ratio_mode in ("gspo_token", "literal"), "learner.espo_ratio_mode",
-                 self.espo_ratio_mode, "choose gspo_token or literal")
-        _require(self.espo_entropy_scope in ("sequence", "batch"), "learner.espo_entropy_scope",
-                 self.espo_entropy_scope, "choose sequence or batch")
-        _require(0 < self.espo_rho <= 1, "learner.espo_rho", self.espo_rho, "it must be in (0, 1]")
-        _require(self.espo_alpha > 0, "learner.espo_alpha", self.espo_alpha, "it must be positive")
+        resolve_aggregation(self.loss, self.aggregation)  # e.g. seq_mean_group_mean needs espo's entropy groups
         _require(self.num_ranks >= 1, "learner.num_ranks", self.num_ranks, "it must be >= 1")
         _require(self.lr > 0, "learner.lr", self.lr, "it must be positive")
-        _require(self.router_replay in ("off", "R2", "R3"), "learner.router_replay", self.router_replay,
-                 "choose R3 (replay rollout routes), R2 (replay the learner's old-pass routes) or off")
         _require(self.num_minibatches >= 1, "learner.num_minibatches", self.num_minibatches, "it must be >= 1")
         _require(self.rl_zvp_alpha >= 0, "learner.rl_zvp_alpha", self.rl_zvp_alpha, "it must be >= 0 (0 = off)")
         _require(self.decoupled_is_cap > 0, "learner.decoupled_is_cap", self.decoupled_is_cap, "it must be > 0")
@@ -326,21 +379,20 @@ class TrainConfig:
     num_steps: int = 200
     groups_per_step: int = 64  # prompts (groups) per optimizer step
     max_staleness: int = 1  # a token sampled by version v trains with weights of version <= v + max_staleness
-    stale_policy: str = "regenerate"  # a sample over the bound anyway: regenerate it (same prompt) or drop its group
+    stale_policy: Literal["regenerate", "drop"] = "regenerate"  # a sample over the bound anyway: regenerate it
+    # (same prompt, no prompt is lost) or drop its group (counted in discarded_samples)
     checkpoint_every: int = 50  # save the whole async state every this many steps (0 = never); resume=true
-    buffer_order: str = "fifo"  # or "variance": groups at the staleness bound first, then highest reward spread
+    buffer_order: Literal["fifo", "variance"] = "fifo"  # variance: groups at the staleness bound first, then
+    # highest reward spread
     buffer_staleness_weight: float = 0.1  # variance order: priority = reward std - this x versions behind
     sample_budget: int = 0  # stop after the step at which this many rollout samples were generated (0 = none)
     eval_every: int = 50  # held-out greedy eval every this many steps (0 = only before and after RL)
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _require(self.num_steps >= 0, "train.num_steps", self.num_steps, "it must be >= 0")
         _require(self.groups_per_step >= 1, "train.groups_per_step", self.groups_per_step, "it must be >= 1")
         _require(self.max_staleness >= 0, "train.max_staleness", self.max_staleness, "it must be >= 0")
-        _require(self.stale_policy in ("regenerate", "drop"), "train.stale_policy", self.stale_policy,
-                 "choose regenerate (no prompt is lost) or drop (counted in discarded_samples)")
-        _require(self.buffer_order in ("fifo", "variance"), "train.buffer_order", self.buffer_order,
-                 "choose fifo or variance")
         _require(self.sample_budget >= 0, "train.sample_budget", self.sample_budget, "it must be >= 0 (0 = none)")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "it must be >= 0")
 
@@ -408,12 +460,14 @@ class SimConfig:
     sample_sigma: float = 0.3  # log-normal spread of one prompt's samples around its typical length
     seed: int = 0
     learner: bool = False  # actors/sim_learner.py instead of the DeepSpeed learner (benchmarks)
-    prefill_on_add: str = "new"  # rows joining a running batch prefill: "new" = only themselves (prefix-cached
-    # engines: sglang); "all" = every unfinished row again, padded to the longest (engine/modeling/decode.py's rebuild)
+    prefill_on_add: Literal["new", "all"] = "new"  # rows joining a running batch prefill: "new" = only
+    # themselves (prefix-cached engines: sglang); "all" = every unfinished row again, padded to the longest
+    # (engine/modeling/decode.py's rebuild)
     weights_file: str = ""  # sim learner: a real safetensors file it publishes as every new version (so real
     # rollout backends, e.g. the bench's --backend hf sanity run, have weights to load); "" = no file is written
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _require(self.time_scale > 0, "sim.time_scale", self.time_scale, "it must be positive")
         _require(self.workers_per_process >= 1, "sim.workers_per_process", self.workers_per_process,
                  "it must be >= 1")
@@ -422,8 +476,6 @@ class SimConfig:
             _require(getattr(self, name) >= 0, f"sim.{name}", getattr(self, name), "it must be >= 0")
         _require(self.num_prompts >= 1 and self.num_sources >= 1, "sim.num_prompts", self.num_prompts,
                  "sim.num_prompts and sim.num_sources must be >= 1")
-        _require(self.prefill_on_add in ("new", "all"), "sim.prefill_on_add", self.prefill_on_add,
-                 "choose new or all")
         _require(self.mean_len >= 1 and self.prompt_len >= 1, "sim.mean_len", self.mean_len,
                  "sim.mean_len and sim.prompt_len must be >= 1")
 
@@ -436,6 +488,7 @@ class RunConfig:
     log_json: bool = False
     progress: bool = True
     resume: bool = False  # continue runs/<name> from its latest checkpoint (train.checkpoint_every)
+    overwrite: bool = False  # start afresh in a runs/<name> that holds checkpoints (they are deleted; logs are kept)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -463,6 +516,8 @@ class RunConfig:
         _require(self.train.groups_per_step * self.rollout.group_size >= n * self.learner.num_minibatches,
                  "learner.num_minibatches", self.learner.num_minibatches,
                  "every mini-batch needs at least one sequence per learner rank")
-        _require(self.model.init_from is not None or self.sft.enabled or self.task.name == "jsonl",
+        _require(self.model.init_from is not None or self.sft.enabled is not False or self.task.name == "jsonl",
                  "sft.enabled", self.sft.enabled,
                  "a random-init model cannot solve the task; keep sft.enabled=true or set model.init_from")
+        _require(not (self.resume and self.overwrite), "overwrite", self.overwrite,
+                 "resume=true continues the run and overwrite=true replaces it: pass only one")

@@ -9,10 +9,14 @@ import torch
 from torch import Tensor
 
 
-def group_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: float = 1e-6, *,
+                     scale_by_std: bool = True) -> Tensor:
     """ESPO Eq. 11 / GRPO advantage -> float [N, G].
 
-    ``A_i = 1[i valid] * (R_i - mean_valid) / (std_valid + eps)``, per group.
+    ``A_i = 1[i valid] * (R_i - mean_valid) / (std_valid + eps)``, per group; with ``scale_by_std=False``
+    (Dr.GRPO, verl ``norm_adv_by_std_in_grpo=False``, TRL ``scale_rewards="none"``) ``A_i = 1[i valid] *
+    (R_i - mean_valid)``: no division by the std, so low-variance (very easy or very hard) groups are not
+    up-weighted.
 
     rewards_NG: float [N, G], the verifier reward of each response; entries where ``valid_NG`` is False are
         ignored entirely (they may hold anything, NaN included).
@@ -38,7 +42,7 @@ def group_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: fl
     hi_N1 = rewards_NG.masked_fill(~valid_NG, float("-inf")).amax(-1, keepdim=True)
     lo_N1 = rewards_NG.masked_fill(~valid_NG, float("inf")).amin(-1, keepdim=True)
     informative_N1 = (n_N1 >= 2) & (hi_N1 > lo_N1)
-    adv_NG = (r_NG - mean_N1) / (std_N1 + eps)
+    adv_NG = (r_NG - mean_N1) / (std_N1 + eps) if scale_by_std else r_NG - mean_N1
     return torch.where(valid_NG & informative_N1, adv_NG, torch.zeros_like(adv_NG))
 
 

@@ -1,23 +1,27 @@
 """ESPO: Entropy importance Sampling Policy Optimization (ALGORITHMS.md A.3-A.11; pure math, torch only).
 
 Shape letters: N = sequences (responses), T = padded tokens; all [N, T] tensors share one alignment.
-The call convention is the one of engine.algo.losses (``LOSSES["espo"]`` is ``espo_loss``). This module imports
-nothing from engine.algo.losses, so either may be imported first.
+``espo_loss`` follows the calling convention of engine.algo.losses; ``ESPO`` is the class registered as
+``learner.loss=espo`` (engine/algo/loss_registry.py), with the batch-global hook for entropy_scope=batch.
+Masking and aggregation are engine.algo.aggregation's.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
+from engine.algo.aggregation import aggregate, group_mean, masked_logps, token_adv
+from engine.algo.loss_registry import AGGREGATIONS
+from engine.algo.loss_seam import LossInputs, PolicyLoss
 from engine.algo.loss_stats import clip_stats
 
 RATIO_MODES = ("gspo_token", "literal")
 QUANTILE_SCOPES = ("sequence", "batch")
 CLIP_MODES = ("adaptive", "fixed")
-ESPO_AGGREGATIONS = ("seq_mean_group_mean", "seq_mean_token_mean", "token_mean")
 
 
 def _top_count(n: Tensor, rho: float) -> Tensor:
@@ -68,11 +72,6 @@ def entropy_groups(entropy_NT: Tensor, mask_NT: Tensor, *, rho: float = 0.2, sco
     raise ValueError(f"entropy_quantile_scope={scope!r} is unknown; choose one of {QUANTILE_SCOPES}")
 
 
-def _group_mean(x_NT: Tensor, g_NT: Tensor) -> Tensor:
-    """Mean of x over the tokens of group g (float 0/1 [N, T]) per response -> [N]; 0 for an empty group."""
-    return (x_NT * g_NT).sum(-1) / g_NT.sum(-1).clamp(min=1)
-
-
 def _frac(x_NT: Tensor, g_NT: Tensor) -> Tensor:
     """Mean of x over all tokens of group g in the batch -> 0-dim; 0 when the group is empty."""
     return (x_NT * g_NT).sum() / g_NT.sum().clamp(min=1)
@@ -96,6 +95,7 @@ def espo_loss(
     clip_eps_high: float = 4e-4,
     aggregation: str = "seq_mean_group_mean",
     denom: float | Tensor | None = None,
+    norm_len: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """ESPO surrogate (A.3, Eq. 5; pseudo-code A.11) -> (scalar loss, stats).
 
@@ -116,7 +116,7 @@ def espo_loss(
     4. Per token: loss_t = -min(s_t A_t, clip(s_t) A_t) (pessimistic PPO form).
     5. Aggregation "seq_mean_group_mean" (Eq. 5): mean over each group's tokens, mean over the response's
        non-empty groups, mean over the responses with a trained token (denom: their number in the whole
-       batch). "seq_mean_token_mean" / "token_mean" are the engine.algo.losses.aggregate reductions (ablations).
+       batch). The other aggregations of engine.algo.aggregation.aggregate are ablations (norm_len: theirs).
     Stats (detached): clip_frac_low/high/clip_frac, approx_kl (k3 of the per-token ratio), ratio_mean,
     ratio_max over trained tokens (as grpo_loss); per group g in {hi_ent, lo_ent}, averaged over that
     group's tokens in this call: clip_frac_upper_<g>, clip_frac_lower_<g>, eps_<g> (clip half-width),
@@ -128,22 +128,14 @@ def espo_loss(
         raise ValueError(f"ratio_mode={ratio_mode!r} is unknown; choose one of {RATIO_MODES}")
     if clip_mode not in CLIP_MODES:
         raise ValueError(f"clip_mode={clip_mode!r} is unknown; choose one of {CLIP_MODES}")
-    if aggregation not in ESPO_AGGREGATIONS:
-        raise ValueError(f"aggregation={aggregation!r} is unknown; choose one of {ESPO_AGGREGATIONS}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r} is unknown; choose one of {AGGREGATIONS}")
     if clip_mode == "adaptive" and (vocab_size is None or vocab_size < 2):
         raise ValueError(f"clip_mode='adaptive' needs vocab_size >= 2, got {vocab_size!r}")
-    adv_NT = adv[:, None] if adv.dim() == 1 else adv
-    if adv_NT.dim() != 2 or adv_NT.shape[0] != logp_NT.shape[0]:
-        raise ValueError(f"advantages of shape {tuple(adv.shape)} do not fit logp of shape "
-                         f"{tuple(logp_NT.shape)}: pass one per sequence [N] or one per token [N, T]")
-    dtype = logp_NT.dtype
-    adv_NT = adv_NT.to(dtype)
-    on_NT = mask_NT.to(torch.bool)
-    zeros_NT = torch.zeros_like(logp_NT)
-    logp_NT = torch.where(on_NT, logp_NT, zeros_NT)  # padding may hold -inf: keep its gradient an exact 0
-    old_NT = torch.where(on_NT, old_logp_NT.to(dtype), zeros_NT)
-    ent_NT = torch.where(on_NT, entropy_NT.detach().to(dtype), zeros_NT)
-    m_NT = on_NT.to(dtype)
+    adv_NT = token_adv(adv, logp_NT)
+    logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)  # padding may hold -inf: gradient 0
+    on_NT, dtype = m_NT.to(torch.bool), logp_NT.dtype
+    ent_NT = torch.where(on_NT, entropy_NT.detach().to(dtype), torch.zeros_like(logp_NT))
 
     hi_NT = entropy_groups(ent_NT, on_NT, rho=rho, scope=entropy_quantile_scope,
                            threshold=entropy_threshold).to(dtype)
@@ -151,8 +143,8 @@ def espo_loss(
 
     d_NT = (logp_NT - old_NT).detach()
     tok_lr_NT = d_NT.clamp(-20.0, 20.0)
-    mlr_hi_N = _group_mean(d_NT, hi_NT).clamp(-20.0, 20.0)
-    mlr_lo_N = _group_mean(d_NT, lo_NT).clamp(-20.0, 20.0)
+    mlr_hi_N = group_mean(d_NT, hi_NT).clamp(-20.0, 20.0)
+    mlr_lo_N = group_mean(d_NT, lo_NT).clamp(-20.0, 20.0)
     log_sg_NT = mlr_hi_N[:, None] * hi_NT + mlr_lo_N[:, None] * lo_NT
     if ratio_mode == "gspo_token":
         s_NT = torch.exp(log_sg_NT + (logp_NT - logp_NT.detach()))
@@ -161,36 +153,55 @@ def espo_loss(
 
     if clip_mode == "adaptive":
         scale = alpha / math.log(vocab_size)
-        eps_NT = scale * (_group_mean(ent_NT, hi_NT)[:, None] * hi_NT + _group_mean(ent_NT, lo_NT)[:, None] * lo_NT)
+        eps_NT = scale * (group_mean(ent_NT, hi_NT)[:, None] * hi_NT + group_mean(ent_NT, lo_NT)[:, None] * lo_NT)
         lower_NT, upper_NT = 1.0 - eps_NT, 1.0 + eps_NT
     else:
         lower_NT = torch.full_like(logp_NT, 1.0 - clip_eps_low)
         upper_NT = torch.full_like(logp_NT, 1.0 + clip_eps_high)
     loss_NT = torch.maximum(-adv_NT * s_NT, -adv_NT * torch.clamp(s_NT, lower_NT, upper_NT)) * m_NT
 
-    if aggregation == "seq_mean_group_mean":
-        has_hi_N = (hi_NT.sum(-1) > 0).to(dtype)
-        has_lo_N = (lo_NT.sum(-1) > 0).to(dtype)
-        k_N = has_hi_N + has_lo_N
-        seq_N = (_group_mean(loss_NT, hi_NT) * has_hi_N + _group_mean(loss_NT, lo_NT) * has_lo_N) / k_N.clamp(min=1)
-        has_N = (k_N > 0).to(dtype)
-        loss = (seq_N * has_N).sum() / (has_N.sum().clamp(min=1) if denom is None else denom)
-    elif aggregation == "token_mean":
-        loss = loss_NT.sum() / (m_NT.sum().clamp(min=1) if denom is None else denom)
-    else:  # seq_mean_token_mean
-        n_N = m_NT.sum(-1)
-        has_N = (n_N > 0).to(dtype)
-        loss = (loss_NT.sum(-1) / n_N.clamp(min=1)).sum() / (has_N.sum().clamp(min=1) if denom is None else denom)
+    loss = aggregate(loss_NT, m_NT, aggregation, denom, high_NT=hi_NT, norm_len=norm_len)
 
-    with torch.no_grad():
-        stats, dn_NT, up_NT = clip_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT)
-        half_NT = (upper_NT - lower_NT) / 2
-        n = m_NT.sum().clamp(min=1)
-        stats["hi_ent_token_frac"] = hi_NT.sum() / n
-        for name, g_NT in (("hi_ent", hi_NT), ("lo_ent", lo_NT)):
-            stats[f"clip_frac_upper_{name}"] = _frac(up_NT, g_NT)
-            stats[f"clip_frac_lower_{name}"] = _frac(dn_NT, g_NT)
-            stats[f"eps_{name}"] = _frac(half_NT, g_NT)
-            stats[f"entropy_{name}"] = _frac(ent_NT, g_NT)
-            stats[f"abs_log_ratio_{name}"] = _frac(log_sg_NT.abs(), g_NT)
+    stats = _espo_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT, hi_NT, ent_NT, log_sg_NT)
     return loss, stats
+
+
+@torch.no_grad()
+def _espo_stats(s_NT: Tensor, lower_NT: Tensor, upper_NT: Tensor, adv_NT: Tensor, tok_lr_NT: Tensor, m_NT: Tensor,
+                hi_NT: Tensor, ent_NT: Tensor, log_sg_NT: Tensor) -> dict[str, Tensor]:
+    """espo_loss's stats: clip_stats plus, per entropy group, clip fractions, eps, entropy and |log s_g|."""
+    stats, dn_NT, up_NT = clip_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT)
+    half_NT = (upper_NT - lower_NT) / 2
+    stats["hi_ent_token_frac"] = hi_NT.sum() / m_NT.sum().clamp(min=1)
+    for name, g_NT in (("hi_ent", hi_NT), ("lo_ent", m_NT - hi_NT)):
+        stats[f"clip_frac_upper_{name}"] = _frac(up_NT, g_NT)
+        stats[f"clip_frac_lower_{name}"] = _frac(dn_NT, g_NT)
+        stats[f"eps_{name}"] = _frac(half_NT, g_NT)
+        stats[f"entropy_{name}"] = _frac(ent_NT, g_NT)
+        stats[f"abs_log_ratio_{name}"] = _frac(log_sg_NT.abs(), g_NT)
+    return stats
+
+
+class ESPO(PolicyLoss):
+    """learner.loss=espo: espo_loss with learner.espo.{alpha, rho, ratio_mode, entropy_scope} and |V|.
+
+    entropy_scope=batch: the top-rho entropy threshold is a statistic of the whole batch, so ``batch_fields``
+    asks the learner for every trained token's entropy (all shards, all ranks) and ``batch_statistics`` turns
+    it into ``entropy_threshold``, passed to every call."""
+
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        return ("entropy_NT",) if self.cfg.entropy_scope == "batch" else ()
+
+    def batch_statistics(self, gathered: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if not self.batch_fields:
+            return {}
+        ent_M = gathered["entropy_NT"]
+        return {"entropy_threshold": batch_entropy_threshold(ent_M[None], torch.ones_like(ent_M, dtype=torch.bool)[None],
+                                                             self.cfg.rho)}
+
+    def __call__(self, x: LossInputs, batch: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        return espo_loss(x.logp_NT, x.old_logp_NT, x.token_advantages(), x.mask_NT, entropy_NT=x.entropy_NT,
+                         vocab_size=self.ctx.vocab_size, alpha=self.cfg.alpha, rho=self.cfg.rho,
+                         ratio_mode=self.cfg.ratio_mode, entropy_quantile_scope=self.cfg.entropy_scope,
+                         entropy_threshold=(batch or {}).get("entropy_threshold"), **self.reduction(x))

@@ -1,24 +1,19 @@
 """Reward shaping (ALGORITHMS.md B.2.2): graded correctness plus length and repetition penalties, as parts.
 
-Pure functions. ``reward_parts`` returns every part separately; ``shaped_reward`` combines them. The raw
-correctness part ``"correct"`` (0/1) is what every zero-variance decision uses (filters, top-ups, RL-ZVP signs,
-metrics); the shaped reward only feeds the advantages. Filtering on a shaped reward is a known peer bug: a group
+Pure functions of the ``reward`` config section (``RewardConfig``: ``graded``, ``overlong_*``, ``repetition_*``).
+``reward_parts`` returns every part separately; ``shaped_reward`` combines them. The raw correctness part
+``"correct"`` (0/1) is what every zero-variance decision uses (filters, top-ups, RL-ZVP signs, metrics); the shaped
+reward only feeds the advantages. Filtering on a shaped reward is a known peer bug: a group
 of equally correct answers of different lengths looks informative when it carries no correctness signal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from configs.schema import RewardConfig
 
-@dataclass(frozen=True)
-class Shaping:
-    graded: bool = False  # base reward = partial credit instead of 0/1 correctness
-    overlong_coef: float = 0.0  # weight of the soft overlong penalty (in [-1, 0])
-    overlong_cache: int = 2  # tokens before the length limit where the penalty ramps from 0 to -1
-    repetition_coef: float = 0.0  # weight of the n-gram repetition penalty (in [-1, 0])
-    repetition_ngram: int = 3
+Shaping = RewardConfig  # the settings shaping reads: reward.graded, reward.overlong_*, reward.repetition_*
 
 
 def partial_credit(response: str, reference: str) -> float:
@@ -50,14 +45,14 @@ def repetition_penalty(tokens: Sequence[int], n: int) -> float:
 
 
 def reward_parts(*, correct: float, response: str, reference: str, tokens: Sequence[int], max_length: int,
-                 shaping: Shaping) -> dict[str, float]:
+                 shaping: RewardConfig) -> dict[str, float]:
     """Every part of the reward of one response (``correct`` is the raw verifier outcome)."""
     return {"correct": float(correct), "partial": partial_credit(response, reference) if shaping.graded else correct,
             "overlong": overlong_penalty(len(tokens), max_length, shaping.overlong_cache),
             "repetition": repetition_penalty(tokens, shaping.repetition_ngram)}
 
 
-def shaped_reward(parts: dict[str, float], shaping: Shaping) -> float:
+def shaped_reward(parts: dict[str, float], shaping: RewardConfig) -> float:
     base = parts["partial"] if shaping.graded else parts["correct"]
     return base + shaping.overlong_coef * parts["overlong"] + shaping.repetition_coef * parts["repetition"]
 

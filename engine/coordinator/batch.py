@@ -8,6 +8,7 @@ import torch
 from engine.algo.advantages import group_advantages, tie_aware_advantages
 from engine.rewards.judge import JUDGE_PART
 from engine.coordinator.buffer import Group
+from engine.coordinator.counters import RolloutCounters
 from engine.algo.shaping import is_zero_variance
 from engine.modeling.routing import pack_routes
 from transport import TrainBatch
@@ -141,9 +142,9 @@ class RunStats:
             entry[2] += float(sum(rewards))
             entry[3] += int(len(set(rewards)) <= 1)
 
-    def summary(self, counts: dict[str, int]) -> dict:
-        return {"max_token_staleness": self.max_token_staleness, "samples_over_bound": counts["samples_over_bound"],
-                "discarded_samples": counts["discarded_samples"],
+    def summary(self, counts: RolloutCounters) -> dict:
+        return {"max_token_staleness": self.max_token_staleness, "samples_over_bound": counts.samples_over_bound,
+                "discarded_samples": counts.discarded_samples,
                 "partial_sample_frac": self.partial_samples / max(self.samples, 1)}
 
     def to_dict(self) -> dict:

@@ -2,8 +2,8 @@
 
 The buffer serves the oldest policy version first (FIFO within a version) and enforces the per-token staleness
 bound: ``take`` never returns a group holding a token older than ``min_version``. Groups over the bound are handed
-to ``on_over_bound`` (engine/coordinator/rollouts.py regenerates their stale samples, or drops them, by policy); admission
-pacing keeps this at zero in steady state.
+to its ``StaleHandler`` (engine/coordinator/staleness.py regenerates their stale samples, or drops them, by policy);
+admission pacing keeps this at zero in steady state.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -120,6 +121,11 @@ def priority(g: Group, *, newest_version: int, staleness_weight: float) -> float
     return spread - staleness_weight * (newest_version - g.min_version)
 
 
+class StaleHandler(Protocol):
+    async def over_bound(self, groups: list[Group], min_version: int) -> None:
+        """Groups taken out of the buffer because they hold a token older than ``min_version``."""
+
+
 class GroupBuffer:
     """consumes: complete groups (rollout + reward)   produces: lists of groups (learner)   blocks on: take()
 
@@ -127,8 +133,9 @@ class GroupBuffer:
     bound at the next step go first (oldest first), then the highest ``priority``; so priority never pushes a
     group past the bound. ``last_take`` describes the priorities of the latest take."""
 
-    def __init__(self, on_over_bound=None, *, order: str = "fifo", staleness_weight: float = 0.1) -> None:
-        self._on_over_bound = on_over_bound  # called with the groups that hold a token older than the bound
+    def __init__(self, stale: StaleHandler | None = None, *, order: str = "fifo", staleness_weight: float = 0.1
+                 ) -> None:
+        self._stale = stale  # gets the groups that hold a token older than the bound
         self._groups: deque[Group] = deque()
         self._changed = asyncio.Event()
         self._order, self._staleness_weight = order, staleness_weight
@@ -145,13 +152,13 @@ class GroupBuffer:
         self._changed.set()
 
     async def take(self, n: int, *, min_version: int) -> list[Group]:
-        """Wait for ``n`` groups whose every token is at least ``min_version``; staler ones go to on_over_bound."""
+        """Wait for ``n`` groups whose every token is at least ``min_version``; staler ones go to the StaleHandler."""
         while True:
             stale = [g for g in self._groups if g.min_version < min_version]
             if stale:
                 self._groups = deque(g for g in self._groups if g.min_version >= min_version)
-                if self._on_over_bound is not None:
-                    await self._on_over_bound(stale, min_version)
+                if self._stale is not None:
+                    await self._stale.over_bound(stale, min_version)
             if len(self._groups) >= n:
                 ordered, prio = self._ordered(min_version)
                 self._groups = deque(ordered[n:])

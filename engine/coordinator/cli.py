@@ -1,7 +1,8 @@
 """``everyprompt-train``: the entry point. Parses the config, prepares runs/<name>/, runs engine.coordinator.loop.run.
 
 Usage: everyprompt-train [--config-name NAME] [--config-dir DIR] [key=value ...]
-Writes runs/<name>/{config.yaml, metrics.jsonl, report.png, logs/}; the last stdout line is a JSON summary.
+Writes runs/<name>/{config.yaml, metrics.jsonl, report.png, logs/, policy/ (the trained policy as an HF folder)};
+the last stdout line is a JSON summary. Every input is checked first (engine/coordinator/preflight.py).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def prepare_run_dir(out_dir: str, name: str, *, resume: bool = False) -> Path:
-    """runs/<name>/ for a fresh run (earlier outputs of the same name are replaced), or for resuming it from its
-    latest checkpoint (its metrics and checkpoints are kept; engine/coordinator/loop.py trims what came after)."""
+    """runs/<name>/ for a fresh run (earlier outputs of the same name are replaced; engine/coordinator/preflight.py
+    has refused already unless there were no checkpoints or overwrite=true), or for resuming it from its latest
+    checkpoint (its metrics and checkpoints are kept; engine/coordinator/loop.py trims what came after). Earlier
+    logs are rotated into logs/attempt-N/."""
     run_dir = Path(out_dir) / name
     if resume:
         from engine.coordinator.checkpoint import latest
@@ -45,10 +48,24 @@ def prepare_run_dir(out_dir: str, name: str, *, resume: bool = False) -> Path:
     stale_files = ("report.png", "summary.json") + (() if resume else ("metrics.jsonl", "prompts.jsonl"))
     for stale in stale_files:
         (run_dir / stale).unlink(missing_ok=True)
-    for stale in ("logs", "weights") + (() if resume else ("checkpoints",)):
+    for stale in ("weights",) + (() if resume else ("checkpoints",)):
         shutil.rmtree(run_dir / stale, ignore_errors=True)
+    rotate_logs(run_dir / "logs")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def rotate_logs(logs: Path) -> Path | None:
+    """Move an earlier attempt's logs into ``logs/attempt-N/`` (N = 1, 2, ...): kept for debugging, never deleted."""
+    old = [p for p in logs.iterdir() if not p.name.startswith("attempt-")] if logs.is_dir() else []
+    if not old:
+        return None
+    n = 1 + max((int(p.name[8:]) for p in logs.glob("attempt-*") if p.name[8:].isdigit()), default=0)
+    dest = logs / f"attempt-{n}"
+    dest.mkdir()
+    for p in old:
+        p.rename(dest / p.name)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.coordinator.loop import run  # heavy imports only after the config is valid
     from transport import run as run_async
 
+    from engine.coordinator.preflight import check
+
     try:
+        check(cfg)  # every input, before runs/<name>/ is touched
         run_dir = prepare_run_dir(cfg.out_dir, cfg.name, resume=cfg.resume)
     except ConfigError as e:
         print(f"everyprompt-train: config error: {e}", file=sys.stderr)
@@ -73,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("run.interrupted", detail="every actor was stopped; metrics.jsonl holds the finished steps")
         code = 130
-    except (ActorFailed, BaseExceptionGroup) as e:  # a group comes from the TaskGroup in start_actors
-        failed = e.subgroup(ActorFailed) if isinstance(e, BaseExceptionGroup) else e
-        if failed is None:
-            raise
-        for err in failed.exceptions if isinstance(failed, BaseExceptionGroup) else [failed]:
-            log.error("run.actor_failed", error=str(err))
+    except ActorFailed as e:  # start_actors (engine/coordinator/cluster.py) raises one exception, never a group
+        log.error("run.actor_failed", error=str(e))
         code = 1
     finally:
         if (run_dir / "metrics.jsonl").exists():

@@ -1,11 +1,15 @@
 """Start every actor process, connect it, route its messages, watch its health, and stop it.
 
 ``start_actors`` is the one place that knows the process map of DESIGN.md. Inside the ``async with`` block the
-caller gets ``Actors``: rollouts (engine/coordinator/rollouts.py), the group buffer, and the learner handle. A background
-pump routes every incoming frame. A dead or silent rollout or reward worker is restarted and its unfinished
-work re-queued (Supervisor, Rollouts); the learner dying or going silent aborts the block with ``LearnerFailed``
-(engine/coordinator/recovery.py resumes the run from its newest checkpoint); an ErrorReport or too many worker restarts abort
-it with ``ActorFailed`` naming the actor and the tail of its log.
+caller gets ``Actors``: rollouts (engine/coordinator/rollouts.py), the group buffer, and the learner handle. A
+background pump routes every incoming frame: producer messages into the rollouts' inbox (taken by the ``produce``
+loop the caller passes, engine/coordinator/loop.py::continuous_rollouts), learner results to the learner handle.
+A dead or silent rollout or reward worker is restarted and the producer told (``WorkerLost``: its unfinished
+work is re-queued); the learner dying or going silent aborts the block with ``LearnerFailed``
+(engine/coordinator/recovery.py resumes the run from its newest checkpoint); an ErrorReport or too many worker
+restarts abort it with ``ActorFailed`` naming the actor and the tail of its log. No exception group leaves this
+module: the TaskGroup's failures come out as one exception (``_one_error``), an ``ActorFailed`` when an actor
+failed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +26,12 @@ import structlog
 from engine.coordinator.launch import is_elastic, learner_command, learner_env, write_join_info
 from configs.schema import RunConfig, TransportConfig
 from engine.coordinator.buffer import GroupBuffer
+from engine.coordinator.inbox import WorkerJoined, WorkerLost
 from engine.coordinator.procs import Child, python_module, respawn, spawn, stop_all
 from engine.backends import simulate
-from engine.coordinator.judging import Judging
-from engine.coordinator.rollouts import Rollouts, Sampling
-from engine.coordinator.schedule import LengthPredictor, Scheduler
-from engine.data.tasks import build_task
+from engine.backends.registry import worker_module
+from engine.coordinator.rollouts import Rollouts
+from engine.data.tokenizer import load_tokenizer
 from transport import (CheckpointSaved, ErrorReport, Hello, Hub, Judged, ResponseChunk, SaveCheckpoint, Scored,
                        Shutdown, TrainBatch, TrainResult, WeightsLoaded)
 from transport.curve import CurveKeys, server_keys
@@ -40,6 +45,31 @@ class ActorFailed(RuntimeError):
 
 class LearnerFailed(ActorFailed):
     """The learner group (torchrun or one of its ranks) died or went silent: resume from a checkpoint."""
+
+
+def _one_error(group: BaseExceptionGroup) -> BaseException:
+    """The one exception a failed ``start_actors`` block raises for its TaskGroup's group of failures: a
+    LearnerFailed when every failure is one (recovery.py resumes), else an ActorFailed naming every actor that
+    failed, else the first failure itself (a bug: its own traceback); any other failure becomes a note on it."""
+    leaves: list[BaseException] = []
+    stack = [group]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack[:0] = list(e.exceptions)
+        else:
+            leaves.append(e)
+    actors = [e for e in leaves if isinstance(e, ActorFailed)]
+    if actors and all(isinstance(e, LearnerFailed) for e in leaves):
+        return actors[0]
+    if actors:
+        one = actors[0] if len(actors) == 1 else ActorFailed("\n".join(str(e) for e in actors))
+        others = [e for e in leaves if not isinstance(e, ActorFailed)]
+    else:
+        one, others = leaves[0], leaves[1:]
+    for e in others:
+        one.add_note(f"also failed: {type(e).__name__}: {e}")
+    return one
 
 
 @dataclass
@@ -137,7 +167,7 @@ class Supervisor:
 @dataclass
 class Actors:
     rollouts: Rollouts
-    buffer: GroupBuffer
+    buffer: GroupBuffer  # rollouts.buffer
     learner: Learner
     supervisor: Supervisor
     hub: Hub | None = None
@@ -147,7 +177,7 @@ class Actors:
         return {"buffered_groups": len(self.buffer), "actor_restarts": faults.actor_restarts,
                 "learner_restarts": faults.learner_restarts, **load,
                 "frames_rejected": faults.frames_rejected + load.get("frames_rejected", 0),
-                **self.buffer.last_take, **self.rollouts.counters()}
+                **self.buffer.last_take, **self.rollouts.counters.metrics()}
 
 
 def _curve(tc: TransportConfig) -> CurveKeys | None:
@@ -158,7 +188,7 @@ def _postprocess_work(cfg: RunConfig):
     """What the post-processing pool does to a finished response: detokenize it (sim: the cost model's time)."""
     if cfg.rollout.backend == "sim":
         return simulate.detokenize_work(cfg.sim)
-    tokenizer = build_task(cfg.task).tokenizer
+    tokenizer = load_tokenizer(cfg.model)
     return lambda token_ids: tokenizer.decode(token_ids.tolist())
 
 
@@ -167,14 +197,15 @@ def _spawn_all(cfg: RunConfig, run_dir: Path, endpoint: str, init_dir: str, resu
     config_path, logs = str(run_dir / "config.yaml"), run_dir / "logs"
     common = ["--endpoint", endpoint, "--config", config_path]
     children = []
-    if cfg.rollout.backend == "sim":  # many simulated workers per process (actors/sim_backend.py)
+    worker = worker_module(cfg.rollout.backend)  # which process runs this backend's workers (the backend registry)
+    if cfg.rollout.backend == "sim":  # many simulated workers per process (engine/backends/sim.py)
         per = cfg.sim.workers_per_process
         for first in range(0, cfg.rollout.num_workers, per):
             count = min(per, cfg.rollout.num_workers - first)
             children.append(spawn(f"sim-workers-{first}", python_module(
-                "actors.sim_backend", *common, "--worker-id", str(first), "--count", str(count)), log_dir=logs))
+                worker, *common, "--worker-id", str(first), "--count", str(count)), log_dir=logs))
     for i in range(cfg.rollout.num_workers if cfg.rollout.backend != "sim" else 0):
-        children.append(spawn(f"rollout-{i}", python_module("actors.rollout_worker", *common, "--worker-id", str(i),
+        children.append(spawn(f"rollout-{i}", python_module(worker, *common, "--worker-id", str(i),
                                                                "--init", init_dir), log_dir=logs,
                               env={"OMP_NUM_THREADS": str(cfg.rollout.threads_per_worker)}))
     for i in range(cfg.reward.num_workers):
@@ -222,20 +253,15 @@ async def _wait_for_hellos(hub: Hub, cfg: RunConfig, sup: Supervisor) -> dict[st
 
 async def _pump(hub: Hub, a: Actors) -> None:
     """Route every incoming message and restart failed workers. Runs for the whole block."""
+    inbox = a.rollouts.inbox  # the producer's messages, in arrival order (loop.py::continuous_rollouts)
     while True:
         try:
             peer, msg = await hub.recv(timeout=1.0)
         except TimeoutError:
             peer, msg = None, None
         match msg:
-            case ResponseChunk():
-                await a.rollouts.on_chunk(peer, msg)
-            case Scored():
-                await a.rollouts.on_scored(msg)
-            case Judged():
-                await a.rollouts.on_judged(msg)
-            case WeightsLoaded():
-                a.rollouts.on_weights_loaded(peer, msg)
+            case ResponseChunk() | Scored() | Judged() | WeightsLoaded():
+                inbox.put(peer, msg)
             case TrainResult() | CheckpointSaved():
                 a.learner.on_result(msg)
             case Hello(role="learner"):  # torchrun restarted the group (elastic: a rank died, a node came or left)
@@ -243,7 +269,7 @@ async def _pump(hub: Hub, a: Actors) -> None:
                                     "resuming the run from its newest checkpoint")
             case Hello():  # a restarted worker, or one started by hand (everyprompt-rollout-worker)
                 a.supervisor.joined(peer, msg)
-                await (a.rollouts.add_worker(peer) if msg.role == "rollout" else a.rollouts.add_reward(peer))
+                inbox.put(peer, WorkerJoined(role="rollout" if msg.role == "rollout" else "reward"))
             case ErrorReport():
                 raise ActorFailed(f"{msg.where} reported an error:\n{msg.error}")
             case None:
@@ -253,15 +279,15 @@ async def _pump(hub: Hub, a: Actors) -> None:
         for name, why in a.supervisor.failures():
             old_peer = await a.supervisor.restart(name, why)
             if old_peer is not None:
-                await (a.rollouts.remove_worker(old_peer) if name.startswith("rollout")
-                       else a.rollouts.remove_reward(old_peer))
+                inbox.put(old_peer, WorkerLost(role="rollout" if name.startswith("rollout") else "reward"))
 
 
 @contextlib.asynccontextmanager
-async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_learner: str | None = None,
-                       faults: Faults | None = None, rdzv_endpoint: str = ""):
-    """Every process up and connected; on exit (normal, error or Ctrl-C) every process stopped. With
-    ``resume_learner`` the learner continues from that checkpoint directory. ``faults`` counts across calls."""
+async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce: Callable[[Rollouts], Awaitable[None]],
+                       resume_learner: str | None = None, faults: Faults | None = None, rdzv_endpoint: str = ""):
+    """Every process up and connected, ``produce(rollouts)`` (the producer loop) running next to the pump; on exit
+    (normal, error or Ctrl-C) every process stopped. With ``resume_learner`` the learner continues from that
+    checkpoint directory. ``faults`` counts across calls. Raises one exception, never a group (``_one_error``)."""
     faults = faults if faults is not None else Faults()
     hub = Hub(host=cfg.transport.host, port=cfg.transport.port, heartbeat_s=cfg.transport.heartbeat_s,
               peer_timeout_s=cfg.transport.peer_timeout_s, max_frame_bytes=cfg.transport.max_frame_bytes,
@@ -274,30 +300,21 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, resume_l
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner, rdzv_endpoint)
         sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts, faults=faults)
         peers = await _wait_for_hellos(hub, cfg, sup)
-        buffer = GroupBuffer(on_over_bound=lambda groups, floor: rollouts.over_bound(groups, floor),
-                             order=cfg.train.buffer_order, staleness_weight=cfg.train.buffer_staleness_weight)
-        rollouts = Rollouts(hub, workers=peers["rollout"], rewards=peers["reward"], buffer=buffer,
-                            group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
-                            max_new_tokens=cfg.task.max_answer_tokens,
-                            groups_per_step=cfg.train.groups_per_step, max_staleness=cfg.train.max_staleness,
-                            stale_policy=cfg.train.stale_policy, sampling=Sampling(
-                                adaptive=cfg.rollout.adaptive_group_size, max_group_size=cfg.rollout.max_group_size,
-                                zv_target=cfg.rollout.zv_target, top_up=cfg.rollout.top_up,
-                                extra_sample_frac=cfg.rollout.extra_sample_frac),
-                            return_routes=cfg.rollout.return_routes,
-                            scheduler=Scheduler(cfg.rollout.schedule, LengthPredictor(
-                                ema=cfg.rollout.length_ema, default=float(cfg.task.max_answer_tokens))),
-                            postprocess_workers=cfg.rollout.postprocess_workers,
-                            reward_overlap=cfg.rollout.reward_overlap, postprocess=_postprocess_work(cfg))
-        if cfg.reward.plugin == "judge":
-            rollouts.judging = Judging(hub, peers["reward"])  # the same list of live reward peers as rollouts
-        actors = Actors(rollouts=rollouts, buffer=buffer, learner=Learner(hub, peers["learner"][0]),
+        rollouts = Rollouts(hub, rollout=cfg.rollout, train=cfg.train, max_new_tokens=cfg.task.max_answer_tokens,
+                            workers=peers["rollout"], rewards=peers["reward"], postprocess=_postprocess_work(cfg),
+                            judge=cfg.reward.plugin == "judge")
+        actors = Actors(rollouts=rollouts, buffer=rollouts.buffer, learner=Learner(hub, peers["learner"][0]),
                         supervisor=sup, hub=hub)
         async with asyncio.TaskGroup() as tg:
             pump = tg.create_task(_pump(hub, actors), name="coordinator.pump")
+            producer = tg.create_task(produce(rollouts), name="coordinator.producer")
             yield actors
             pump.cancel()
+            producer.cancel()
         await rollouts.stop()
+    except BaseExceptionGroup as group:  # from the TaskGroup: one exception goes to the caller
+        failing = True
+        raise _one_error(group) from None
     except BaseException:
         failing = True
         raise

@@ -1,6 +1,6 @@
 """The coordinator's side of the generative judge (reward.plugin=judge): whole groups out, judge margins back.
 
-consumes: complete groups (engine/coordinator/rollouts.py, once every response is verified on its own), Judged (reward workers)
+consumes: complete groups (engine/coordinator/loop.py, once every response is verified on its own), Judged (reward workers)
 produces: JudgeRequest (one per group, round-robin over the live reward workers)
 
 The judge needs a whole group (round-robin pairs, or every response against the same anchor), while responses are
@@ -22,10 +22,11 @@ from transport import Hub, JudgeRequest, Judged
 
 class Judging:
     def __init__(self, hub: Hub, rewards: list[str]) -> None:
-        self._hub, self._rewards = hub, rewards  # the live reward peers (the list engine/coordinator/rollouts.py keeps)
+        self._hub, self._rewards = hub, rewards  # the live reward peers (the list scoring.py keeps)
         self._pending: dict[str, tuple[str | None, JudgeRequest]] = {}  # group_id -> (peer, request)
         self._num_sent = 0
-        self.counts = {"judge_requests": 0, "requeued_judgements": 0}
+        self.num_requests = 0  # JudgeRequests made (each one's request_id)
+        self.num_requeued = 0  # sent again after their reward worker died
 
     @staticmethod
     def needs(g: Group) -> bool:
@@ -35,13 +36,13 @@ class Judging:
     async def request(self, g: Group) -> None:
         samples = g.ordered()
         lengths = [len(s.token_ids) for s in samples]
-        self.counts["judge_requests"] += 1
+        self.num_requests += 1
         await self._send(JudgeRequest(
             group_id=g.group_id, prompt_ids=g.prompt_ids,
             token_ids=np.concatenate([s.token_ids for s in samples]).astype(np.int32),
             offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
             sample_indices=[s.sample_index for s in samples], answer=g.answer,
-            request_id=self.counts["judge_requests"]))
+            request_id=self.num_requests))
 
     async def _send(self, req: JudgeRequest) -> None:
         if not self._rewards:  # every reward worker is being restarted: requeue() sends it
@@ -68,5 +69,5 @@ class Judging:
     async def requeue(self, dead_peer: str | None) -> None:
         """Send again what a dead reward worker held (``None``: what waited for any reward worker)."""
         for peer, req in [v for v in self._pending.values() if v[0] == dead_peer]:
-            self.counts["requeued_judgements"] += dead_peer is not None
+            self.num_requeued += dead_peer is not None
             await self._send(req)

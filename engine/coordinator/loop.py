@@ -8,6 +8,10 @@ groups are ready. Every ``train.checkpoint_every`` steps the whole asynchronous 
 ``resume=true`` continues from there without skipping or repeating a prompt. A learner that dies mid-run is
 handled the same way, without a human: the run rolls back to the newest checkpoint and continues
 (engine/coordinator/recovery.py).
+
+Stage 2 has two halves, both here: the trainer (``_rl``, ``_train_step``: take groups, train, send weights) and
+the producer (``continuous_rollouts``, ``admit_prompts``: prompt -> dispatch/generate -> chunks -> score ->
+top-up/judge -> buffer), which drives the parts wired in engine/coordinator/rollouts.py.
 """
 
 from __future__ import annotations
@@ -23,27 +27,33 @@ from tqdm import tqdm
 from configs.schema import RunConfig
 from engine.coordinator import checkpoint
 from engine.coordinator.batch import RunStats, batch_stats, pack_batch
+from engine.coordinator.buffer import Group
 from engine.coordinator.cluster import Actors, Faults, start_actors
 from engine.coordinator.launch import Rendezvous, is_elastic
 from engine.coordinator.metrics import MetricsWriter, truncate_jsonl
 from engine.coordinator.recovery import restart_on_learner_failure
-from engine.coordinator.rollouts import PromptItem
-from engine.modeling.sft import ensure_sft_checkpoint
-from engine.data.tasks import Task, build_task
-from transport import LoadWeights
+from engine.coordinator.inbox import WorkerJoined, WorkerLost
+from engine.coordinator.rollouts import PromptItem, Rollouts
+from engine.modeling.model import export_policy, newest_weights
+from engine.modeling.sft import initial_policy
+from engine.data.tasks import Task, load_task
+from transport import Judged, LoadWeights, ResponseChunk, Scored, WeightsLoaded
 
 
 async def run(cfg: RunConfig, run_dir: Path) -> dict:
     """Cold-start SFT, greedy eval, async RL up to step ``train.num_steps``, greedy eval. Returns the summary."""
-    t_start, task = time.monotonic(), build_task(cfg.task)
-    init_dir, sft = ensure_sft_checkpoint(cfg, task, progress=cfg.progress)  # stage 1 (cached across runs)
+    t_start, task = time.monotonic(), load_task(cfg)
+    init_dir, sft = initial_policy(cfg, task, progress=cfg.progress)  # stage 1 (cached; skipped for init_from)
     torch.set_num_threads(1)  # the actor processes own the cores from here on
     ckpt = checkpoint.latest(run_dir) if cfg.resume else None
     rdzv = Rendezvous(cfg) if is_elastic(cfg) else None  # the elastic learners' store: outlives every restart
     summary = await restart_on_learner_failure(  # a dead learner: resume from the newest checkpoint, in process
         cfg, run_dir, ckpt, lambda ckpt, faults: _rl(cfg, run_dir, task, init_dir, ckpt, faults, t_start,
                                                      rdzv.endpoint if rdzv else ""))
-    return {**summary, "sft_cached": sft["cached"], "sft_s": sft["seconds"], "wall_s": time.monotonic() - t_start}
+    policy = export_policy(init_dir, newest_weights(run_dir / "weights", summary.pop("policy_version")),
+                           task.tokenizer, run_dir / "policy", cfg.model.dtype)  # an HF folder: the run's output
+    return {**summary, "sft_cached": sft["cached"], "sft_s": sft["seconds"], "policy_dir": str(policy),
+            "wall_s": time.monotonic() - t_start}
 
 
 async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: checkpoint.Checkpoint | None,
@@ -57,12 +67,14 @@ async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: ch
     totals = RunStats.from_dict(state["totals"] if state else {})
     eval_items = [_item(task, i, ex) for i, ex in enumerate(task.eval_set)]
     try:
-        async with start_actors(cfg, run_dir, init_dir, resume_learner=ckpt and str(ckpt.learner_dir),
-                                faults=faults, rdzv_endpoint=rdzv_endpoint) as a:
+        async with start_actors(cfg, run_dir, init_dir, produce=continuous_rollouts,
+                                resume_learner=ckpt and str(ckpt.learner_dir), faults=faults,
+                                rdzv_endpoint=rdzv_endpoint) as a:
             version = await _restore(a, ckpt, state) if ckpt else 0
             eval_start = state["eval_start"] if state else await _evaluate(a, eval_items, 0, metrics)
-            a.rollouts.start(islice(_prompt_stream(task, cfg), a.rollouts.counts["prompts_taken"], None),
-                             total_groups=cfg.train.num_steps * cfg.train.groups_per_step)
+            prompts = islice(_prompt_stream(task, cfg), a.rollouts.counters.prompts_taken, None)
+            a.rollouts.start(admit_prompts(a.rollouts, prompts,
+                                           total_groups=cfg.train.num_steps * cfg.train.groups_per_step))
             t_rl, step = time.monotonic(), first - 1
             for step in tqdm(range(first, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress,
                              unit="step"):
@@ -71,7 +83,7 @@ async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: ch
                     await _evaluate(a, eval_items, version, metrics)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     await _checkpoint(a, run_dir, step, version, totals, eval_start)
-                if cfg.train.sample_budget and a.rollouts.counts["generated_samples"] >= cfg.train.sample_budget:
+                if cfg.train.sample_budget and a.rollouts.counters.generated_samples >= cfg.train.sample_budget:
                     break  # the rollout budget is spent
             rl_s = time.monotonic() - t_rl
             eval_end = await _evaluate(a, eval_items, version, metrics)
@@ -79,15 +91,74 @@ async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: ch
         metrics.close()
         ledger.close()
     return {"steps": step, "resumed_from_step": ckpt.step if ckpt else 0,
-            "generated_samples": a.rollouts.counts["generated_samples"],
+            "generated_samples": a.rollouts.counters.generated_samples,
             "eval_accuracy_start": eval_start["accuracy"], "eval_accuracy_end": eval_end["accuracy"],
-            **totals.summary(a.rollouts.counts), "rl_s": rl_s}
+            **totals.summary(a.rollouts.counters), "rl_s": rl_s, "policy_version": version}
+
+
+# ---- the producer: prompt -> dispatch/generate -> chunks -> score -> top-up/judge -> buffer -----------------------
+
+async def continuous_rollouts(p: Rollouts) -> None:
+    """The producer half of the run, next to the trainer half (``_rl`` above, ``_train_step`` below). Runs for
+    the whole start_actors block.
+    consumes: the inbox (every worker message, in arrival order)   produces: complete groups into the buffer
+    waits for: the next message. Prompts come in through ``admit_prompts``; the parts are engine/coordinator/*.py."""
+    while True:
+        peer, msg = await p.inbox.get()
+        await on_message(p, peer, msg)
+
+
+async def admit_prompts(p: Rollouts, prompts: Iterator[PromptItem], *, total_groups: int) -> None:
+    """prompt -> dispatch/generate: as many new groups as the staleness bound allows now (admission.py), each
+    sized by the zero-variance sampler and sent whole to one worker (dispatch.py); then wait for new weights."""
+    while n := await p.admission.room(total_groups):
+        await p.dispatch.groups([p.admit(next(prompts)) for _ in range(n)])
+
+
+async def on_message(p: Rollouts, peer: str, msg: object) -> None:
+    """One step of the producer, for one message from ``peer``."""
+    match msg:
+        case ResponseChunk():  # chunks -> samples (streams.py); a finished response goes to be scored
+            if (finished := p.streams.append(peer, msg)) is not None:
+                await p.scoring.finished(finished)
+        case Scored():  # score -> the sample's reward; a group now complete goes on
+            if (group := p.scoring.answered(msg)) is not None:
+                await _complete(p, group)
+        case Judged():  # judge margins -> buffer
+            if (group := p.scoring.judged(msg)) is not None:
+                p.deliver(group)
+        case WeightsLoaded():
+            p.workers.loaded(peer, msg)
+        case WorkerJoined(role="rollout"):  # brought to the newest weights, then given the work that waited
+            await p.workers.join(peer)
+            await p.dispatch.join(peer)
+        case WorkerLost(role="rollout"):  # its unfinished responses continue elsewhere from their tokens
+            p.workers.leave(peer)
+            p.counters.continued_samples += await p.dispatch.lose(peer)
+        case WorkerJoined():
+            await p.scoring.join(peer)
+        case WorkerLost():
+            await p.scoring.lose(peer)
+
+
+async def _complete(p: Rollouts, g: Group) -> None:
+    """top-up/judge -> buffer: an RL group whose samples all agree in raw correctness gets more samples
+    (zero_variance.py); with reward.plugin=judge it is judged first (its margins come back as Judged)."""
+    if g.group_id not in p.evals:
+        p.dispatch.scheduler.predictor.observe(g.prompt_id, g.source, [s.length for s in g.samples.values()])
+        if n := p.sampler.after_group(g):
+            await p.dispatch.samples(g, g.add_samples(n))
+            return
+        if p.scoring.judging is not None and p.scoring.judging.needs(g):
+            await p.scoring.judging.request(g)
+            return
+    p.deliver(g)  # to the buffer (or to its eval)
 
 
 async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version: int, metrics: MetricsWriter,
                       ledger: MetricsWriter, totals: RunStats, t_start: float) -> int:
     """Take the oldest ready groups (none over the staleness bound), train one batch, send the new weights."""
-    t0, tokens0 = time.monotonic(), a.rollouts.num_generated_tokens
+    t0, tokens0 = time.monotonic(), a.rollouts.counters.generated_tokens
     groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_staleness)
     t_wait = time.monotonic() - t0
     batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id)
@@ -99,9 +170,9 @@ async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version:
     ledger.write({"step": step, "prompt_ids": [g.prompt_id for g in groups]})
     metrics.write({"step": step, "version": result.version, **stats, **result.stats, "step_s": step_s,
                    "learner_wait_s": t_wait, "elapsed_s": time.monotonic() - t_start,
-                   "gen_tokens_per_s": (a.rollouts.num_generated_tokens - tokens0) / step_s,
+                   "gen_tokens_per_s": (a.rollouts.counters.generated_tokens - tokens0) / step_s,
                    "train_tokens_per_s": result.stats.get("tokens", 0.0) / step_s,
-                   **a.rollouts.worker_idle(), **a.counters()})
+                   **a.rollouts.workers.idle(), **a.counters()})
     return result.version
 
 
@@ -123,7 +194,7 @@ async def _restore(a: Actors, ckpt: checkpoint.Checkpoint, state: dict) -> int:
 
 async def _evaluate(a: Actors, items: list[PromptItem], version: int, metrics: MetricsWriter) -> dict:
     """Greedy accuracy of policy ``version`` (once every worker has loaded it), logged as an eval event."""
-    await a.rollouts.wait_weights(version)
+    await a.rollouts.workers.wait_weights(version)
     result = await a.rollouts.evaluate(items, tag=f"v{version}")
     metrics.write({"event": "eval", "version": version, **result})
     return result

@@ -8,7 +8,7 @@ serial baseline of the ablation; P = 0 sends the request at once (the default ru
 generation. false is the baseline "score after the batch": finished responses wait until no RL response is being
 generated (the generation wave drained) or a whole step's worth (``hold_limit``) has finished.
 
-consumes: finished ScoreRequests (engine/coordinator/rollouts.py)   produces: the same requests, through ``send``
+consumes: finished ScoreRequests (engine/coordinator/scoring.py)   produces: the same requests, through ``send``
 waits for: a pool thread (bounded by P)
 """
 

@@ -32,17 +32,6 @@ log = structlog.get_logger()
 Attempt = Callable[[checkpoint.Checkpoint | None, Faults], Awaitable[dict]]
 
 
-def _learner_failure(e: BaseException) -> LearnerFailed | None:
-    """The LearnerFailed that ``e`` is, or that every failure in its exception group (from start_actors'
-    TaskGroup) is; None for anything else."""
-    while isinstance(e, BaseExceptionGroup):
-        found, rest = e.split(LearnerFailed)
-        if found is None or rest is not None:
-            return None
-        e = found.exceptions[0]
-    return e if isinstance(e, LearnerFailed) else None
-
-
 async def restart_on_learner_failure(cfg: RunConfig, run_dir: Path, ckpt: checkpoint.Checkpoint | None,
                                      attempt: Attempt) -> dict:
     """``attempt(ckpt, faults)`` (the RL stage), and after each learner failure the same again from the
@@ -53,10 +42,7 @@ async def restart_on_learner_failure(cfg: RunConfig, run_dir: Path, ckpt: checkp
             summary = await attempt(ckpt, faults)
             return {**summary, "learner_restarts": faults.learner_restarts, "actor_restarts": faults.actor_restarts,
                     "frames_rejected": faults.frames_rejected}
-        except BaseException as e:
-            failure = _learner_failure(e)
-            if failure is None:
-                raise
+        except LearnerFailed as failure:  # start_actors raises one exception, never a group
             faults.learner_restarts += 1
             restarts, limit = faults.learner_restarts, cfg.transport.max_learner_restarts
             if restarts > limit:

@@ -9,7 +9,7 @@ group stay on one worker, so its prompt is prefilled once (prefix reuse). Worker
 so the longest responses also start first on each worker, and fewer workers idle waiting for the last long
 sequence.
 
-Pure bookkeeping: no I/O, no clocks; engine/coordinator/rollouts.py calls it.
+Pure bookkeeping: no I/O, no clocks; engine/coordinator/dispatch.py calls it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from configs.load import load_cli
 from engine.modeling.model import generate, load_model
-from engine.data.tasks import Example, Task, build_task, read_pool
+from engine.data.tasks import Example, Task, load_task, read_pool
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     torch.set_num_threads(args.threads)
-    t0, task = time.monotonic(), build_task(cfg.task)
+    t0, task = time.monotonic(), load_task(cfg)
     pool = _pool(args, task, cfg.seed)
     out = Path(args.out)
     progress = out.with_name(out.name + ".progress.jsonl")
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = [i for i in range(len(pool)) if i not in done]
     model_dir = args.model
     if todo and model_dir is None:
-        from engine.modeling.sft import ensure_sft_checkpoint
+        from engine.modeling.sft import initial_policy
 
-        model_dir, _ = ensure_sft_checkpoint(cfg, task, progress=True)
+        model_dir, _ = initial_policy(cfg, task, progress=True)
     model = load_model(model_dir).eval() if todo else None  # nothing left to estimate: no model needed
     with open(progress, "a") as f, tqdm(total=len(pool), initial=len(done), desc="filter-pool", unit="prompt") as bar:
         for b in range(0, len(todo), args.batch_prompts):

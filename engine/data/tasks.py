@@ -1,63 +1,28 @@
-"""Tasks: prompts, reference answers, the verifier and the character tokenizer.
+"""Tasks: prompts, reference answers and the verifier (tokenizers: engine/data/tokenizer.py).
 
 Two tasks exist. ``arithmetic`` (built in) asks ``"37+485="``; by default the answer is written with its
 digits reversed (least significant first, ``"225"`` for 522, then EOS), because a small model then
 produces each digit right after the carry it depends on, and learns in a fraction of the steps that
-the usual order needs (``task.reverse_answer=false`` writes the usual order). ``jsonl`` reads
-``{"prompt": ..., "answer": ...}`` lines. Eval, dev and train prompts never overlap.
+the usual order needs (``task.reverse_answer=false`` writes the usual order). ``jsonl`` reads a dataset file
+(JSONL, Parquet or a ``datasets`` folder; engine/data/datasets.py); its eval and dev sets take at most half of the
+data (scaled down with a warning), and its training prompts are served in epochs, each in a new seeded order.
+Eval, dev and train prompts never overlap.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+import warnings
 from collections.abc import Iterator
 from typing import Callable
 
-from configs.schema import TaskConfig
+from configs.schema import RunConfig, TaskConfig
+from engine.data.datasets import DataError, Example, read_examples
+from engine.data.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
 
-_SPECIALS = ("<pad>", "<bos>", "<eos>")
-_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline + printable ASCII
-
-
-class CharTokenizer:
-    """One id per character: 0 pad, 1 bos, 2 eos, then newline and printable ASCII (98 ids in all)."""
-
-    pad_id, bos_id, eos_id = 0, 1, 2
-
-    def __init__(self) -> None:
-        self.vocab: list[str] = list(_SPECIALS) + list(_CHARS)
-        self._ids = {ch: i for i, ch in enumerate(self.vocab) if i >= len(_SPECIALS)}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self._ids[ch] for ch in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer vocabulary "
-                             "(newline and printable ASCII only)") from None
-
-    def decode(self, ids: list[int]) -> str:
-        """Text up to the first eos; pad and bos are skipped."""
-        out = []
-        for i in ids:
-            if i == self.eos_id:
-                break
-            if i >= len(_SPECIALS):
-                out.append(self.vocab[i])
-        return "".join(out)
-
-
-@dataclass(frozen=True, slots=True)
-class Example:
-    prompt: str
-    answer: str  # the text the model must produce (before eos)
-    source: str  # "arithmetic" or the jsonl path
-    difficulty: int  # arithmetic: digits of the longer operand; jsonl: 1
+__all__ = ["CharTokenizer", "DataError", "Example", "Task", "build_task", "load_task", "read_pool"]
+Tokenizer = CharTokenizer | HFTokenizer
 
 
 def normalise(text: str) -> str:
@@ -68,10 +33,12 @@ class Task:
     """Prompts and verifier. ``sample_train`` never returns an eval or dev prompt."""
 
     def __init__(self, name: str, eval_set: list[Example], dev_set: list[Example],
-                 draw_train: Callable[[random.Random], Example], max_answer_tokens: int) -> None:
+                 draw_train: Callable[[random.Random], Example], max_answer_tokens: int,
+                 tokenizer: Tokenizer | None = None, train_set: list[Example] | None = None) -> None:
         self.name = name
         self.max_answer_tokens = max_answer_tokens  # generation limit, eos included
-        self.tokenizer = CharTokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
+        self.train_set = train_set  # a finite dataset's training examples (served in epochs), else None
         self.eval_set, self.dev_set = eval_set, dev_set
         self._draw_train = draw_train
         self._held_out = {ex.prompt for ex in eval_set} | {ex.prompt for ex in dev_set}
@@ -95,10 +62,13 @@ class Task:
     def train_stream(self, seed: int, pool_path: str | None = None) -> Iterator[tuple[int, Example, float | None]]:
         """Endless RL prompts as (prompt id, example, offline pass rate or None), the same sequence for a seed.
 
-        Without a pool: fresh draws of the training distribution (ids from 1_000_000 on, each prompt once).
+        Without a pool: a dataset's training examples in epochs, each in a new seeded order (a prompt keeps its id,
+        1_000_000 + its index); the built-in task: fresh draws (ids from 1_000_000 on, each prompt once).
         With ``pool_path`` (a jsonl of prompt/answer[/source/pass_rate], e.g. written by everyprompt-filter-pool):
         the pool in a new seeded order every epoch; a prompt keeps its id (1_000_000 + its line) across epochs.
         Eval and dev prompts never appear."""
+        if pool_path is None and self.train_set is not None:
+            yield from _epochs([(i, ex, None) for i, ex in enumerate(self.train_set)], seed)
         if pool_path is None:
             rng, prompt_id = random.Random(seed), 1_000_000
             while True:
@@ -108,17 +78,15 @@ class Task:
         pool = [(i, ex, rate) for i, (ex, rate) in enumerate(read_pool(pool_path)) if ex.prompt not in self._held_out]
         if not pool:
             raise ValueError(f"{pool_path}: no training prompt left (empty, or all in the eval/dev sets)")
-        epoch = 0
-        while True:
-            order = list(range(len(pool)))
-            random.Random(seed * 1_000_003 + epoch).shuffle(order)
-            for j in order:
-                i, ex, rate = pool[j]
-                yield 1_000_000 + i, ex, rate
-            epoch += 1
+        yield from _epochs(pool, seed)
 
     def prompt_ids(self, ex: Example) -> list[int]:
-        return [self.tokenizer.bos_id] + self.tokenizer.encode(ex.prompt)
+        return self.tokenizer.prompt_ids(ex.prompt, ex.messages)
+
+    def long_answers(self) -> tuple[int, int, int]:
+        """(held-out answers longer than the generation limit, how many were checked, the longest in tokens + eos)."""
+        lengths = [len(self.tokenizer.encode(ex.answer)) + 1 for ex in self.eval_set + self.dev_set]
+        return sum(n > self.max_answer_tokens for n in lengths), len(lengths), max(lengths, default=0)
 
     def sft_ids(self, ex: Example) -> tuple[list[int], list[int]]:
         """(input_ids, loss_mask), aligned: loss_mask[t] = 1 where input_ids[t] is a target (answer + eos)."""
@@ -127,7 +95,19 @@ class Task:
         return prompt + target, [0] * len(prompt) + [1] * len(target)
 
 
-def _arithmetic(cfg: TaskConfig) -> Task:
+def _epochs(items: list[tuple[int, Example, float | None]], seed: int):
+    """Endless (1_000_000 + id, example, rate): every item once per epoch, each epoch in a new seeded order."""
+    epoch = 0
+    while True:
+        order = list(range(len(items)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for j in order:
+            i, ex, rate = items[j]
+            yield 1_000_000 + i, ex, rate
+        epoch += 1
+
+
+def _arithmetic(cfg: TaskConfig, tokenizer: Tokenizer | None) -> Task:
     lo, hi = cfg.min_digits, cfg.max_digits
 
     def operand(rng: random.Random, digits: int) -> int:
@@ -147,41 +127,41 @@ def _arithmetic(cfg: TaskConfig) -> Task:
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             held.append(ex)
-    return Task("arithmetic", held[: cfg.num_eval], held[cfg.num_eval:], draw, cfg.max_answer_tokens)
+    return Task("arithmetic", held[: cfg.num_eval], held[cfg.num_eval:], draw, cfg.max_answer_tokens, tokenizer)
 
 
-def _jsonl(cfg: TaskConfig) -> Task:
-    examples: list[Example] = []
-    with open(cfg.jsonl_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt, answer = row["prompt"], row["answer"]
-                if not isinstance(prompt, str) or not isinstance(answer, (str, int, float)):
-                    raise TypeError("prompt must be a string and answer a string or number")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{cfg.jsonl_path}:{lineno}: bad line ({e!r}); each line must be "
-                                 '{"prompt": "...", "answer": "..."}') from None
-            examples.append(Example(prompt=prompt, answer=str(answer), source=cfg.jsonl_path, difficulty=1))
-    need = cfg.num_eval + cfg.num_dev + 1
-    if len(examples) < need:
-        raise ValueError(f"{cfg.jsonl_path} has {len(examples)} examples, but task.num_eval={cfg.num_eval} + "
-                         f"task.num_dev={cfg.num_dev} + 1 training example are needed; lower task.num_eval")
-    tok = CharTokenizer()
+def split_sizes(n: int, num_eval: int, num_dev: int, where: str) -> tuple[int, int]:
+    """Eval and dev sizes for a dataset of ``n`` examples: as configured while they take at most half of it,
+    else scaled down in proportion (with a warning naming the keys)."""
+    if num_eval + num_dev <= n // 2:
+        return num_eval, num_dev
+    budget = max(n // 2, 1)
+    ev = max(1, budget * num_eval // (num_eval + num_dev))
+    dev = min(num_dev, max(budget - ev, 1 if num_dev else 0))
+    if n - ev - dev < 1:
+        raise DataError(f"{where} has {n} examples: too few for an eval set and training prompts; add examples")
+    warnings.warn(f"{where} has {n} examples: task.num_eval={num_eval} + task.num_dev={num_dev} would leave "
+                  f"{max(n - num_eval - num_dev, 0)} for training; using num_eval={ev} num_dev={dev} "
+                  f"({n - ev - dev} training examples); set task.num_eval/task.num_dev to choose", stacklevel=3)
+    return ev, dev
+
+
+def _dataset(cfg: TaskConfig, tokenizer: Tokenizer | None) -> Task:
+    tok = tokenizer if tokenizer is not None else CharTokenizer()
+    examples = read_examples(cfg.jsonl_path)
     for i, ex in enumerate(examples):
         try:
             tok.encode(ex.prompt + ex.answer)
         except ValueError as e:
-            raise ValueError(f"{cfg.jsonl_path}: example {i + 1}: {e}") from None
+            raise DataError(f"{cfg.jsonl_path}: example {i + 1}: {e}") from None
+    num_eval, num_dev = split_sizes(len(examples), cfg.num_eval, cfg.num_dev, cfg.jsonl_path)
     random.Random(cfg.seed).shuffle(examples)
-    eval_set, dev_set = examples[: cfg.num_eval], examples[cfg.num_eval: cfg.num_eval + cfg.num_dev]
+    eval_set, dev_set = examples[:num_eval], examples[num_eval: num_eval + num_dev]
     held = {ex.prompt for ex in eval_set} | {ex.prompt for ex in dev_set}
-    train = [ex for ex in examples[cfg.num_eval + cfg.num_dev:] if ex.prompt not in held]
+    train = [ex for ex in examples[num_eval + num_dev:] if ex.prompt not in held]
     if not train:
-        raise ValueError(f"{cfg.jsonl_path}: every training prompt also appears in eval/dev; add examples")
-    return Task("jsonl", eval_set, dev_set, lambda rng: rng.choice(train), cfg.max_answer_tokens)
+        raise DataError(f"{cfg.jsonl_path}: every training prompt also appears in eval/dev; add examples")
+    return Task("jsonl", eval_set, dev_set, lambda rng: rng.choice(train), cfg.max_answer_tokens, tok, train)
 
 
 def read_pool(path: str) -> list[tuple[Example, float | None]]:
@@ -203,5 +183,11 @@ def read_pool(path: str) -> list[tuple[Example, float | None]]:
     return out
 
 
-def build_task(cfg: TaskConfig) -> Task:
-    return _arithmetic(cfg) if cfg.name == "arithmetic" else _jsonl(cfg)
+def build_task(cfg: TaskConfig, tokenizer: Tokenizer | None = None) -> Task:
+    """The task of ``cfg`` with ``tokenizer`` (default: the built-in character tokenizer)."""
+    return _arithmetic(cfg, tokenizer) if cfg.name == "arithmetic" else _dataset(cfg, tokenizer)
+
+
+def load_task(cfg: RunConfig) -> Task:
+    """The run's task with the run's tokenizer (``model.init_from``'s own, else the built-in one)."""
+    return build_task(cfg.task, load_tokenizer(cfg.model))

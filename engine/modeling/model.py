@@ -1,4 +1,5 @@
-"""The policy: a tiny Qwen3-MoE built locally, its weights on disk, batched decoding and token log-probs.
+"""The policy: a tiny Qwen3-MoE built locally (or any HF causal LM, ``load_model``), its weights on disk, the
+exported HF folder (``export_policy``), batched decoding and token log-probs.
 
 ``generate`` is a hand-written KV-cache decode loop (about 5x the throughput of HF ``generate`` on CPU at
 batch 512) that also returns the behaviour log-prob of every sampled token. ``token_logprobs`` recomputes
@@ -8,6 +9,7 @@ the same quantity with gradients for the learner. Shapes: B = sequences, L = pad
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -40,12 +42,46 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, seed: int, pad_id: int = 0
     return Qwen3MoeForCausalLM(config).float()
 
 
-def load_model(path: str | os.PathLike) -> Qwen3MoeForCausalLM:
-    return Qwen3MoeForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+def load_model(path: str | os.PathLike, dtype: str = "float32") -> torch.nn.Module:
+    """Any HF causal-LM folder (its own architecture, via AutoModelForCausalLM), weights in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
 
 
-def save_model(model: Qwen3MoeForCausalLM, path: str | os.PathLike) -> None:
+def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
     model.save_pretrained(str(path))
+
+
+def newest_weights(weights_dir: str | os.PathLike, version: int | None) -> Path | None:
+    """``weights_dir/policy_v{version}.safetensors`` (what the learner published last), None for version 0."""
+    return Path(weights_dir) / f"policy_v{version}.safetensors" if version else None
+
+
+def export_policy(init_dir: str, weights_file: str | os.PathLike | None, tokenizer, out: str | os.PathLike,
+                  dtype: str = "float32") -> Path:
+    """Write the policy as a complete HF folder at ``out`` (config, safetensors, generation config, tokenizer):
+    the model of ``init_dir`` with the weights of ``weights_file`` (None: the initial weights). Loadable with
+    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``; written beside ``out`` first,
+    then swapped in."""
+    from transformers import GenerationConfig
+
+    out = Path(out)
+    model = load_model(init_dir, dtype)
+    if weights_file is not None:
+        load_weights(model, weights_file)
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if getattr(model, "generation_config", None) is None:
+        model.generation_config = GenerationConfig()
+    for c in (model.config, model.generation_config):
+        c.bos_token_id, c.eos_token_id, c.pad_token_id = bos, tokenizer.eos_id, tokenizer.pad_id
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save(tmp)
+    shutil.rmtree(out, ignore_errors=True)  # the previous export of this same run
+    os.replace(tmp, out)
+    return out
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:

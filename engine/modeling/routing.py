@@ -6,13 +6,14 @@ routing of the hidden state of token p, i.e. the routing used to predict token p
 sequence is never fed to the model during generation, so a sequence of S tokens has S - 1 routed positions
 (sglang's ``routed_experts`` has the same ``seqlen - 1`` rows).
 
-Both recording and replay are forward hooks on the model's routers (every module whose class name ends in
-``TopKRouter``: Qwen3-MoE, Qwen2-MoE, Mixtral and Qwen3.5-MoE in transformers share the layout: forward returns
-``(router_logits, routing_weights, expert_ids)`` over flattened ``[batch * seq, hidden]`` input; DeepSpeed
-AutoEP's ``TokenChoiceTopKRouter`` in an expert-parallel learner returns ``(weights, expert_ids, counts)``). Replay keeps the
-router's own logits and recomputes the gate weights restricted to the forced experts (softmax over all experts,
-gathered at the forced ids, renormalised when ``norm_topk_prob``), so the router still receives gradient and the
-expert set equals the recorded one. Positions without a recorded route keep the router's own choice.
+Both recording and replay are forward hooks on the model's routers, found and read through the model family's
+adapter (engine/modeling/adapters.py: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3, GPT-OSS). transformers'
+routers take flattened ``[batch * seq, hidden]`` input and return logits, gate weights and expert ids (positions
+declared by the adapter); DeepSpeed AutoEP's ``TokenChoiceTopKRouter`` in an expert-parallel learner returns
+``(weights, expert_ids, counts)``. Replay keeps the router's own logits and recomputes the gate weights of the
+forced experts with the family's scoring function (adapter ``gate_weights``), so the router still receives
+gradient and the expert set equals the recorded one. Positions without a recorded route keep the router's own
+choice. Dense layers have no router and no route.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-REPLAY_MODES = ("off", "R2", "R3")
+from engine.modeling.adapters import MoEAdapter, adapter_for, is_ep_router
 
 
 def route_dtype(num_experts: int) -> np.dtype:
@@ -37,21 +38,26 @@ def route_dtype(num_experts: int) -> np.dtype:
     return np.dtype(np.uint32)
 
 
-def moe_routers(model: nn.Module) -> list[nn.Module]:
-    """The MoE routers of ``model`` in layer order (transformers' ``*TopKRouter`` modules)."""
-    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
-    for r in routers:
-        if not all(hasattr(r, a) for a in ("top_k", "num_experts")):
-            raise TypeError(f"{type(r).__name__} lacks top_k/num_experts: not a supported MoE router")
-    return routers
+def _adapter(model: nn.Module, adapter: MoEAdapter | None) -> MoEAdapter:
+    found = adapter or adapter_for(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no MoE router: router replay needs an MoE model "
+                         f"(pass learner.router_replay=off)")
+    return found
 
 
-def route_shape(model: nn.Module) -> tuple[int, int, int]:
+def moe_routers(model: nn.Module, adapter: MoEAdapter | None = None) -> list[nn.Module]:
+    """The MoE routers of ``model`` in layer order, found by its family's adapter (engine/modeling/adapters.py)."""
+    return _adapter(model, adapter).routers(model)
+
+
+def route_shape(model: nn.Module, adapter: MoEAdapter | None = None) -> tuple[int, int, int]:
     """(num MoE layers, top_k, num_experts) of ``model``."""
-    routers = moe_routers(model)
+    adapter = _adapter(model, adapter)
+    routers = adapter.routers(model)
     if not routers:
         raise ValueError(f"{type(model).__name__} has no MoE router: router replay needs an MoE model")
-    return len(routers), int(routers[0].top_k), int(routers[0].num_experts)
+    return len(routers), adapter.top_k, adapter.num_experts
 
 
 @dataclass
@@ -68,32 +74,35 @@ class RouteLog:
 
 @contextmanager
 def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
-                routed_N: torch.Tensor | None = None, record: bool = True) -> Iterator[RouteLog]:
+                routed_N: torch.Tensor | None = None, record: bool = True,
+                adapter: MoEAdapter | None = None) -> Iterator[RouteLog]:
     """Record every router's choice; with ``forced_NTLK`` also replay those experts.
 
     ``forced_NTLK`` (integer, [N, T, layers, k]) applies to forwards over ``[N, T]`` inputs; ``routed_N`` gives
     how many leading positions of each sequence have a recorded route (default: all). Forwards of any other
-    shape are not replayed (and a forced route outside [0, num_experts) raises).
+    shape are not replayed (and a forced route outside [0, num_experts) raises). ``adapter`` defaults to the
+    model's own (``adapter_for(model)``); pass it to hook a bare router module.
     """
-    routers = moe_routers(model)
+    adapter = _adapter(model, adapter)
+    routers = adapter.routers(model)
     log = RouteLog(calls=[[] for _ in routers])
     forced_rows, valid_rows = None, None
     if forced_NTLK is not None:
         n, t, layers, k = forced_NTLK.shape
-        if layers != len(routers) or k != routers[0].top_k:
+        if layers != len(routers) or k != adapter.top_k:
             raise ValueError(f"routes have {layers} layers x top-{k}; the model has {len(routers)} MoE layers x "
-                             f"top-{routers[0].top_k} (routes recorded with a different model?)")
+                             f"top-{adapter.top_k} (routes recorded with a different model?)")
         forced_rows = forced_NTLK.reshape(n * t, layers, k).long()
-        if forced_rows.numel() and int(forced_rows.max()) >= routers[0].num_experts:
+        if forced_rows.numel() and int(forced_rows.max()) >= adapter.num_experts:
             raise ValueError(f"a route names expert {int(forced_rows.max())}; the model has "
-                             f"{routers[0].num_experts} experts")
+                             f"{adapter.num_experts} experts")
         if routed_N is not None:
             valid_rows = (torch.arange(t)[None, :] < routed_N.reshape(n, 1)).reshape(n * t)
 
     def make_hook(layer: int):
         def hook(module, inputs, output):
-            ep = _is_ep_router(module)
-            ids = output[1] if ep else output[2]
+            ep = is_ep_router(module)
+            ids = output[1] if ep else adapter.read(output)[2]
             if record:
                 log.calls[layer].append(ids.detach())
             if forced_rows is None or ids.shape[0] != forced_rows.shape[0]:
@@ -101,7 +110,7 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
             forced = forced_rows[:, layer].to(ids.device)
             if valid_rows is not None:
                 forced = torch.where(valid_rows.to(ids.device)[:, None], forced, ids)
-            return _replayed_ep(module, inputs[0], output, forced) if ep else _replayed_hf(module, output, forced)
+            return _replayed_ep(module, inputs[0], output, forced) if ep else _replayed_hf(adapter, output, forced)
 
         return hook
 
@@ -113,28 +122,22 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
             h.remove()
 
 
-def _is_ep_router(module: nn.Module) -> bool:
-    """DeepSpeed AutoEP's ``TokenChoiceTopKRouter`` (expert-parallel learners): forward(x [T, H]) returns
-    ``(gate weights, expert_ids, tokens_per_expert)`` and has no logits in its output."""
-    return hasattr(module, "route_norm") and hasattr(module, "score_func")
-
-
-def _replayed_hf(module: nn.Module, output: tuple, forced: torch.Tensor) -> tuple:
-    """transformers' router output with ``forced`` experts and gate weights from the router's own logits."""
-    logits, weights, _ = output
-    gate = torch.softmax(logits, dim=-1, dtype=torch.float).gather(-1, forced)
-    if getattr(module, "norm_topk_prob", False):
-        gate = gate / gate.sum(dim=-1, keepdim=True)
-    return logits, gate.to(weights.dtype), forced
+def _replayed_hf(adapter: MoEAdapter, output: tuple, forced: torch.Tensor) -> tuple:
+    """transformers' router output with ``forced`` experts and the family's gate weights from the router's own
+    logits (engine/modeling/adapters.py ``gate_weights``)."""
+    logits, weights, _ = adapter.read(output)
+    return adapter.replaced(output, adapter.gate_weights(logits, forced).to(weights.dtype), forced)
 
 
 def _replayed_ep(module: nn.Module, x: torch.Tensor, output: tuple, forced: torch.Tensor) -> tuple:
-    """The same for DeepSpeed's EP router: its scores are recomputed from ``module.gate(x)`` (one small matmul),
-    gathered at ``forced``, normalised and scaled as the router itself does; expert token counts follow."""
-    if module.score_func != "softmax":
-        raise NotImplementedError(f"router replay supports softmax routers, not score_func={module.score_func!r}")
-    weights = output[0]
-    gate = torch.softmax(module.gate(x).float(), dim=-1).gather(1, forced)
+    """The same for DeepSpeed's EP router: its scores are recomputed from ``module.gate(x)`` (one small matmul)
+    with its own ``score_func`` (softmax or sigmoid; a correction bias only selects), gathered at ``forced``,
+    normalised and scaled as the router itself does; expert token counts follow."""
+    if module.score_func not in ("softmax", "sigmoid"):
+        raise NotImplementedError(f"router replay supports softmax/sigmoid routers, not {module.score_func!r}")
+    weights, logits = output[0], module.gate(x).float()
+    scores = torch.softmax(logits, dim=-1) if module.score_func == "softmax" else torch.sigmoid(logits)
+    gate = scores.gather(1, forced)
     if module.route_norm:
         gate = gate / (gate.sum(dim=-1, keepdim=True) + 1e-20)
     gate = gate * module.route_scale

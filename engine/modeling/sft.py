@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configs.schema import RunConfig
-from engine.modeling.model import build_model, evaluate_greedy, save_model
+from engine.modeling.model import build_model, evaluate_greedy, load_model, save_model
 from engine.data.tasks import Task
 
 _STATS_FILE = "sft_stats.json"
@@ -35,10 +35,12 @@ _NOT_IN_KEY = {"enabled", "cache_dir", "max_time_s"}  # these do not change what
 
 def cache_key(cfg: RunConfig, task: Task) -> str:
     sft = {k: v for k, v in dataclasses.asdict(cfg.sft).items() if k not in _NOT_IN_KEY}
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "init_from"}
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("init_from", "dtype")}
     task_cfg = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "train_pool"}  # RL prompts only
-    blob = json.dumps({"model": model, "task": task_cfg, "sft": sft,
-                       "vocab": task.tokenizer.vocab, "version": 1}, sort_keys=True)
+    key = {"model": model, "task": task_cfg, "sft": sft, "vocab": task.tokenizer.fingerprint, "version": 1}
+    if cfg.model.init_from is not None:  # SFT of a given checkpoint (the built-in model's keys stay as they were)
+        key["init_from"] = str(Path(cfg.model.init_from).resolve())
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -61,11 +63,14 @@ def _stderr(text: str) -> None:
 
 
 def train_sft(cfg: RunConfig, task: Task, *, progress: bool = True, log: Callable[[str], None] = _stderr):
-    """Train from random init until dev accuracy >= target (or a step/time limit) -> (model, stats)."""
+    """Train from random init (or ``model.init_from``) until dev accuracy >= target (or a step/time limit) -> (model, stats)."""
     s = cfg.sft
     tok = task.tokenizer
-    model = build_model(cfg.model, tok.vocab_size, seed=s.seed, pad_id=tok.pad_id, bos_id=tok.bos_id,
-                        eos_id=tok.eos_id)
+    if cfg.model.init_from is not None:  # sft.enabled=true with a checkpoint: fine-tune it (fp32)
+        model = load_model(cfg.model.init_from)
+    else:
+        model = build_model(cfg.model, tok.vocab_size, seed=s.seed, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                            eos_id=tok.eos_id)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=0.0)
     rng = random.Random(s.seed)
@@ -120,14 +125,50 @@ def ensure_sft_checkpoint(cfg: RunConfig, task: Task, *, progress: bool = True,
         model, stats = train_sft(cfg, task, progress=progress, log=log)
     finally:
         torch.set_num_threads(threads)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         save_model(model, tmp)
+        if cfg.model.init_from is not None:
+            task.tokenizer.save(tmp)  # a complete HF folder (the sglang backend serves it as it is)
         (tmp / _STATS_FILE).write_text(json.dumps(stats, indent=1))
-        os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (final / _STATS_FILE).exists():  # not a lost race with another writer
-            raise
+
+    _publish(final, write)
     return str(final), {**stats, "cached": False}
 
+
+def sft_wanted(cfg: RunConfig) -> bool:
+    """sft.enabled, where unset (None) means: on for the built-in model, off for ``model.init_from``."""
+    return cfg.sft.enabled if cfg.sft.enabled is not None else cfg.model.init_from is None
+
+
+def initial_policy(cfg: RunConfig, task: Task, *, progress: bool = True,
+                   log: Callable[[str], None] = _stderr) -> tuple[str, dict]:
+    """The HF folder RL starts from, plus SFT stats: ``model.init_from`` as it is, the (cached) SFT checkpoint,
+    or, with sft.enabled=false and no init_from, the random-init model."""
+    if sft_wanted(cfg):
+        return ensure_sft_checkpoint(cfg, task, progress=progress, log=log)
+    skipped = {"steps": 0, "seconds": 0.0, "cached": False, "skipped": True}
+    if cfg.model.init_from is not None:
+        log(f"sft skipped: starting from {cfg.model.init_from}")
+        return cfg.model.init_from, skipped
+    final = Path(cfg.sft.cache_dir) / f"init-{cache_key(cfg, task)}"
+    if not (final / "config.json").exists():
+        tok = task.tokenizer
+        model = build_model(cfg.model, tok.vocab_size, seed=cfg.sft.seed, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                            eos_id=tok.eos_id)
+        _publish(final, lambda tmp: save_model(model, tmp))
+    log(f"sft disabled: starting from the random-init model {final}")
+    return str(final), skipped
+
+
+def _publish(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder beside ``final`` with ``write`` and rename it into place (a reader sees none or all of it)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():  # not a lost race with another writer
+            raise

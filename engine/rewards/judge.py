@@ -35,31 +35,13 @@ from typing import Protocol
 
 import torch
 
+from configs.schema import JudgeConfig
 from engine.algo.advantages import pairwise_rewards
 
 DEFAULT_TEMPLATE = ("Question: {question}\nResponse A: {response_a}\nResponse B: {response_b}\n"
                     "Is A Better, Tie or Worse than B?\nVerdict:")
 VERDICTS = {"better": 1, "tie": 0, "worse": -1}
 JUDGE_PART = "judge_margin"  # the reward part that marks a judge-rewarded response (tie-aware advantages)
-
-
-@dataclass(frozen=True)
-class JudgeSpec:
-    construction: str = "round_robin"  # "round_robin" | "anchor"
-    anchor: str = "reference"  # anchor construction: "reference" (the answer) | "first" (the group's response 0)
-    max_calls_per_group: int = 32  # budget of judge generations per group (0 = no limit)
-    both_orders: bool = False
-    template: str = DEFAULT_TEMPLATE  # {question} {response_a} {response_b} {reference}
-    max_response_chars: int = 2000  # responses are cut to this many characters in the prompt
-    max_new_tokens: int = 8
-    temperature: float = 0.0
-    order_rule: str = "mean"  # both_orders: "mean" (average the two verdicts) | "agree" (Tie unless both agree)
-    tie_margin: float = 1.0  # round_robin dead zone in net verdicts (0 = off); engine.algo.advantages.pairwise_rewards
-    group_tie_frac: float = 0.1  # round_robin group tie test: <= this fraction of non-Tie verdicts = all-tie
-
-    def __post_init__(self) -> None:
-        if self.order_rule not in ("mean", "agree") or (self.order_rule == "agree" and not self.both_orders):
-            raise ValueError(f"order_rule={self.order_rule!r}: choose mean, or agree together with both_orders")
 
 
 def merge_orders(verdicts: list[int], rule: str = "mean") -> float:
@@ -101,7 +83,7 @@ def render(template: str, *, question: str, response_a: str, response_b: str, re
                            response_b=response_b[:max_chars], reference=reference)
 
 
-def select_pairs(num: int, spec: JudgeSpec, rng: random.Random) -> list[tuple[int, int]]:
+def select_pairs(num: int, spec: JudgeConfig, rng: random.Random) -> list[tuple[int, int]]:
     """Ordered (a, b) comparisons to make, within the budget. Index ``-1`` is the reference answer."""
     cost = 2 if spec.both_orders else 1
     if spec.construction == "anchor":
@@ -116,13 +98,14 @@ def select_pairs(num: int, spec: JudgeSpec, rng: random.Random) -> list[tuple[in
     return [q for a, b in pairs for q in ([(a, b), (b, a)] if spec.both_orders else [(a, b)])]
 
 
-def judge_group(backend: JudgeBackend, spec: JudgeSpec, *, question: str, responses: list[str], reference: str,
+def judge_group(backend: JudgeBackend, spec: JudgeConfig, *, question: str, responses: list[str], reference: str,
                 seed: int = 0) -> JudgeOutcome:
-    """Judge one group: prompts for the selected pairs, one batched generation, parse, construct rewards."""
+    """Judge one group as ``spec`` (``reward.judge``) says: prompts for the selected pairs, one batched
+    generation, parse, construct rewards."""
     num = len(responses)
     calls = select_pairs(num, spec, random.Random(seed))
     text = {i: r for i, r in enumerate(responses)} | {-1: reference}
-    prompts = [render(spec.template, question=question, response_a=text[a], response_b=text[b],
+    prompts = [render(spec.template or DEFAULT_TEMPLATE, question=question, response_a=text[a], response_b=text[b],
                       reference=reference, max_chars=spec.max_response_chars) for a, b in calls]
     outputs = backend.generate(prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature) if calls \
         else []

@@ -1,9 +1,10 @@
 """Reward plugins: a registry by name, and the process pool the reward worker runs them in.
 
-A plugin is a function ``fn(response: str, reference: str, options: dict) -> PluginScore`` (engine/rewards/verifiers.py).
-``reward.plugin`` names a built-in (``exact`` (default), ``math``, ``code``, ``instruction``) or any importable
-``package.module:function``; nothing else registers it. ``judge`` is group-level (engine/rewards/judge.py): its
-per-response verifier is ``reward.judge.verifier``.
+A plugin is a function ``fn(response: str, reference: str, options: dict) -> PluginScore``; ``options`` holds
+``sandbox`` (the ``reward.sandbox`` SandboxConfig). ``reward.plugin`` names a built-in (``exact`` (default),
+``math``, ``code``, ``instruction``, ``choice``: the ``@builtin`` registry of engine/rewards/verifiers.py) or any
+importable ``package.module:function``. ``judge`` is group-level (engine/rewards/judge.py): its per-response
+verifier is ``reward.judge.verifier``.
 
 ``PluginPool`` runs the plugin in ``reward.plugin_processes`` spawned processes, one response per call, each
 call as soon as the response arrives. A call that raises, exceeds ``reward.plugin_timeout_s`` or kills its
@@ -17,31 +18,28 @@ import asyncio
 import importlib
 import multiprocessing as mp
 import time
-from typing import Callable
 
 import structlog
 
-from engine.rewards.verifiers import PluginScore
+from engine.rewards.verifiers import VERIFIERS, PluginScore, Verifier
 
 log = structlog.get_logger()
 
-BUILTIN = {"exact": "engine.rewards.verifiers:exact", "math": "engine.rewards.verifiers:math_answer",
-           "code": "engine.rewards.verifiers:python_tests", "instruction": "engine.rewards.verifiers:instructions"}
 
-
-def resolve(name: str) -> Callable[[str, str, dict], PluginScore]:
+def resolve(name: str) -> Verifier:
     """A plugin by built-in name or ``module:function``; raises ValueError naming the fix."""
-    path = BUILTIN.get(name, name)
-    module, _, attr = path.partition(":")
+    if name in VERIFIERS:
+        return VERIFIERS[name]
+    module, _, attr = name.partition(":")
     if not module or not attr:
-        raise ValueError(f"reward plugin {name!r} is neither built in ({', '.join(BUILTIN)}) nor "
+        raise ValueError(f"reward plugin {name!r} is neither built in ({', '.join(VERIFIERS)}) nor "
                          f"'package.module:function'")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward plugin {name!r}: cannot import {path} ({e})") from None
+        raise ValueError(f"reward plugin {name!r}: cannot import it ({e})") from None
     if not callable(fn):
-        raise ValueError(f"reward plugin {name!r}: {path} is not a function")
+        raise ValueError(f"reward plugin {name!r} is not a function")
     return fn
 
 

@@ -6,9 +6,9 @@
   stderr included), process count (RLIMIT_NPROC), open files, no core dumps; and ``nice`` 19;
 - leaves the network: a fresh network namespace (``unshare(CLONE_NEWNET)``: no interface is up, every connect
   fails), or, where that is not permitted, an audit hook that refuses every socket (``network: "audit"``);
-- when started as root, drops to a dedicated unprivileged uid (``Limits.uid``, by default 61000 + pid % 4000, so
-  concurrent sandboxes of different processes do not share an RLIMIT_NPROC count) with no supplementary groups
-  and ``no_new_privs``;
+- when started as root, drops to a dedicated unprivileged uid (``run_python(uid=...)``, by default 61000 +
+  pid % 4000, so concurrent sandboxes of different processes do not share an RLIMIT_NPROC count) with no
+  supplementary groups and ``no_new_privs``;
 - installs an audit hook that refuses writes, renames, removals and links outside the private directory,
   ``exec``/``system``/``posix_spawn`` (an exec'd program would shed the hook) and ``ctypes``.
 
@@ -39,17 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Limits:
-    cpu_s: float = 2.0  # CPU seconds per process (SIGXCPU, then SIGKILL one second later)
-    wall_s: float = 5.0  # wall-clock limit of the whole run
-    memory_bytes: int = 512 * 1024 * 1024  # address space per process
-    max_processes: int = 16  # processes of the sandbox uid (RLIMIT_NPROC)
-    max_file_bytes: int = 8 * 1024 * 1024  # largest file it may write, stdout and stderr included
-    max_output_bytes: int = 64 * 1024  # stdout/stderr kept in the result
-    uid: int | None = None  # uid to drop to when root; None = 61000 + pid % 4000
-    network: str = "auto"  # "auto": a network namespace, else the audit hook; "audit": the hook only
+from configs.schema import SandboxConfig
 
 
 @dataclass
@@ -76,34 +66,38 @@ def default_uid() -> int:
     return 61000 + os.getpid() % 4000
 
 
-def run_python(code: str, *, tests: list[str] | None = None, limits: Limits = Limits()) -> SandboxResult:
-    """Run ``code`` (as module ``solution``) in the sandbox. With ``tests`` (Python statements, e.g. asserts),
-    each runs after the code, in a copy of its namespace; one report per test says whether it passed. A test
-    that never reports (the run died or timed out first) did not pass."""
+def run_python(code: str, *, tests: list[str] | None = None, limits: SandboxConfig | None = None,
+               uid: int | None = None, max_output_bytes: int = 64 * 1024) -> SandboxResult:
+    """Run ``code`` (as module ``solution``) in the sandbox under ``limits`` (``reward.sandbox``; None = its
+    defaults). With ``tests`` (Python statements, e.g. asserts), each runs after the code, in a copy of its
+    namespace; one report per test says whether it passed. A test that never reports (the run died or timed out
+    first) did not pass. ``uid``: the uid to drop to when root (None = 61000 + pid % 4000); ``max_output_bytes``:
+    stdout/stderr kept in the result."""
+    limits = limits or SandboxConfig()
     with _lock, tempfile.TemporaryDirectory(prefix="everyprompt-sandbox-") as outer:
         outer_path = Path(outer)
         os.chmod(outer, 0o711)  # traversable by the sandbox uid; its own files stay unreadable to it
         work = outer_path / "work"
         work.mkdir(mode=0o700)
         root = os.geteuid() == 0
-        uid = (limits.uid if limits.uid is not None else default_uid()) if root else None
+        uid = (uid if uid is not None else default_uid()) if root else None
         if uid is not None:
             os.chown(work, uid, uid)
         nonce = secrets.token_hex(8)
         files = {name: open(outer_path / name, "w+b") for name in ("stdout", "stderr", "report")}
         try:
-            return _run(code, tests, limits, work, uid, nonce, files)
+            return _run(code, tests, limits, work, uid, nonce, files, max_output_bytes)
         finally:
             for f in files.values():
                 f.close()
 
 
-def _run(code, tests, limits: Limits, work: Path, uid, nonce: str, files) -> SandboxResult:
+def _run(code, tests, limits: SandboxConfig, work: Path, uid, nonce: str, files, max_output: int) -> SandboxResult:
     report_fd = files["report"].fileno()
     nproc = limits.max_processes if uid is not None else _own_process_count() + limits.max_processes
     cfg = {"code": code, "tests": tests, "nonce": nonce, "report_fd": report_fd, "work": str(work), "uid": uid,
-           "cpu_s": limits.cpu_s, "memory_bytes": limits.memory_bytes, "nproc": nproc,
-           "fsize": limits.max_file_bytes, "network": limits.network,
+           "cpu_s": limits.cpu_s, "memory_bytes": limits.memory_mb << 20, "nproc": nproc,
+           "fsize": limits.max_file_mb << 20, "network": limits.network,
            "preload": [] if uid is None or _stdlib_readable_by_others() else list(PRELOAD)}
     env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
     t0 = time.monotonic()
@@ -123,7 +117,7 @@ def _run(code, tests, limits: Limits, work: Path, uid, nonce: str, files) -> San
     _kill_all(proc.pid, uid)
     proc.wait()
     wall = time.monotonic() - t0
-    stdout, stderr = (_read(files[n], limits.max_output_bytes) for n in ("stdout", "stderr"))
+    stdout, stderr = (_read(files[n], max_output) for n in ("stdout", "stderr"))
     reports, isolation = [], {}
     for line in _read(files["report"], 1 << 20).splitlines():
         if line.startswith(nonce):

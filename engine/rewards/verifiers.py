@@ -1,7 +1,9 @@
-"""Verifiers: the built-in reward plugins (engine/rewards/plugins.py). Graded where the spec says so (ALGORITHMS.md B.2.2).
+"""Verifiers: the built-in reward plugins (engine/rewards/plugins.py). Graded where the spec says so (ALGORITHMS.md
+B.2.2).
 
 Every verifier is ``fn(response, reference, options) -> PluginScore`` and may raise: the plugin pool turns an
-exception into a recorded failure (``valid=False``), never a dead worker.
+exception into a recorded failure (``valid=False``), never a dead worker. ``@builtin("name")`` registers one as
+``reward.plugin=name``: a new built-in verifier is its function here plus its test, nothing else.
 
 - ``exact``: whitespace-normalised exact match (the built-in arithmetic task's verifier, the default).
 - ``math``: the final answer (``\\boxed{}``, "answer is ...", ``#### ...`` or the last number) against the
@@ -10,6 +12,8 @@ exception into a recorded failure (``valid=False``), never a dead worker.
 - ``code``: the response's Python (its last fenced block, or all of it) run in the sandbox (engine/rewards/sandbox.py)
   with the reference's unit tests; the score is the fraction of tests passed.
 - ``instruction``: the reference is a JSON list of constraints; the score is the fraction satisfied.
+- ``choice``: multiple choice; the letter the response picks (``\\boxed{B}``, "the answer is (B)", "Answer: B", or
+  a response that is only the letter) against the reference's letter.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from __future__ import annotations
 import json
 import re
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-from engine.rewards.sandbox import Limits, run_python
+from engine.rewards.sandbox import run_python
 from engine.data.tasks import normalise
 
 
@@ -29,6 +33,21 @@ class PluginScore(NamedTuple):
     valid: bool = True  # False = this response could not be judged (left out of Eq. 11's set)
 
 
+Verifier = Callable[[str, str, dict], PluginScore]
+VERIFIERS: dict[str, Verifier] = {}  # built-in name -> verifier, filled by @builtin (reward.plugin=<name>)
+
+
+def builtin(name: str) -> Callable[[Verifier], Verifier]:
+    """Register the decorated function as the built-in verifier ``reward.plugin=name``."""
+    def register(fn: Verifier) -> Verifier:
+        if name in VERIFIERS:
+            raise ValueError(f"two built-in verifiers are named {name!r}: rename one")
+        VERIFIERS[name] = fn
+        return fn
+    return register
+
+
+@builtin("exact")
 def exact(response: str, reference: str, options: dict) -> PluginScore:
     ref = normalise(reference)
     if not ref:
@@ -115,6 +134,7 @@ def _symbolic_equal(a: str, b: str) -> bool:
     return sympy.simplify(diff) == 0
 
 
+@builtin("math")
 def math_answer(response: str, reference: str, options: dict) -> PluginScore:
     ref = normalise_math(extract_answer(reference))
     if not ref:
@@ -152,9 +172,10 @@ def parse_tests(reference: str) -> list[str]:
     return tests
 
 
+@builtin("code")
 def python_tests(response: str, reference: str, options: dict) -> PluginScore:
     tests = parse_tests(reference)
-    result = run_python(extract_code(response), tests=tests, limits=Limits(**options.get("sandbox", {})))
+    result = run_python(extract_code(response), tests=tests, limits=options.get("sandbox"))
     if not result.isolation:  # the bootstrap itself failed: the sandbox could not run, not the code
         raise RuntimeError(f"the sandbox did not start (status {result.status}): {result.stderr[-300:]}")
     passed = sum(1 for r in result.reports if r.get("passed"))
@@ -199,6 +220,7 @@ CONSTRAINTS = {  # type -> check(text, constraint) -> bool
 }
 
 
+@builtin("instruction")
 def instructions(response: str, reference: str, options: dict) -> PluginScore:
     constraints = json.loads(reference)
     if not isinstance(constraints, list) or not constraints:
@@ -210,3 +232,34 @@ def instructions(response: str, reference: str, options: dict) -> PluginScore:
         met += bool(CONSTRAINTS[c["type"]](response, c))
     return PluginScore(met / len(constraints), {"constraints_met": float(met),
                                                  "constraints_total": float(len(constraints))})
+
+
+# ---- multiple choice ---------------------------------------------------------------------------------------
+
+_LETTER = r"\(?([A-Z])\)?(?![A-Za-z0-9])"  # one capital letter, optionally in parentheses
+_CHOICE_STATED = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:=]?\s*\**\s*" + _LETTER)
+_CHOICE_ALONE = re.compile(r"\s*\**\s*" + _LETTER + r"\s*[.:]?\s*\**\s*")
+
+
+def choice_letter(text: str) -> str | None:
+    """The option a response picks: ``\\boxed{X}``, else the last "answer is X" / "answer: (X)", else the whole
+    response when it is only the letter (``B``, ``(B)``, ``B.``); None when it picks none."""
+    boxed = _boxed(text)
+    if boxed is not None:
+        m = _CHOICE_ALONE.fullmatch(re.sub(r"\\text\{([^}]*)\}", r"\1", boxed))
+        return m.group(1) if m else None
+    stated = _CHOICE_STATED.findall(text)
+    if stated:
+        return stated[-1]
+    m = _CHOICE_ALONE.fullmatch(text)
+    return m.group(1) if m else None
+
+
+@builtin("choice")
+def choice(response: str, reference: str, options: dict) -> PluginScore:
+    """1 when the response picks the reference's option letter (the reference: ``B``, ``(B)`` or ``B) text``)."""
+    m = re.match(r"\s*\(?([A-Za-z])(?:[).:]|\s|$)", reference)
+    if not m:
+        return PluginScore(0.0, valid=False)
+    picked = choice_letter(response)
+    return PluginScore(float(picked == m.group(1).upper()), {"choice_found": float(picked is not None)})

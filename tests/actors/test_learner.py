@@ -235,16 +235,21 @@ def test_ranks_exit_nonzero_when_the_coordinator_vanishes(tmp_path):
 
 
 @pytest.mark.parametrize("loss, aggregation", [("espo", "seq_mean_group_mean"), ("gspo", "seq_mean_token_mean"),
-                                               ("grpo", "token_mean"), ("cispo", "token_mean")])
-def test_loss_settings_map_config_to_each_loss(loss, aggregation):
-    from actors.learner import loss_settings
-    from engine.algo.losses import LOSSES
+                                               ("grpo", "token_mean"), ("cispo", "token_mean"),
+                                               ("dr_grpo", "seq_mean_token_sum_norm")])
+def test_each_loss_is_built_from_its_config_section(loss, aggregation):
+    from engine.algo.loss_seam import LossInputs, build_loss
 
     cfg = RunConfig()
     cfg.learner.loss = loss
-    agg, hyper = loss_settings(cfg.learner, vocab_size=99)
-    assert agg == aggregation
+    section = getattr(cfg.learner, loss)
+    built = build_loss(loss, section, aggregation=cfg.learner.aggregation, vocab_size=99,
+                       norm_len=cfg.task.max_answer_tokens)
+    assert built.aggregation == aggregation and built.cfg is section
+    assert built.ctx.vocab_size == 99 and built.ctx.norm_len == cfg.task.max_answer_tokens
     logp = torch.zeros(2, 3, requires_grad=True)
-    loss_value, stats = LOSSES[loss](logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.ones(2, 3),
-                                     entropy_NT=torch.rand(2, 3), aggregation=agg, **hyper)
+    loss_value, stats = built(LossInputs(logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.ones(2, 3),
+                                         entropy_NT=torch.rand(2, 3)))
     assert torch.isfinite(loss_value) and "clip_frac" in stats
+    with pytest.raises(TypeError, match="takes a"):
+        build_loss(loss, object(), vocab_size=99, norm_len=8)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.sglang_backend import hub_layout, write_model_dir
+from engine.backends.sglang import hub_layout, write_model_dir
 from engine.modeling.model import load_model, save_weights
 from tests.actors.test_workers import _setup, actor_process
 from tests.engine.test_decode import _teacher_forced

@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pytest
 
-from actors.sglang_backend import decode_routed_experts, generate_payload, parse_generate_response
+from engine.backends.sglang import decode_routed_experts, generate_payload, parse_generate_response
 from engine.modeling.routing import pack_routes
 
 LAYERS, K, EXPERTS = 3, 2, 16
@@ -74,7 +74,7 @@ def test_malformed_responses_are_refused_with_the_reason(mutate, match):
 
 
 def test_fp8_rollout_options_become_sglang_server_arguments():
-    from actors.sglang_backend import server_args
+    from engine.backends.sglang import server_args
 
     plain = server_args("ckpt/v0", port=30001)
     assert plain[:3] == ["python", "-m", "sglang.launch_server"]

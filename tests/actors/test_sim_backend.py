@@ -42,7 +42,7 @@ def test_one_process_hosts_many_rollout_workers_with_deterministic_lengths(tmp_p
     async def scenario():
         hub = Hub(heartbeat_s=0.5, peer_timeout_s=30.0)
         await hub.start()
-        child = spawn("sim-workers-0", python_module("actors.sim_backend", "--endpoint", hub.endpoint, "--config",
+        child = spawn("sim-workers-0", python_module("engine.backends.sim", "--endpoint", hub.endpoint, "--config",
                                                      str(tmp_path / "config.yaml"), "--worker-id", "0", "--count",
                                                      "3"), log_dir=tmp_path / "logs")
         try:
@@ -121,7 +121,7 @@ def test_sim_learner_answers_train_batches_with_new_versions(tmp_path):
 
 
 def test_sim_worker_process_imports_neither_torch_nor_transformers():
-    code = "import sys, actors.sim_backend, actors.sim_learner; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, engine.backends.sim, actors.sim_learner; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -154,7 +154,7 @@ def test_sim_learner_publishes_a_real_weights_file_under_each_version(tmp_path):
 def test_prefill_on_add_all_charges_a_rebuild_of_the_running_batch_like_decode_batch():
     """sim.prefill_on_add=all (the transformers backend): a row joining a running batch re-prefills every unfinished
     row, padded to the longest, once at the next step; "new" (prefix-cached engines) prefills the newcomer only."""
-    from actors.sim_backend import SimBatch
+    from engine.backends.sim import SimBatch
     from engine.modeling.rows import Row
 
     def cost(mode: str) -> float:

@@ -19,6 +19,9 @@ def test_default_config_composes_with_overrides():
     ("rollout.group_size=1", "pass rollout.group_size=8"),
     ("task.name=jsonl", "pass task.jsonl_path="),
     ("train.num_steps", "not of the form key=value"),
+    ("reward.plugin=bogus", "reward.plugin='bogus' is invalid: choose exact, math, code, instruction, choice, judge"),
+    ("reward.judge.verifier=judge", "the per-response verifier must be a plugin"),
+    ("reward.judge.verifier=nope", "reward.judge.verifier='nope' is invalid: choose exact"),
 ])
 def test_bad_config_fails_naming_key_and_fix(override, expected):
     with pytest.raises(ConfigError, match=None) as err:

@@ -17,9 +17,9 @@ def test_defaults_keep_the_default_run():
 
 @pytest.mark.parametrize("override, expected", [
     ("rollout.backend=vllm", "rollout.backend='vllm' is invalid"),
-    ("rollout.schedule=lpt", "choose rollout.schedule=fifo or length_aware"),
+    ("rollout.schedule=lpt", "rollout.schedule='lpt' is invalid: choose fifo or length_aware"),
     ("rollout.postprocess_workers=-1", "rollout.postprocess_workers=-1 is invalid"),
-    ("rollout.quantization=int4", "choose rollout.quantization=fp8"),
+    ("rollout.quantization=int4", "rollout.quantization='int4' is invalid: choose \"\" or fp8"),
     ("rollout.kv_cache_dtype=int8", "fp8_e5m2"),
     ("sim.time_scale=0", "sim.time_scale=0.0 is invalid"),
 ])

@@ -44,3 +44,12 @@ def test_valid_advantages_have_zero_mean_and_unit_std():
     adv_NG = group_advantages(rewards_NG, eps=0.0)
     torch.testing.assert_close(adv_NG.mean(-1), torch.zeros(16, dtype=torch.float64))
     torch.testing.assert_close(adv_NG.std(-1, correction=0), torch.ones(16, dtype=torch.float64))
+
+
+def test_dr_grpo_advantage_is_not_divided_by_the_std():
+    rewards_NG = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    adv_NG = group_advantages(rewards_NG, scale_by_std=False)
+    torch.testing.assert_close(adv_NG, torch.tensor([[0.5, -0.5, -0.5, 0.5], [1.0, -1.0, 0.0, 0.0], [0.0] * 4]))
+    valid_NG = torch.tensor([[True, True, False, True]] * 3)  # invalid members neither count nor get anything
+    torch.testing.assert_close(group_advantages(rewards_NG, valid_NG, scale_by_std=False)[1],
+                               torch.tensor([1.0, -1.0, 0.0, 0.0]))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from engine.algo.losses import LOSSES, grpo_loss
+from engine.algo.loss_seam import loss_class
+from engine.algo.losses import GRPO, grpo_loss
 
 
 def _leaf(x):
@@ -102,6 +103,6 @@ def test_token_mean_vs_seq_mean_token_mean():
 
 
 def test_registry_and_bad_aggregation():
-    assert LOSSES["grpo"] is grpo_loss
+    assert loss_class("grpo") is GRPO
     with pytest.raises(ValueError, match="aggregation"):
         grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), aggregation="sum")

@@ -3,8 +3,11 @@ import math
 import pytest
 import torch
 
-from engine.algo.espo import espo_loss
-from engine.algo.losses import LOSSES, cispo_loss, grpo_loss, gspo_loss
+from engine.algo.dr_grpo import DrGRPO
+from engine.algo.espo import ESPO
+from engine.algo.loss_registry import LOSSES
+from engine.algo.loss_seam import LossInputs, PolicyLoss, build_loss, loss_class
+from engine.algo.losses import CISPO, GRPO, GSPO, cispo_loss, grpo_loss, gspo_loss
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -13,18 +16,17 @@ def _leaf(x):
     return x.detach().clone().requires_grad_(True)
 
 
-def test_registry_holds_the_four_losses_and_the_common_call_works_for_each():
-    assert LOSSES["grpo"] is grpo_loss and LOSSES["gspo"] is gspo_loss
-    assert LOSSES["cispo"] is cispo_loss and LOSSES["espo"] is espo_loss
+def test_registry_holds_the_five_losses_and_the_common_call_works_for_each():
+    assert [loss_class(n) for n in ("grpo", "gspo", "cispo", "espo", "dr_grpo")] == [GRPO, GSPO, CISPO, ESPO, DrGRPO]
     torch.manual_seed(0)
     old_NT = -torch.rand(3, 5)
     ent_NT = torch.rand(3, 5)
     mask_NT = torch.rand(3, 5) > 0.3
-    extra = {"espo": {"vocab_size": 1000}}
-    for name, fn in LOSSES.items():
+    for name, entry in LOSSES.items():
+        loss_fn = build_loss(name, entry.config(), aggregation="token_mean", vocab_size=1000, norm_len=5)
+        assert isinstance(loss_fn, PolicyLoss) and loss_fn.aggregation == "token_mean"
         logp_NT = _leaf(old_NT + 0.01 * torch.randn(3, 5))
-        loss, stats = fn(logp_NT, old_NT, torch.randn(3), mask_NT, entropy_NT=ent_NT, aggregation="token_mean",
-                         denom=None, clip_eps_low=0.2, clip_eps_high=0.28, **extra.get(name, {}))
+        loss, stats = loss_fn(LossInputs(logp_NT, old_NT, torch.randn(3), mask_NT, entropy_NT=ent_NT))
         loss.backward()
         assert loss.dim() == 0 and torch.isfinite(loss), name
         assert torch.all(logp_NT.grad[~mask_NT] == 0), name
@@ -32,17 +34,18 @@ def test_registry_holds_the_four_losses_and_the_common_call_works_for_each():
         assert all(not v.requires_grad and v.dim() == 0 for v in stats.values()), name
 
 
-@pytest.mark.parametrize("name", ["grpo", "gspo", "cispo"])
+@pytest.mark.parametrize("name", ["grpo", "gspo", "cispo", "dr_grpo"])
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
 def test_on_policy_value_and_gradient_equal_grpo(name, agg):
-    # logp == old_logp: every ratio is 1, so all three losses are -mean(A) with gradient -A * weight
+    # logp == old_logp: every ratio is 1, so all these losses are -mean(A) with gradient -A * weight
     torch.manual_seed(1)
     old_NT = -torch.rand(4, 4)
     mask_NT = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     adv_N = torch.tensor([1.0, -2.0, 0.5, 3.0])
     ref_lp, got_lp = _leaf(old_NT), _leaf(old_NT)
     ref, _ = grpo_loss(ref_lp, old_NT, adv_N, mask_NT, aggregation=agg)
-    got, stats = LOSSES[name](got_lp, old_NT, adv_N, mask_NT, aggregation=agg)
+    built = build_loss(name, LOSSES[name].config(), aggregation=agg, vocab_size=100, norm_len=4)
+    got, stats = built(LossInputs(got_lp, old_NT, adv_N, mask_NT))
     ref.backward()
     got.backward()
     torch.testing.assert_close(got, ref)

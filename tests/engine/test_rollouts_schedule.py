@@ -1,5 +1,6 @@
-"""The coordinator's length-aware dispatch, post-processing pool and reward overlap (engine/coordinator/rollouts.py), against
-real Peers over loopback ZeroMQ that play two rollout workers and a reward worker."""
+"""The coordinator's length-aware dispatch, post-processing pool and reward overlap (the producer of
+engine/coordinator/loop.py over the parts of engine/coordinator/rollouts.py), against real Peers over loopback
+ZeroMQ that play two rollout workers and a reward worker."""
 
 import asyncio
 import contextlib
@@ -7,7 +8,8 @@ import contextlib
 import numpy as np
 import pytest
 
-from engine.coordinator.buffer import GroupBuffer
+from configs.schema import RolloutConfig, TrainConfig
+from engine.coordinator.loop import admit_prompts, on_message
 from engine.coordinator.rollouts import PromptItem, Rollouts
 from engine.coordinator.schedule import LengthPredictor, Scheduler
 from transport import GenerateRequest, Hello, Hub, Peer, ResponseChunk, ScoreRequest, run
@@ -59,10 +61,10 @@ def test_length_aware_dispatch_sends_longest_first_to_the_least_loaded_worker():
             pred = LengthPredictor()
             for prompt, length in ((0, 10), (1, 500), (2, 50), (3, 400)):  # an earlier epoch
                 pred.observe(prompt, "s", [length])
-            r = Rollouts(hub, workers=ids[:2], rewards=ids[2:], buffer=GroupBuffer(), group_size=2, temperature=1.0,
-                         max_new_tokens=8, groups_per_step=4, max_staleness=0,
-                         scheduler=Scheduler("length_aware", pred))
-            r.start(iter([PromptItem(p, [1, 2], "", source="s") for p in range(4)]), total_groups=4)
+            r = Rollouts(hub, rollout=RolloutConfig(group_size=2, schedule="length_aware"),
+                         train=TrainConfig(groups_per_step=4, max_staleness=0), max_new_tokens=8,
+                         workers=ids[:2], rewards=ids[2:], scheduler=Scheduler("length_aware", pred))
+            r.start(admit_prompts(r, iter([PromptItem(p, [1, 2], "", source="s") for p in range(4)]), total_groups=4))
             got0, got1 = await _drain(w0, GenerateRequest), await _drain(w1, GenerateRequest)
             # 1 (1000 predicted tokens) -> w0; 3 (800) -> w1; 2 and 0 -> w1, still the less loaded
             assert [m.prompt_id for m in got0] == [1]
@@ -78,15 +80,15 @@ def test_scores_go_through_the_pool_as_responses_finish_or_after_the_wave(overla
     async def scenario():
         async with _peers(["rollout", "reward"]) as (hub, (w0, rw), ids):
             processed = []
-            r = Rollouts(hub, workers=ids[:1], rewards=ids[1:], buffer=GroupBuffer(), group_size=2, temperature=1.0,
-                         max_new_tokens=8, groups_per_step=1, max_staleness=0, postprocess_workers=2,
-                         reward_overlap=overlap, postprocess=lambda t: processed.append(len(t)))
-            r.start(iter([PromptItem(0, [1, 2], "", source="s")]), total_groups=1)
+            r = Rollouts(hub, rollout=RolloutConfig(group_size=2, postprocess_workers=2, reward_overlap=overlap),
+                         train=TrainConfig(groups_per_step=1, max_staleness=0), max_new_tokens=8,
+                         workers=ids[:1], rewards=ids[1:], postprocess=lambda t: processed.append(len(t)))
+            r.start(admit_prompts(r, iter([PromptItem(0, [1, 2], "", source="s")]), total_groups=1))
             (req,) = await _drain(w0, GenerateRequest)
-            await r.on_chunk(ids[0], _chunk(req, 0, 3))
+            await on_message(r, ids[0], _chunk(req, 0, 3))
             first = await _drain(rw, ScoreRequest)
             assert len(first) == (1 if overlap else 0)  # without overlap it waits for the other response
-            await r.on_chunk(ids[0], _chunk(req, 1, 4))
+            await on_message(r, ids[0], _chunk(req, 1, 4))
             rest = await _drain(rw, ScoreRequest)
             assert sorted(m.sample_key for m in first + rest) == [f"{req.group_id}/0", f"{req.group_id}/1"]
             assert sorted(processed) == [3, 4]  # every response went through the pool first
@@ -98,9 +100,10 @@ def test_scores_go_through_the_pool_as_responses_finish_or_after_the_wave(overla
 def test_fifo_dispatch_spreads_groups_by_outstanding_samples():
     async def scenario():
         async with _peers(["rollout", "rollout", "reward"]) as (hub, (w0, w1, rw), ids):
-            r = Rollouts(hub, workers=ids[:2], rewards=ids[2:], buffer=GroupBuffer(), group_size=2, temperature=1.0,
-                         max_new_tokens=8, groups_per_step=4, max_staleness=0)
-            r.start(iter([PromptItem(p, [1, 2], "", source="s") for p in range(4)]), total_groups=4)
+            r = Rollouts(hub, rollout=RolloutConfig(group_size=2),
+                         train=TrainConfig(groups_per_step=4, max_staleness=0), max_new_tokens=8,
+                         workers=ids[:2], rewards=ids[2:])
+            r.start(admit_prompts(r, iter([PromptItem(p, [1, 2], "", source="s") for p in range(4)]), total_groups=4))
             got0, got1 = await _drain(w0, GenerateRequest), await _drain(w1, GenerateRequest)
             assert [m.prompt_id for m in got0] == [0, 2] and [m.prompt_id for m in got1] == [1, 3]
             await asyncio.sleep(0)

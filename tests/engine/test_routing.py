@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig
+from engine.modeling.adapters import adapter_for
 from engine.modeling.model import build_model, generate, token_logprobs
 from engine.modeling.routing import mismatch_NT, moe_routers, pack_routes, route_dtype, route_hooks, route_shape
 from engine.data.tasks import CharTokenizer
@@ -131,7 +132,8 @@ def test_replay_on_deepspeed_autoep_router_matches_the_hf_router():
     weights) replays forced experts with the same gate weights as the HF router, and its gate gets gradient."""
     from deepspeed.moe.ep_router import TokenChoiceTopKRouter
 
-    hf = moe_routers(build_model(CFG, TOK.vocab_size, seed=5))[0]
+    built = build_model(CFG, TOK.vocab_size, seed=5)
+    hf, adapter = moe_routers(built)[0], adapter_for(built)
     ep = TokenChoiceTopKRouter(dim=hf.weight.shape[1], num_experts=8, num_expert_groups=None,
                                num_limited_groups=None, top_k=2, score_func="softmax", route_norm=True,
                                route_scale=1.0, gate_bias=False)
@@ -139,9 +141,9 @@ def test_replay_on_deepspeed_autoep_router_matches_the_hf_router():
         ep.gate.weight.copy_(hf.weight)
     x = torch.randn(6, hf.weight.shape[1])
     forced = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 7], [3, 0]])
-    with route_hooks(hf, forced_NTLK=forced.reshape(2, 3, 1, 2)) as hf_log:
+    with route_hooks(hf, forced_NTLK=forced.reshape(2, 3, 1, 2), adapter=adapter) as hf_log:
         _, hf_gate, hf_ids = hf(x)
-    with route_hooks(ep, forced_NTLK=forced.reshape(2, 3, 1, 2)) as ep_log:
+    with route_hooks(ep, forced_NTLK=forced.reshape(2, 3, 1, 2), adapter=adapter) as ep_log:
         ep_gate, ep_ids, counts = ep(x)
     assert torch.equal(ep_ids, forced) and torch.equal(hf_ids, forced)
     torch.testing.assert_close(ep_gate, hf_gate)

@@ -7,11 +7,12 @@ import uuid
 
 import pytest
 
-from engine.rewards.sandbox import Limits, _pids_of_uid, run_python
+from configs.schema import SandboxConfig
+from engine.rewards.sandbox import _pids_of_uid, run_python
 
 pytestmark = pytest.mark.timeout(60)
 
-LIMITS = Limits(cpu_s=1, wall_s=3, memory_bytes=256 * 1024 * 1024, max_processes=8)
+LIMITS = SandboxConfig(cpu_s=1, wall_s=3, memory_mb=256, max_processes=8)
 ROOT = os.geteuid() == 0
 
 
@@ -39,7 +40,7 @@ def test_sandbox_infinite_loop_is_stopped_by_the_cpu_limit():
 
 
 def test_sandbox_sleeping_forever_is_stopped_by_the_wall_limit():
-    r = run_python("import time\ntime.sleep(600)", limits=Limits(wall_s=1.0))
+    r = run_python("import time\ntime.sleep(600)", limits=SandboxConfig(wall_s=1.0))
     assert r.status == "timeout" and r.wall_s < 3
 
 
@@ -78,7 +79,7 @@ def test_sandbox_network_call_is_refused(network):
     try:
         code = (f"import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\n"
                 "print('connected')")
-        r = run_python(code, limits=Limits(network=network))
+        r = run_python(code, limits=SandboxConfig(network=network))
         assert r.status == "error" and "connected" not in r.stdout
         with pytest.raises(TimeoutError):
             srv.accept()  # nothing ever reached the listener

@@ -32,7 +32,7 @@ def test_length_aware_orders_longest_predicted_first_and_fifo_keeps_arrival():
 
 
 def _assign(sched: Scheduler, workers: list[str], groups: list[tuple[int, str, int]]) -> dict[str, float]:
-    """Dispatch the groups as engine/coordinator/rollouts.py does; returns each worker's true total tokens."""
+    """Dispatch the groups as engine/coordinator/dispatch.py does; returns each worker's true total tokens."""
     for w in workers:
         sched.add_worker(w)
     true_tokens = {w: 0.0 for w in workers}

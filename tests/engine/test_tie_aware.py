@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
+from configs.schema import JudgeConfig
 from engine.algo.advantages import group_advantages, pairwise_rewards, tie_aware_advantages
-from engine.rewards.judge import JudgeSpec, judge_group, parse_verdict, select_pairs
+from engine.rewards.judge import judge_group, parse_verdict, select_pairs
 
 
 def _verdicts(quality):
@@ -52,12 +53,12 @@ def test_verdict_parser(text, want):
 
 def test_pair_selection_respects_the_budget():
     rng = random.Random(0)
-    assert len(select_pairs(8, JudgeSpec(max_calls_per_group=0), rng)) == 28
-    assert len(select_pairs(8, JudgeSpec(max_calls_per_group=10), rng)) == 10
-    both = select_pairs(8, JudgeSpec(max_calls_per_group=10, both_orders=True), rng)
+    assert len(select_pairs(8, JudgeConfig(max_calls_per_group=0), rng)) == 28
+    assert len(select_pairs(8, JudgeConfig(max_calls_per_group=10), rng)) == 10
+    both = select_pairs(8, JudgeConfig(max_calls_per_group=10, both_orders=True), rng)
     assert len(both) == 10 and {(b, a) for a, b in both} == set(both)
-    assert select_pairs(3, JudgeSpec(construction="anchor"), rng) == [(0, -1), (1, -1), (2, -1)]
-    assert select_pairs(3, JudgeSpec(construction="anchor", anchor="first"), rng) == [(1, 0), (2, 0)]
+    assert select_pairs(3, JudgeConfig(construction="anchor"), rng) == [(0, -1), (1, -1), (2, -1)]
+    assert select_pairs(3, JudgeConfig(construction="anchor", anchor="first"), rng) == [(1, 0), (2, 0)]
 
 
 class _Oracle:
@@ -78,15 +79,15 @@ class _Oracle:
 
 def test_judge_group_constructions_through_the_prompt_and_parser():
     oracle = _Oracle()
-    res = judge_group(oracle, JudgeSpec(max_calls_per_group=0), question="Q", reference="q=1",
+    res = judge_group(oracle, JudgeConfig(max_calls_per_group=0), question="Q", reference="q=1",
                       responses=["q=2", "q=1", "q=1", "q=0"])
     assert oracle.calls == 6 and res.parts["judge_calls"] == 6 and res.parts["judge_parse_failures"] == 0
     assert res.rewards[1] == res.rewards[2] == 0.0 and res.rewards[0] == 1.0 and res.rewards[3] == -1.0
-    res = judge_group(oracle, JudgeSpec(construction="anchor"), question="Q", reference="q=1",
+    res = judge_group(oracle, JudgeConfig(construction="anchor"), question="Q", reference="q=1",
                       responses=["q=2", "q=1", "q=0", "q=9"])
     assert res.rewards[:3] == [1.0, 0.0, -1.0] and res.valid == [True, True, True, False]
     assert res.parts["judge_parse_failures"] == 1
-    res = judge_group(oracle, JudgeSpec(both_orders=True, max_calls_per_group=0), question="Q", reference="",
+    res = judge_group(oracle, JudgeConfig(both_orders=True, max_calls_per_group=0), question="Q", reference="",
                       responses=["q=1", "q=1", "q=1"])
     assert res.rewards == [0.0, 0.0, 0.0] and res.parts["judge_ties"] == 6  # all Tie: a zero-variance group
 
@@ -189,17 +190,17 @@ def test_both_orders_agreement_and_judge_group_defaults():
     assert merge_orders([1, 1], "agree") == 1.0 and merge_orders([1, 0], "agree") == 0.0
     assert merge_orders([-1], "agree") == 0.0 and merge_orders([1, 0], "mean") == 0.5
     with pytest.raises(ValueError, match="both_orders"):
-        JudgeSpec(order_rule="agree")
+        JudgeConfig(order_rule="agree")
     # defaults: tie_margin=1; a net margin of +-1 is within the dead zone (a real small difference is lost)
-    res = judge_group(_Oracle(), JudgeSpec(), question="Q", reference="", responses=["q=1", "q=1", "q=0"])
+    res = judge_group(_Oracle(), JudgeConfig(), question="Q", reference="", responses=["q=1", "q=1", "q=0"])
     assert res.rewards == [0.0, 0.0, -1.0]  # m = [1, 1, -2]
-    res = judge_group(_Oracle(), JudgeSpec(), question="Q", reference="", responses=["q=1", "q=0", "q=0"])
+    res = judge_group(_Oracle(), JudgeConfig(), question="Q", reference="", responses=["q=1", "q=0", "q=0"])
     assert res.rewards == [1.0, 0.0, 0.0]  # m = [2, -1, -1]
-    res = judge_group(_Oracle(), JudgeSpec(tie_margin=0), question="Q", reference="",
+    res = judge_group(_Oracle(), JudgeConfig(tie_margin=0), question="Q", reference="",
                       responses=["q=1", "q=0", "q=0"])
     assert res.rewards == [1.0, -0.5, -0.5]
     # anchor margins are single verdicts: the dead zone does not apply
-    res = judge_group(_Oracle(), JudgeSpec(construction="anchor"), question="Q", reference="q=1",
+    res = judge_group(_Oracle(), JudgeConfig(construction="anchor"), question="Q", reference="q=1",
                       responses=["q=2", "q=0"])
     assert res.rewards == [1.0, -1.0]
 

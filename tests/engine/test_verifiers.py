@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from engine.rewards.verifiers import exact, extract_answer, instructions, math_answer, python_tests
+from configs.schema import SandboxConfig
+from engine.rewards.verifiers import (choice, choice_letter, exact, extract_answer, instructions, math_answer,
+                                      python_tests)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,10 +42,10 @@ def test_code_verifier_scores_the_fraction_of_unit_tests_passed():
     response = "Here you go:\n```python\ndef add(a, b):\n    return a + b if a < 10 else 0\n```\n"
     tests = json.dumps(["assert add(1, 2) == 3", "assert add(20, 1) == 21", "assert add(0, 0) == 0",
                         "assert add(2, 2) == 4"])
-    s = python_tests(response, tests, {"sandbox": {"cpu_s": 1, "wall_s": 5}})
+    s = python_tests(response, tests, {"sandbox": SandboxConfig(cpu_s=1, wall_s=5)})
     assert s.score == 0.75 and s.parts["tests_passed"] == 3 and s.parts["tests_total"] == 4 and s.valid
     hang = python_tests("def add(a, b):\n    while True:\n        pass", "assert add(1, 2) == 3",
-                        {"sandbox": {"cpu_s": 1, "wall_s": 3}})
+                        {"sandbox": SandboxConfig(cpu_s=1, wall_s=3)})
     assert hang.score == 0.0 and hang.parts["sandbox_timeout"] == 1.0 and hang.valid  # a wrong answer, scored
 
 
@@ -54,3 +56,21 @@ def test_instruction_verifier_scores_the_fraction_of_constraints_met():
     assert s.score == 0.75 and s.parts["constraints_met"] == 3
     with pytest.raises(ValueError, match="unknown constraint type"):
         instructions("x", json.dumps([{"type": "rhymes"}]), {})
+
+
+@pytest.mark.parametrize("response, letter", [
+    ("B", "B"), ("(C)", "C"), (" D. ", "D"), ("The answer is (D).", "D"), ("Answer: **A**", "A"),
+    ("so the final answer is \\boxed{B}", "B"), ("\\boxed{\\text{(C)}}", "C"),
+    ("Answer: C. On reflection, the answer is D", "D"),  # the last stated answer wins
+    ("The answer is a prime", None), ("The answer is Alice", None), ("I think so", None), ("", None),
+])
+def test_choice_letter_reads_the_picked_option(response, letter):
+    assert choice_letter(response) == letter
+
+
+def test_choice_verifier_compares_option_letters():
+    assert choice("The answer is (B).", "B", {}) == (1.0, {"choice_found": 1.0}, True)
+    assert choice("The answer is (B).", "(b) a dog", {}).score == 1.0  # the reference's letter, any case
+    assert choice("Answer: C", "B", {}) == (0.0, {"choice_found": 1.0}, True)
+    assert choice("no idea", "B", {}) == (0.0, {"choice_found": 0.0}, True)  # picks nothing: wrong, scored
+    assert not choice("B", "42", {}).valid  # a reference without an option letter cannot be judged

@@ -2,17 +2,18 @@
 
 Each simulated worker is a real ``RolloutWorker`` (actors/rollout_worker.py) with its own ZeroMQ socket, Hello,
 heartbeats, streaming chunks, in-flight weight updates and cancellation: only generation is simulated. A
-``SimBatch`` stands in for ``DecodeBatch``: a decode step appends one deterministic token to every running
-response, and the time it would have taken (engine/backends/simulate.py's cost model) is slept, scaled by
-``sim.time_scale``, instead of computed. Lengths come from the workload (engine/backends/simulate.py), so the same prompt
-has the same typical length in every epoch.
+``SimBatch`` is the ``RolloutBatch`` (engine/backends/base.py) in place of ``DecodeBatch``: a decode step appends
+one deterministic token to every running response, and the time it would have taken (engine/backends/simulate.py's
+cost model) is slept, scaled by ``sim.time_scale``, instead of computed. Lengths come from the workload
+(engine/backends/simulate.py), so the same prompt has the same typical length in every epoch.
 
-One process hosts ``sim.workers_per_process`` workers on one event loop and imports neither torch nor
-transformers, so 64 workers fit in a few hundred MB on 2 cores.
+One process (``main``: the cluster launches this module, engine/backends/registry.py) hosts
+``sim.workers_per_process`` workers on one event loop and imports neither torch nor transformers, so 64 workers
+fit in a few hundred MB on 2 cores.
 
 consumes/produces: as RolloutWorker.   blocks on: nothing (decode time is an asyncio sleep)
 
-    python -m actors.sim_backend --endpoint tcp://127.0.0.1:5555 --config runs/x/config.yaml --worker-id 0 --count 32
+    python -m engine.backends.sim --endpoint tcp://127.0.0.1:5555 --config runs/x/config.yaml --worker-id 0 --count 32
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ import sys
 
 import numpy as np
 
-from actors.common import actor_parser, make_peer, run_actor, setup_actor
-from actors.rollout_worker import RolloutWorker
 from configs.schema import SimConfig
 from engine.backends import simulate
-from engine.modeling.rows import Row
 from engine.data.tasks import build_task
+from engine.modeling.rows import Row
 
 _BEHAVIOR_LOGPROB = -1.0  # every simulated token's log-prob
 
 
 class SimBatch:
-    """DecodeBatch's interface (rows, active, add, remove, invalidate, step) over simulated responses.
+    """The ``RolloutBatch`` contract (engine/backends/base.py) over simulated responses.
     ``elapsed_s`` accumulates the simulated cost of everything done so far."""
 
     def __init__(self, sim: SimConfig, *, eos_id: int, vocab_size: int) -> None:
@@ -90,15 +89,12 @@ class SimBatch:
         self.elapsed_s += cost
         for r in running:
             tokens, reason = self._plan[id(r)]
-            r.tokens.append(int(tokens[len(r.tokens)]))
-            r.logprobs.append(_BEHAVIOR_LOGPROB)
-            r.versions.append(version)
-            if len(r.tokens) == len(tokens):
-                r.finish_reason = reason
+            n = len(r.tokens)
+            r.extend([int(tokens[n])], [_BEHAVIOR_LOGPROB], version, finish=reason if n + 1 == len(tokens) else None)
 
 
 class SimBackend:
-    """The backend interface RolloutWorker uses (load_async, new_batch, run_decode, stack_routes), simulated."""
+    """The ``RolloutBackend`` contract (engine/backends/base.py), simulated."""
 
     def __init__(self, sim: SimConfig, *, eos_id: int, vocab_size: int) -> None:
         self._sim, self._eos_id, self._vocab_size = sim, eos_id, vocab_size
@@ -126,7 +122,13 @@ class SimBackend:
         raise ValueError("the simulated backend records no MoE routes: pass rollout.return_routes=false")
 
 
-async def serve_many(workers: list[RolloutWorker]) -> None:
+def build(cfg, init_dir: str | None, worker_id: int) -> SimBackend:
+    """Rollout worker ``worker_id``'s backend (engine/backends/registry.py): no model, nothing read."""
+    tok = build_task(cfg.task).tokenizer
+    return SimBackend(cfg.sim, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
+
+
+async def serve_many(workers: list) -> None:
     """Serve every worker on this event loop; returns once each has been told to shut down."""
     async with asyncio.TaskGroup() as tg:
         for w in workers:
@@ -134,18 +136,20 @@ async def serve_many(workers: list[RolloutWorker]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = actor_parser("python -m actors.sim_backend", __doc__)
+    from actors.common import actor_parser, make_peer, run_actor, setup_actor  # the actor side, for this entry only
+    from actors.rollout_worker import RolloutWorker
+
+    p = actor_parser("python -m engine.backends.sim", __doc__)
     p.add_argument("--count", type=int, default=1, help="simulated workers in this process: ids worker-id ...")
     args = p.parse_args(argv)
     cfg = setup_actor(args, "rollout")
-    tok = build_task(cfg.task).tokenizer
     first = args.worker_id
     workers = []
     for i in range(first, first + args.count):
         args.worker_id = i  # make_peer names the peer from it
         workers.append(RolloutWorker(
-            make_peer(args, cfg, "rollout"), SimBackend(cfg.sim, eos_id=tok.eos_id, vocab_size=tok.vocab_size),
-            worker_id=i, max_batch_samples=cfg.rollout.max_batch_samples, chunk_tokens=cfg.rollout.chunk_tokens,
+            make_peer(args, cfg, "rollout"), build(cfg, None, i), worker_id=i,
+            max_batch_samples=cfg.rollout.max_batch_samples, chunk_tokens=cfg.rollout.chunk_tokens,
             kv_on_update=cfg.rollout.kv_on_update, capture_routes=False))
     return run_actor(serve_many(workers), "rollout")
 

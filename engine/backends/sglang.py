@@ -1,4 +1,7 @@
-"""sglang's wire format for generation with log-probs and routed experts (the GPU backend's request/response).
+"""The sglang backend (``rollout.backend=sglang``, ``reward.judge.backend=sglang``): its wire format for generation
+with log-probs and routed experts, the ``RolloutBatch``/``RolloutBackend`` of engine/backends/base.py over a server,
+and the judge. One backend, one file (engine/backends/registry.py): over 400 lines because the wire format, which
+is most of it, reads best next to the code that sends and folds it.
 
 Requests go to sglang's native ``/generate`` endpoint (``GenerateReqInput``) with token ids in, token ids out:
 
@@ -158,13 +161,16 @@ def write_model_dir(policy_file: str, config_dir: str, out_dir: str) -> str:
 
 
 def moe_shape(config: dict) -> tuple[int, int, int]:
-    """(MoE layers, top_k, routed experts) from an HF MoE ``config.json`` (Qwen2/3-MoE, Mixtral keys)."""
-    experts = config.get("num_experts", config.get("num_local_experts"))
-    if experts is None or "num_experts_per_tok" not in config:
-        raise ValueError("config.json has no num_experts/num_local_experts or num_experts_per_tok: not an MoE model")
-    dense, step = set(config.get("mlp_only_layers") or []), int(config.get("decoder_sparse_step") or 1)
-    layers = sum(i not in dense and (i + 1) % step == 0 for i in range(int(config["num_hidden_layers"])))
-    return layers, int(config["num_experts_per_tok"]), int(experts)
+    """(MoE layers, top_k, routed experts) from an HF MoE ``config.json``, read through the family's adapter
+    (engine/modeling/adapters.py). sglang's ``routed_experts`` has ``num_hidden_layers`` rows per position (dense
+    layers zero): ``adapter_for(config).routed_layers`` selects the MoE layers."""
+    from engine.modeling.adapters import adapter_for
+
+    adapter = adapter_for(config)
+    if adapter is None:
+        raise ValueError(f"config.json (model_type {config.get('model_type')!r}) has no routed experts: "
+                         f"not an MoE model")
+    return len(adapter.sparse_layers()), adapter.top_k, adapter.num_experts
 
 
 class SGLangClient:
@@ -209,7 +215,7 @@ class _Segment:
 
 
 class SGLangBatch:
-    """The DecodeBatch interface (``add``, ``step``, ``remove``, ``invalidate``, ``active``, ``rows``) over an sglang
+    """The RolloutBatch contract (engine/backends/base.py: ``add``, ``step``, ``remove``, ``invalidate``) over an sglang
     server: every unfinished row has one ``/generate`` request in flight (one sample per request, so a group's
     prompt is shared through sglang's radix cache), sent by ``step(version)`` and folded into the row when it
     returns. A request cut short by a weight update (``/pause_generation`` with mode ``abort``) returns its partial
@@ -281,18 +287,10 @@ class SGLangBatch:
                                  "--enable-return-routed-experts (or pass rollout.return_routes=false)")
             self.discarded_partial_tokens += len(out.token_ids)  # an aborted request without routes: redo it
             return
-        row.tokens.extend(out.token_ids)
-        row.logprobs.extend(out.logprobs)
-        row.versions.extend([seg.version] * len(out.token_ids))
-        if self._capture:
-            if row.want_prompt_routes and row.prompt_routes is None:
-                row.prompt_routes = out.prompt_routes[: len(row.prompt)]
-            # every position of prompt + tokens but the last one is routed now; keep the rows not held yet
-            full = np.concatenate([out.prompt_routes, out.routes])
-            have = row.route_base + len(row.routes)
-            row.routes.extend(full[len(row.prompt) + have: len(row.prompt) + len(row.tokens) - 1])
-        if reason in ("stop", "length") or len(row.tokens) >= row.max_new_tokens:
-            row.finish_reason = "stop" if reason == "stop" else "length"
+        # with routes: every position of prompt + tokens but the last one is routed now, from position 0 on
+        routes = np.concatenate([out.prompt_routes, out.routes]) if self._capture else None
+        row.extend(out.token_ids, out.logprobs, seg.version, routes=routes,
+                   finish=reason if reason in ("stop", "length") else None)
 
 
 class SGLangBackend:
@@ -391,3 +389,43 @@ class SGLangBackend:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
+
+
+def build(cfg, init_dir: str, worker_id: int) -> SGLangBackend:
+    """Rollout worker ``worker_id``'s backend (engine/backends/registry.py): its own server on ``sglang_port +
+    worker_id`` unless ``rollout.sglang_url`` names a running one."""
+    from engine.data.tokenizer import load_tokenizer
+
+    r = cfg.rollout
+    return SGLangBackend(init_dir, url=r.sglang_url, port=r.sglang_port + worker_id,
+                         eos_id=load_tokenizer(cfg.model).eos_id, quantization=r.quantization,
+                         kv_cache_dtype=r.kv_cache_dtype, max_inflight=r.max_batch_samples)
+
+
+# ---- the generative judge: text prompts on a running server, one batched request per group ---------------------
+
+
+class SglangJudgeBackend:
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self.client = SGLangClient(url, timeout_s=timeout_s)
+
+    @staticmethod
+    def payload(prompts: list[str], *, max_new_tokens: int, temperature: float) -> dict:
+        return {"text": prompts, "sampling_params": {"temperature": float(temperature),
+                                                     "max_new_tokens": int(max_new_tokens)}}
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
+        body = self.payload(prompts, max_new_tokens=max_new_tokens, temperature=temperature)
+        return self.parse(self.client.post("/generate", body), len(prompts))
+
+    @staticmethod
+    def parse(items, num: int) -> list[str]:
+        items = [items] if isinstance(items, dict) else items
+        if len(items) != num:
+            raise ValueError(f"sglang returned {len(items)} results for {num} judge prompts")
+        return [str(item["text"]) for item in items]
+
+
+def build_judge(cfg, init_dir: str | None, char_tokenizer) -> SglangJudgeBackend:
+    """The judge on ``reward.judge.url`` (engine/backends/registry.py)."""
+    return SglangJudgeBackend(cfg.reward.judge.url, timeout_s=cfg.reward.judge.timeout_s)

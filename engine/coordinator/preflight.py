@@ -1,0 +1,160 @@
+"""Everything a run depends on, checked before anything starts (and before runs/<name>/ is touched).
+
+``check`` raises ``ConfigError`` (one line: what is wrong and how to fix it) for: the dataset (exists, decodes,
+parses, has the fields, leaves training prompts), the model folder (exists, config.json parses, an architecture
+AutoModelForCausalLM builds, its tokenizer loads and fits the model's vocabulary), the reward plugin (imported),
+the transport port (bound and released), the output folder (writable), an existing run's state (a fresh run does
+not silently replace checkpoints), and on ``resume=true`` the saved config (model shape and task unchanged).
+Warnings (split sizes scaled, answers longer than the generation limit) are logged once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import tempfile
+import warnings
+from pathlib import Path
+
+import structlog
+
+from configs.load import ConfigError, load_resolved
+from configs.schema import RunConfig
+
+log = structlog.get_logger()
+
+
+def check(cfg: RunConfig) -> None:
+    """Raise ConfigError for the first problem found; nothing is written except a probe file (removed)."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    _run_state(cfg, run_dir)
+    _writable(run_dir)
+    if cfg.model.init_from is not None:
+        _model_folder(cfg.model.init_from)
+    _task(cfg)
+    _plugin(cfg)
+    _port(cfg.transport.host, cfg.transport.port)
+
+
+def _run_state(cfg: RunConfig, run_dir: Path) -> None:
+    from engine.coordinator.checkpoint import latest
+
+    ckpts = run_dir / "checkpoints"
+    if not cfg.resume and not cfg.overwrite and ckpts.is_dir() and any(ckpts.iterdir()):
+        raise ConfigError(f"{run_dir} already holds checkpoints of an earlier run: pass resume=true to continue "
+                          "it, overwrite=true to replace it, or another name=...")
+    if not cfg.resume:
+        return
+    if latest(run_dir) is None:
+        raise ConfigError(f"resume=true but {ckpts} holds no complete checkpoint (train.checkpoint_every saves "
+                          "them); drop resume=true to start afresh")
+    saved_path = run_dir / "config.yaml"
+    if saved_path.exists():
+        saved = load_resolved(saved_path)
+        for section in ("model", "task"):
+            old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(cfg, section))
+            for key in old:
+                if key != "dtype" and old[key] != new.get(key):
+                    raise ConfigError(f"resume=true but {section}.{key}={new.get(key)!r} differs from the run's "
+                                      f"{old[key]!r} ({saved_path}, kept); pass {section}.{key}={old[key]!r} "
+                                      "or start a new run with another name=...")
+
+
+def _writable(run_dir: Path) -> None:
+    probe_dir = run_dir
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(f"out_dir: {probe_dir} is a file, not a folder; pass out_dir=<a folder>")
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"out_dir: cannot write in {probe_dir} ({e.strerror}); pass a writable out_dir=...") \
+            from None
+
+
+def _model_folder(path: str) -> None:
+    folder, key = Path(path), f"model.init_from={path}"
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: no such folder; pass an HF save_pretrained folder (config.json, weights, tokenizer)")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: no config.json in it; pass an HF save_pretrained folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: config.json does not parse ({e}); re-save the model with save_pretrained") \
+            from None
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
+        raise ConfigError(f"{key}: config.json is not a model transformers knows ({_first_line(e)})") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(f"{key}: model_type {config.model_type!r} has no causal-LM class in transformers "
+                          "(AutoModelForCausalLM); pass a causal language model")
+    from engine.data.tokenizer import HFTokenizer
+
+    try:
+        tok = HFTokenizer(str(folder))
+    except Exception as e:
+        raise ConfigError(f"{key}: its tokenizer does not load ({_first_line(e)}); save one with "
+                          "tokenizer.save_pretrained into the folder") from None
+    vocab = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and tok.vocab_size > vocab:
+        raise ConfigError(f"{key}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab}; "
+                          "use the tokenizer the model was trained with (or resize its embeddings)")
+
+
+def _task(cfg: RunConfig) -> None:
+    from engine.data.tasks import load_task, read_pool
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            task = load_task(cfg)
+            if cfg.task.train_pool:
+                read_pool(cfg.task.train_pool)
+        except (ValueError, OSError) as e:
+            raise ConfigError(_first_line(e)) from None
+    for w in caught:
+        log.warning("data.warning", detail=str(w.message))
+    if cfg.task.name != "arithmetic":
+        too_long, checked, longest = task.long_answers()
+        if too_long:
+            log.warning("data.answers_too_long", detail=f"{too_long} of {checked} held-out reference answers are "
+                        f"longer than task.max_answer_tokens={cfg.task.max_answer_tokens} (the longest needs "
+                        f"{longest} tokens with eos); pass task.max_answer_tokens={longest}")
+        if task.train_set is not None and len(task.train_set) < cfg.train.groups_per_step:
+            log.warning("data.few_training_prompts", detail=f"{len(task.train_set)} training prompts, fewer than "
+                        f"train.groups_per_step={cfg.train.groups_per_step}: every step repeats prompts")
+
+
+def _plugin(cfg: RunConfig) -> None:
+    from engine.rewards.plugins import resolve
+
+    name = cfg.reward.judge.verifier if cfg.reward.plugin == "judge" else cfg.reward.plugin
+    try:
+        resolve(name)
+    except (ValueError, TypeError, AttributeError, ImportError) as e:
+        raise ConfigError(f"reward.plugin={name}: {_first_line(e)}") from None
+
+
+def _port(host: str, port: int) -> None:
+    if not port:
+        return  # 0 = a free port chosen at start
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"transport.port={port}: cannot bind {host}:{port} ({e.strerror}); another process "
+                              "uses it: pass another transport.port or transport.port=0") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
