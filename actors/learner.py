@@ -32,6 +32,14 @@ all-gather of the expert shards, so rank 0 publishes, and the gap probe loads, p
 
 Versions: version 0 is the --init weights; after k optimizer steps rank 0 writes
 ``<weights-dir>/policy_v{k}.safetensors`` atomically and keeps only the newest two files.
+
+One step (``LearnerRank.step``): shards -> gap probe -> old-policy pass -> the loss's batch-global statistics ->
+per shard, the ``LossInputs`` record through the advantage transforms (engine/algo/transforms.py) -> loss,
+backward, optimizer step -> stats reduced over ranks. The loss is the registered class of ``learner.loss``
+(engine/algo/loss_registry.py) built from its section ``learner.<loss>``.
+
+Over 400 lines on purpose: the rank's model and step, the rank-0 peer and the ranks > 0 loop read together; the
+parts that need no actor machinery are in actors/learner_parts.py.
 """
 
 from __future__ import annotations
@@ -61,11 +69,12 @@ from engine.coordinator.procs import die_with_parent
 from engine.algo.loss_seam import LossInputs, build_loss
 from engine.algo.transforms import decoupled_weights, rl_zvp
 from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, deepspeed_config,
-                                  fanout_recv, fanout_send, gather_tokens, shard_bounds, skip_shm_comm_build)
+                                  fanout_recv, fanout_send, gather_tokens, probe_gap, shard_bounds,
+                                  skip_shm_comm_build)
 from engine.modeling.expert_parallel import hf_state_dict, patch_transformers, replica_check
 from engine.modeling.model import load_model, load_weights, old_policy_pass, save_state, save_weights, token_logprobs
 from engine.modeling.replay_mode import ReplayMode
-from engine.modeling.routing import mismatch_NT, route_hooks
+from engine.modeling.routing import route_hooks
 from transport.channels import PeerLost, run
 from transport.codec import decode, encode
 from transport.messages import CheckpointSaved, ErrorReport, SaveCheckpoint, Shutdown, TrainBatch, TrainResult
@@ -214,47 +223,12 @@ class LearnerRank:
         acc.add("entropy", (sh.entropy_NL * sh.mask_NL).sum(), tokens)
         acc.add("behavior_proximal_abs_diff", ((prox_logp_NL - sh.old_logp_NL).abs() * sh.mask_NL).sum(), tokens)
 
-    @torch.no_grad()
-    def _probe_rollout_gap(self, shards: list["Shard"], acc: "StatSums") -> None:
-        """|log pi_train_old - log pi_rollout| per token: the trainer's teacher-forced recompute of tokens under the
-        very weights that sampled them, against the rollout's log-probs, on up to ``gap_probe_seqs`` sequences.
-
-        Tokens of the current version use the live model; tokens one version older use ``probe_model``, a frozen
-        copy of the previous weights (in steady state every token is one version old). Routes are replayed as
-        configured (``logprob_gap_*``); with replay on, the same tokens are recomputed once more with replay off
-        (``logprob_gap_off_mean``), which also gives the fraction of positions whose expert set differs in at least
-        one layer when the trainer routes by itself (``routing_mismatch_frac``)."""
-        budget = self.gap_probe_seqs
-        for sh in shards:
-            rows = torch.arange(min(budget, sh.ids_NL.shape[0]))
-            budget -= len(rows)
-            for version, model in ((self.version, self.engine.module), (self.version - 1, self.probe_model)):
-                on_NL = sh.mask_NL[rows] & (sh.versions_NL[rows] == version)
-                if model is None or not bool(on_NL.any()):
-                    continue
-                keep = on_NL.any(-1)
-                r, on_NL = rows[keep], on_NL[keep]
-                routes = (sh.routes_NLLK[r], sh.routed_N[r]) if sh.routes_NLLK is not None else (None, None)
-                replays = [True, False] if self.replay is ReplayMode.R3 and routes[0] is not None else [False]
-                for replay in replays:  # R2 replays the trainer's own routes: for the probe that is no replay
-                    forced = routes if replay else (None, None)
-                    with route_hooks(model, forced_NTLK=forced[0], routed_N=forced[1]) as own:
-                        logp_NL = token_logprobs(model, sh.ids_NL[r], sh.attn_NL[r], temperature=self.temperature)
-                    d = (logp_NL - sh.old_logp_NL[r])[on_NL].double()
-                    if replay == replays[0]:  # as configured
-                        acc.add("logprob_gap_mean", d.abs().sum(), float(d.numel()))
-                        acc.add("logprob_gap_k3", (d.exp() - 1 - d).sum(), float(d.numel()))  # KL(rollout||train)
-                        acc.maximum("logprob_gap_max", d.abs().max())
-                        acc.total("logprob_gap_tokens", float(d.numel()))
-                    if not replay:
-                        acc.add("logprob_gap_off_mean", d.abs().sum(), float(d.numel()))
-                        if routes[0] is not None:
-                            own_NLLK = own.stacked(0).reshape(routes[0].shape)
-                            routed_NL = on_NL & (torch.arange(on_NL.shape[1])[None] < routes[1][:, None])
-                            differs_NL = mismatch_NT(own_NLLK, routes[0]) & routed_NL
-                            acc.add("routing_mismatch_frac", differs_NL.sum().double(), routed_NL.sum().double())
-            if budget <= 0:
-                break
+    def _probe_rollout_gap(self, shards: list[Shard], acc: StatSums) -> None:
+        """The rollout-vs-trainer log-prob gap on up to ``gap_probe_seqs`` sequences (learner_parts.probe_gap):
+        tokens of the current version under the live model, tokens one version older under ``probe_model``."""
+        models = ((self.version, self.engine.module), (self.version - 1, self.probe_model))
+        probe_gap(shards, models, budget=self.gap_probe_seqs, replay_r3=self.replay is ReplayMode.R3,
+                  temperature=self.temperature, acc=acc)
 
     def _gather_hf_state(self) -> dict[str, torch.Tensor] | None:
         return hf_state_dict(self.engine.module) if self.expert_parallel > 1 else None

@@ -1,8 +1,8 @@
 """The learner rank's building blocks that need no actor machinery: the DeepSpeed config, one rank's share of a
 batch (``Shard``), statistics reduced across ranks (``StatSums``), the all-gather of token values for a loss's
-batch-global statistics (``gather_tokens``), and the rank-0 fan-out of
-frames to the other ranks (an int64 size, then the codec's bytes as a uint8 tensor; a size <= 0 is a control
-code). actors/learner.py composes them into ``LearnerRank`` and the actor."""
+batch-global statistics (``gather_tokens``), the rollout-vs-trainer gap probe (``probe_gap``), and the rank-0
+fan-out of frames to the other ranks (an int64 size, then the codec's bytes as a uint8 tensor; a size <= 0 is a
+control code). actors/learner.py composes them into ``LearnerRank`` and the actor."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import torch.distributed as dist
 from configs.schema import LearnerConfig
 from engine.algo.loss_registry import counts_tokens
 from engine.modeling.expert_parallel import autoep_config
+from engine.modeling.model import token_logprobs
+from engine.modeling.routing import mismatch_NT, route_hooks
 from transport.messages import TrainBatch
 
 TICK, SHUTDOWN, PEER_LOST = 0, -1, -2  # control codes sent in place of a frame size
@@ -130,6 +132,56 @@ class StatSums:
         out.update({k: float(sums[2 * len(names) + i]) for i, k in enumerate(totals)})
         out["tokens"] = float(sums[2 * names.index("entropy") + 1]) if "entropy" in names else 0.0
         return out
+
+
+@torch.no_grad()
+def probe_gap(shards: list[Shard], models, *, budget: int, replay_r3: bool, temperature: float,
+              acc: StatSums) -> None:
+    """|log pi_train_old - log pi_rollout| per token: the trainer's teacher-forced recompute of tokens under the
+    very weights that sampled them, against the rollout's log-probs, on up to ``budget`` sequences.
+
+    models: (version, model) pairs; a token is recomputed by the model of its own version (model None: skipped).
+    In steady state every token is one version old, so the learner keeps a frozen copy of the previous weights.
+    Routes are replayed as configured (``logprob_gap_*``); with R3 replay the same tokens are recomputed once more
+    with replay off (``logprob_gap_off_mean``), which also gives the fraction of positions whose expert set differs
+    in at least one layer when the trainer routes by itself (``routing_mismatch_frac``). R2 replays the trainer's
+    own routes: for the probe that is no replay."""
+    for sh in shards:
+        rows = torch.arange(min(budget, sh.ids_NL.shape[0]))
+        budget -= len(rows)
+        for version, model in models:
+            on_NL = sh.mask_NL[rows] & (sh.versions_NL[rows] == version)
+            if model is None or not bool(on_NL.any()):
+                continue
+            keep = on_NL.any(-1)
+            r = rows[keep]
+            routes = (sh.routes_NLLK[r], sh.routed_N[r]) if sh.routes_NLLK is not None else (None, None)
+            replays = [True, False] if replay_r3 and routes[0] is not None else [False]
+            for replay in replays:
+                _probe_rows(model, sh, r, on_NL[keep], routes if replay else None, routes, temperature, acc,
+                            as_configured=replay == replays[0])
+        if budget <= 0:
+            break
+
+
+def _probe_rows(model, sh: Shard, r: torch.Tensor, on_NL: torch.Tensor, forced, routes, temperature: float,
+                acc: StatSums, *, as_configured: bool) -> None:
+    """One recompute of rows ``r`` (forced: the rollout's (routes, routed lengths) to replay, or None)."""
+    with route_hooks(model, forced_NTLK=forced[0] if forced else None, routed_N=forced[1] if forced else None) as own:
+        logp_NL = token_logprobs(model, sh.ids_NL[r], sh.attn_NL[r], temperature=temperature)
+    d = (logp_NL - sh.old_logp_NL[r])[on_NL].double()
+    if as_configured:
+        acc.add("logprob_gap_mean", d.abs().sum(), float(d.numel()))
+        acc.add("logprob_gap_k3", (d.exp() - 1 - d).sum(), float(d.numel()))  # KL(rollout || train)
+        acc.maximum("logprob_gap_max", d.abs().max())
+        acc.total("logprob_gap_tokens", float(d.numel()))
+    if forced is None:
+        acc.add("logprob_gap_off_mean", d.abs().sum(), float(d.numel()))
+        if routes[0] is not None:
+            own_NLLK = own.stacked(0).reshape(routes[0].shape)
+            routed_NL = on_NL & (torch.arange(on_NL.shape[1])[None] < routes[1][:, None])
+            differs_NL = mismatch_NT(own_NLLK, routes[0]) & routed_NL
+            acc.add("routing_mismatch_frac", differs_NL.sum().double(), routed_NL.sum().double())
 
 
 def as_float(x) -> float:

@@ -14,6 +14,7 @@ import sys
 import time
 
 from bench.training import train
+from engine.algo.loss_registry import LOSS_NAMES
 
 
 def _run(loss: str, seed: int, a: argparse.Namespace) -> dict:
@@ -45,7 +46,8 @@ def main(argv: list[str]) -> dict:
     from bench.common import print_table
 
     p = argparse.ArgumentParser(prog="everyprompt-bench losses", description=__doc__)
-    p.add_argument("--losses", default="espo,gspo,grpo,cispo")
+    p.add_argument("--losses", default="espo,gspo,grpo,cispo",
+                   help=f"comma-separated, any of {','.join(LOSS_NAMES)} (engine/algo/loss_registry.py)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per loss (0, 1, ...)")
     p.add_argument("--steps", type=int, default=100, help="RL steps per run (the rollout budget)")
     p.add_argument("--eval-every", type=int, default=10)
@@ -53,6 +55,9 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--sft-cache", default="runs/.sft_cache")
     p.add_argument("overrides", nargs="*", help="key=value passed to every run")
     a = p.parse_args(argv)
+    unknown = sorted(set(a.losses.split(",")) - set(LOSS_NAMES))
+    if unknown:
+        p.error(f"--losses: {', '.join(unknown)} unknown; choose from {','.join(LOSS_NAMES)}")
     results = {}
     for loss in a.losses.split(","):
         results[loss] = _summarise([_run(loss, seed, a) for seed in range(a.seeds)])

@@ -189,6 +189,10 @@ class RolloutConfig:
     # = FP8 KV cache
     sglang_url: str = ""  # sglang backend: a running server (http://host:port); "" = each worker launches its own
     sglang_port: int = 30000  # sglang backend without a url: worker i's server listens on this port + i
+    sglang_python: str = ""  # sglang backend without a url: the interpreter that launches the server (sglang's
+    # own environment, e.g. <env>/bin/python; it pins its own torch); "" = this one. Checked at start
+    sglang_idle_timeout_s: float = 120.0  # sglang backend: a streamed request silent this long while /health
+    # fails = a lost server (no limit on a response's total time)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -213,6 +217,8 @@ class RolloutConfig:
         _require(self.chunk_tokens >= 0, "rollout.chunk_tokens", self.chunk_tokens, "it must be >= 0")
         _require(self.threads_per_worker >= 1, "rollout.threads_per_worker", self.threads_per_worker,
                  "it must be >= 1")
+        _require(self.sglang_idle_timeout_s > 0, "rollout.sglang_idle_timeout_s", self.sglang_idle_timeout_s,
+                 "it must be > 0 seconds (e.g. 120)")
 
 
 @dataclass
@@ -353,8 +359,6 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in LOSSES:  # the sections' own Literal choices (their numeric checks ran when they were built)
-            check_choices(getattr(self, name))
         _require(self.zero_stage in (0, 1, 2), "learner.zero_stage", self.zero_stage,
                  "use learner.zero_stage=1 or 2 (0 disables ZeRO)")
         resolve_aggregation(self.loss, self.aggregation)  # e.g. seq_mean_group_mean needs espo's entropy groups

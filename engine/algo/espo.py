@@ -196,9 +196,9 @@ class ESPO(PolicyLoss):
     def batch_statistics(self, gathered: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not self.batch_fields:
             return {}
-        ent_M = gathered["entropy_NT"]
-        return {"entropy_threshold": batch_entropy_threshold(ent_M[None], torch.ones_like(ent_M, dtype=torch.bool)[None],
-                                                             self.cfg.rho)}
+        ent_1M = gathered["entropy_NT"][None]
+        on_1M = torch.ones_like(ent_1M, dtype=torch.bool)
+        return {"entropy_threshold": batch_entropy_threshold(ent_1M, on_1M, self.cfg.rho)}
 
     def __call__(self, x: LossInputs, batch: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         return espo_loss(x.logp_NT, x.old_logp_NT, x.token_advantages(), x.mask_NT, entropy_NT=x.entropy_NT,

@@ -8,12 +8,14 @@ LearnerConfig one nested section per entry, named after it: ``learner.<name>.<fi
 Adding a loss (e.g. Dr.GRPO, engine/algo/dr_grpo.py) = two files:
   1. engine/algo/<name>.py: a ``PolicyLoss`` subclass (engine/algo/loss_seam.py) whose ``__call__(inputs)`` is pure
      math over ``LossInputs``; reduce with ``engine.algo.aggregation.aggregate``;
-  2. here: its config dataclass (``Literal`` for choices; other checks in ``__post_init__``, naming
-     ``learner.<name>.<field>``) and one ``"<name>": Loss(...)`` line in ``LOSSES``.
+  2. here: its config dataclass (``Literal`` for choices, checked by ``_check_choices(self, "<name>")`` first in
+     ``__post_init__``; other checks there too, naming ``learner.<name>.<field>``) and one ``"<name>": Loss(...)``
+     line in ``LOSSES``.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +31,16 @@ AGGREGATION_CHOICES: tuple[str, ...] = ("auto", *AGGREGATIONS)  # auto = the los
 TOKEN_LEVEL = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # no entropy groups needed
 
 
+def _check_choices(cfg, section: str) -> None:
+    """The schema's one-line error for a ``Literal`` field of the loss section ``cfg`` holding another value.
+    (configs.schema.check_choices cannot be used here: configs/schema.py imports this module.)"""
+    for name, kind in typing.get_type_hints(type(cfg)).items():
+        choices, value = typing.get_args(kind), getattr(cfg, name)
+        if typing.get_origin(kind) is Literal and value not in choices:
+            names = ", ".join(map(str, choices[:-1])) + " or " + str(choices[-1]) if len(choices) > 1 else choices[0]
+            raise ValueError(f"learner.{section}.{name}={value!r} is invalid: choose {names}")
+
+
 def _positive(key: str, value: float, upper: float | None = None) -> None:
     if not (value > 0 and (upper is None or value <= upper)):
         span = "positive" if upper is None else f"in (0, {upper:g}]"
@@ -39,8 +51,8 @@ def _positive(key: str, value: float, upper: float | None = None) -> None:
 class GRPOConfig:
     """GRPO/DAPO token-level PPO clip [1 - clip_eps_low, 1 + clip_eps_high] (ALGORITHMS.md A.2)."""
 
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.28
+    clip_eps_low: float = 0.2  # token ratio clipped below at 1 - this (where A < 0)
+    clip_eps_high: float = 0.28  # and above at 1 + this (where A > 0); DAPO's clip-higher
 
     def __post_init__(self) -> None:
         _positive("learner.grpo.clip_eps_low", self.clip_eps_low, 1.0)
@@ -51,8 +63,8 @@ class GRPOConfig:
 class GSPOConfig:
     """GSPO sequence-level clip (the GSPO paper's 3e-4 / 4e-4)."""
 
-    clip_eps_low: float = 3e-4
-    clip_eps_high: float = 4e-4
+    clip_eps_low: float = 3e-4  # sequence ratio (geometric mean of token ratios) clipped below at 1 - this
+    clip_eps_high: float = 4e-4  # and above at 1 + this
 
     def __post_init__(self) -> None:
         _positive("learner.gspo.clip_eps_low", self.clip_eps_low, 1.0)
@@ -63,7 +75,7 @@ class GSPOConfig:
 class CISPOConfig:
     """CISPO: upper bound of the clipped importance weight (no lower bound, as in the paper)."""
 
-    clip_eps_high: float = 5.0
+    clip_eps_high: float = 5.0  # the stop-gradient importance weight is clipped above at 1 + this
 
     def __post_init__(self) -> None:
         _positive("learner.cispo.clip_eps_high", self.clip_eps_high)
@@ -74,12 +86,13 @@ class ESPOConfig:
     """ESPO (ALGORITHMS.md A.5-A.7): eps_tau = alpha * mean entropy of the group / ln|V|; the top rho of each
     response's tokens (or of the batch's, entropy_scope=batch) by old-policy entropy form the high group."""
 
-    alpha: float = 0.02
-    rho: float = 0.2
+    alpha: float = 0.02  # clip scale: eps_tau = alpha * mean entropy of the group / ln|V| (spec A.6)
+    rho: float = 0.2  # fraction of a response's trained tokens in the high-entropy group (spec A.5)
     ratio_mode: Literal["gspo_token", "literal"] = "gspo_token"  # spec A.7
     entropy_scope: Literal["sequence", "batch"] = "sequence"  # spec A.5; batch: one threshold over all ranks
 
     def __post_init__(self) -> None:
+        _check_choices(self, "espo")
         _positive("learner.espo.alpha", self.alpha)
         _positive("learner.espo.rho", self.rho, 1.0)
 
@@ -89,8 +102,8 @@ class DrGRPOConfig:
     """Dr.GRPO (arXiv 2503.20783): GRPO's token clip, each response's token sum divided by one constant (the
     generation limit, task.max_answer_tokens) instead of its own length."""
 
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.28
+    clip_eps_low: float = 0.2  # token ratio clipped below at 1 - this, as grpo
+    clip_eps_high: float = 0.28  # and above at 1 + this
 
     def __post_init__(self) -> None:
         _positive("learner.dr_grpo.clip_eps_low", self.clip_eps_low, 1.0)

@@ -11,7 +11,6 @@ Shape letters: N = sequences, T = padded tokens (any alignment, as long as all [
 - old_logp_NT: float [N, T], the same under the behaviour (sampling) policy; no grad.
 - adv: float [N] (one advantage per sequence, broadcast to its tokens) or float [N, T] (per token).
 - mask_NT: bool or {0,1} float [N, T], 1 = a trained (generated) token; everything else has zero gradient.
-- entropy_NT: float [N, T], old-policy entropy of each position; accepted for interface parity, ignored here.
 - aggregation, denom, norm_len: as engine.algo.aggregation.aggregate (masking and aggregation live there).
 - stats: detached scalar tensors, averaged over this call's trained tokens (ratio_max is a max).
 """
@@ -28,19 +27,10 @@ from engine.algo.loss_seam import LossInputs, PolicyLoss
 from engine.algo.loss_stats import clip_stats
 
 
-def grpo_loss(
-    logp_NT: Tensor,
-    old_logp_NT: Tensor,
-    adv: Tensor,
-    mask_NT: Tensor,
-    *,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.28,
-    aggregation: str = "token_mean",
-    entropy_NT: Tensor | None = None,
-    denom: float | Tensor | None = None,
-    norm_len: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def grpo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tensor, *, clip_eps_low: float = 0.2,
+              clip_eps_high: float = 0.28, aggregation: str = "token_mean",
+              denom: float | Tensor | None = None, norm_len: float | None = None
+              ) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-level PPO-clip surrogate of GRPO/DAPO (ALGORITHMS.md A.2) -> (scalar loss, stats).
 
     Per token: r = exp(logp - old_logp) (log clamped to +-20, so exp() stays finite on wild off-policy tokens),
@@ -50,7 +40,6 @@ def grpo_loss(
     r > 1 + eps_high with A > 0 ("high"); clip_frac_low/high count exactly those tokens.
     approx_kl is the k3 estimator of KL(old || new), mean over tokens of (r - 1) - log r.
     """
-    del entropy_NT
     adv_NT = token_adv(adv, logp_NT)
     logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)
     log_ratio_NT = (logp_NT - old_NT).clamp(-20.0, 20.0)
@@ -62,19 +51,10 @@ def grpo_loss(
     return loss, stats
 
 
-def gspo_loss(
-    logp_NT: Tensor,
-    old_logp_NT: Tensor,
-    adv: Tensor,
-    mask_NT: Tensor,
-    *,
-    clip_eps_low: float = 3e-4,
-    clip_eps_high: float = 4e-4,
-    aggregation: str = "seq_mean_token_mean",
-    entropy_NT: Tensor | None = None,
-    denom: float | Tensor | None = None,
-    norm_len: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def gspo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tensor, *, clip_eps_low: float = 3e-4,
+              clip_eps_high: float = 4e-4, aggregation: str = "seq_mean_token_mean",
+              denom: float | Tensor | None = None, norm_len: float | None = None
+              ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO-token surrogate (ALGORITHMS.md A.2) -> (scalar loss, stats).
 
     s_i = exp(mean over trained tokens of (logp - old_logp)), the geometric mean of the token ratios
@@ -86,7 +66,6 @@ def gspo_loss(
     Default clip (3e-4, 4e-4) and aggregation (mean over tokens, then over sequences) follow the GSPO paper.
     Stats as grpo_loss; ratio_* describe s_i (per token), approx_kl the per-token ratio.
     """
-    del entropy_NT
     adv_NT = token_adv(adv, logp_NT)
     logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)
     d_NT = (logp_NT - old_NT).detach()
@@ -99,19 +78,10 @@ def gspo_loss(
     return loss, stats
 
 
-def cispo_loss(
-    logp_NT: Tensor,
-    old_logp_NT: Tensor,
-    adv: Tensor,
-    mask_NT: Tensor,
-    *,
-    clip_eps_low: float = 1.0,
-    clip_eps_high: float = 5.0,
-    aggregation: str = "token_mean",
-    entropy_NT: Tensor | None = None,
-    denom: float | Tensor | None = None,
-    norm_len: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def cispo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tensor, *, clip_eps_low: float = 1.0,
+               clip_eps_high: float = 5.0, aggregation: str = "token_mean",
+               denom: float | Tensor | None = None, norm_len: float | None = None
+               ) -> tuple[Tensor, dict[str, Tensor]]:
     """CISPO (MiniMax-M1, arXiv 2506.13585): clipped, stop-gradient IS weight -> (scalar loss, stats).
 
     w_t = sg[clip(r_t, 1 - eps_low, 1 + eps_high)], r_t = exp(logp - old_logp) (log clamped to +-20).
@@ -123,7 +93,6 @@ def cispo_loss(
     clip_frac_low/high count tokens whose weight was clipped (r < 1 - eps_low / r > 1 + eps_high) whatever
     the sign of A, since CISPO clips the weight, not the objective.
     """
-    del entropy_NT
     adv_NT = token_adv(adv, logp_NT)
     logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)
     lr_NT = (logp_NT - old_NT).detach().clamp(-20.0, 20.0)

@@ -1,163 +1,34 @@
-"""The sglang backend (``rollout.backend=sglang``, ``reward.judge.backend=sglang``): its wire format for generation
-with log-probs and routed experts, the ``RolloutBatch``/``RolloutBackend`` of engine/backends/base.py over a server,
-and the judge. One backend, one file (engine/backends/registry.py): over 400 lines because the wire format, which
-is most of it, reads best next to the code that sends and folds it.
+"""The sglang backend (``rollout.backend=sglang``, ``reward.judge.backend=sglang``): the ``RolloutBatch`` /
+``RolloutBackend`` of engine/backends/base.py over an sglang server, and the judge. The wire format (command line,
+``/generate`` JSON, streamed items, routes, weight folders) and the HTTP client are in
+engine/backends/sglang_wire.py.
 
-Requests go to sglang's native ``/generate`` endpoint (``GenerateReqInput``) with token ids in, token ids out:
+Every unfinished row has one streamed ``/generate`` request in flight (one sample per request, so a group's prompt
+is shared through sglang's radix cache). Without routes, tokens join their row as they arrive, so the worker
+forwards them in chunks while the response is still running; with routes they join when the request finishes
+or is paused, since sglang sends routes only then. A request is never timed out for its length: a server that
+sends nothing on a request for ``rollout.sglang_idle_timeout_s`` seconds and does not answer ``/health`` is lost,
+and the batch raises (the worker exits, the coordinator continues its responses elsewhere from what was streamed).
+Only the first sample of a group asks for the prompt's routes; every request asks only for the routes it does not
+have yet (``routed_experts_start_len``).
 
-    {"input_ids": [[...], ...], "sampling_params": {"temperature": T, "max_new_tokens": N,
-     "stop_token_ids": [eos]}, "return_logprob": true, "return_routed_experts": true}
-
-``return_routed_experts`` needs a server started with ``--enable-return-routed-experts``. Each response item has
-``output_ids``, ``meta_info.output_token_logprobs`` (``[logprob, token_id, text]`` per generated token; by default
-sglang reports them under the temperature-scaled distribution it sampled from, which is what the learner's
-ratios need) and ``meta_info.routed_experts``: base64 of int32 ``[prompt_len + completion_len - 1, layers, k]``
-(positions ``[routed_experts_start_len, seqlen - 1)``; start 0 here). ``parse_generate_response`` turns that into the
-same ``Generated`` records as the transformers backend: prompt routes [P, layers, k] and response routes [T - 1,
-layers, k] in the narrowest dtype (uint8 for <= 256 experts).
-
-Nothing here imports sglang: these functions only build and read its documented JSON.
+Nothing here imports sglang: the server runs in its own environment (``rollout.sglang_python``) or is given by
+``rollout.sglang_url``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from engine.modeling.model import Generated
+from engine.backends.sglang_wire import (SGLangClient, StreamSink, check_sglang_python,  # noqa: F401
+                                         decode_routed_experts, finish_type, generate_payload, hub_layout,
+                                         parse_generate_response, server_args, stream_delta, write_model_dir)
 from engine.modeling.routing import route_dtype
-
-
-def server_args(model_path: str, *, host: str = "127.0.0.1", port: int = 30000, quantization: str = "",
-                kv_cache_dtype: str = "auto") -> list[str]:
-    """The ``sglang.launch_server`` command line for a rollout worker's server. MoE routes are always returned
-    (router replay). ``quantization="fp8"`` quantizes the bf16 weights to FP8 for rollout (the paper's FP8
-    rollout; re-applied at every weight load, training stays bf16) and ``kv_cache_dtype`` ("fp8_e5m2" /
-    "fp8_e4m3") stores the KV cache in FP8; both are ``rollout.*`` options and only take effect on a GPU."""
-    argv = ["python", "-m", "sglang.launch_server", "--model-path", model_path, "--host", host, "--port", str(port),
-            "--enable-return-routed-experts"]
-    if quantization:
-        if quantization != "fp8":
-            raise ValueError(f"rollout.quantization={quantization!r} is invalid: use fp8 or leave it empty")
-        argv += ["--quantization", "fp8"]
-    if kv_cache_dtype != "auto":
-        argv += ["--kv-cache-dtype", kv_cache_dtype]
-    return argv
-
-
-def generate_payload(prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_id: int,
-                     return_routes: bool) -> dict:
-    """The ``/generate`` body for a batch of token-id prompts (one sample each; repeat a prompt for a group)."""
-    return {"input_ids": [list(map(int, p)) for p in prompts],
-            "sampling_params": {"temperature": float(temperature), "max_new_tokens": int(max_new_tokens),
-                                "stop_token_ids": [int(eos_id)], "skip_special_tokens": False},
-            "return_logprob": True, "return_routed_experts": bool(return_routes)}
-
-
-def decode_routed_experts(payload: str, *, prompt_len: int, completion_len: int, num_layers: int, top_k: int,
-                          num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """sglang's base64 int32 ``routed_experts`` -> (prompt routes [P, layers, k], response routes [T - 1, layers,
-    k]) in ``route_dtype(num_experts)``. Raises ValueError naming what does not fit."""
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError, TypeError) as e:
-        raise ValueError(f"routed_experts is not base64: {e}") from None
-    per_row = num_layers * top_k * 4
-    rows = prompt_len + completion_len - 1
-    if len(raw) != rows * per_row:
-        raise ValueError(f"routed_experts holds {len(raw)} bytes; {prompt_len} prompt + {completion_len} generated "
-                         f"tokens x {num_layers} layers x top-{top_k} need {rows * per_row} (int32, seqlen - 1 rows). "
-                         f"Was the server started with --enable-return-routed-experts for this model?")
-    ids = np.frombuffer(raw, dtype="<i4").reshape(rows, num_layers, top_k)
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-        raise ValueError(f"routed_experts names expert ids in [{int(ids.min())}, {int(ids.max())}]; the model has "
-                         f"{num_experts} routed experts")
-    ids = ids.astype(route_dtype(num_experts))
-    return ids[:prompt_len], ids[prompt_len:]
-
-
-def parse_generate_response(items: list[dict] | dict, prompts: list[list[int]], *, num_layers: int, top_k: int,
-                            num_experts: int, return_routes: bool) -> list[Generated]:
-    """``/generate`` response items (one per prompt, in order) -> ``Generated`` per prompt."""
-    items = [items] if isinstance(items, dict) else items
-    if len(items) != len(prompts):
-        raise ValueError(f"sglang returned {len(items)} results for {len(prompts)} prompts")
-    out = []
-    for i, (item, prompt) in enumerate(zip(items, prompts)):
-        meta = item.get("meta_info") or {}
-        token_ids = [int(t) for t in item.get("output_ids", [])]
-        logprob_rows = meta.get("output_token_logprobs")
-        if logprob_rows is None:
-            raise ValueError(f"result {i} has no meta_info.output_token_logprobs: send return_logprob=true")
-        if [int(r[1]) for r in logprob_rows] != token_ids:
-            raise ValueError(f"result {i}: output_token_logprobs token ids do not match output_ids")
-        logprobs = [float(r[0]) for r in logprob_rows]
-        prompt_routes = routes = None
-        if return_routes:
-            if "routed_experts" not in meta:
-                raise ValueError(f"result {i} has no meta_info.routed_experts: start sglang with "
-                                 f"--enable-return-routed-experts and send return_routed_experts=true")
-            prompt_routes, routes = decode_routed_experts(
-                meta["routed_experts"], prompt_len=len(prompt), completion_len=len(token_ids),
-                num_layers=num_layers, top_k=top_k, num_experts=num_experts)
-        out.append(Generated(token_ids, logprobs, prompt_routes, routes))
-    return out
-
-
-# ---- the rollout backend: an sglang server driven over HTTP ----------------------------------------------
-
-_POLL_S = 0.05  # step(): how long to wait for a segment to finish before handing control back
-
-
-def hub_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """transformers-5 in-memory names (fused ``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I])
-    -> the checkpoint layout sglang's Qwen3-MoE loader reads (``experts.{e}.gate_proj|up_proj|down_proj.weight``,
-    as ``save_pretrained`` writes it). Other tensors keep their names."""
-    out = {}
-    for name, value in state.items():
-        if name.endswith(".experts.gate_up_proj"):
-            prefix, inter = name[: -len("gate_up_proj")], value.shape[1] // 2
-            for e in range(value.shape[0]):
-                out[f"{prefix}{e}.gate_proj.weight"] = np.ascontiguousarray(value[e, :inter])
-                out[f"{prefix}{e}.up_proj.weight"] = np.ascontiguousarray(value[e, inter:])
-        elif name.endswith(".experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            for e in range(value.shape[0]):
-                out[f"{prefix}{e}.down_proj.weight"] = np.ascontiguousarray(value[e])
-        else:
-            out[name] = value
-    return out
-
-
-def write_model_dir(policy_file: str, config_dir: str, out_dir: str) -> str:
-    """A folder sglang's ``/update_weights_from_disk`` can read: ``config.json`` (and ``generation_config.json``)
-    from ``config_dir`` and the policy file's weights as ``model.safetensors`` in checkpoint layout. Written to a
-    temporary folder and renamed, so the server never sees half of it. Returns ``out_dir``."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from safetensors.numpy import load_file, save_file
-
-    out = Path(out_dir)
-    if out.exists():
-        return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        for name in ("config.json", "generation_config.json"):
-            if (Path(config_dir) / name).exists():
-                shutil.copyfile(Path(config_dir) / name, tmp / name)
-        save_file(hub_layout(load_file(policy_file)), str(tmp / "model.safetensors"))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return str(out)
 
 
 def moe_shape(config: dict) -> tuple[int, int, int]:
@@ -173,59 +44,33 @@ def moe_shape(config: dict) -> tuple[int, int, int]:
     return len(adapter.sparse_layers()), adapter.top_k, adapter.num_experts
 
 
-class SGLangClient:
-    """sglang's native HTTP endpoints (``/generate``, ``/pause_generation``, ``/update_weights_from_disk``,
-    ``/continue_generation``, ``/abort_request``, ``/health``), blocking; call them from threads."""
-
-    def __init__(self, url: str, *, timeout_s: float = 600.0) -> None:
-        self.url, self.timeout_s = url.rstrip("/"), timeout_s
-
-    def post(self, path: str, body: dict, timeout_s: float | None = None) -> dict:
-        import json
-        import urllib.error
-        import urllib.request
-
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
-                text = resp.read().decode()
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"sglang {path} answered HTTP {e.code}: {e.read()[:500]!r}") from None
-        return json.loads(text) if text.strip() else {}
-
-    def healthy(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
-
 @dataclass
 class _Segment:
-    """One ``/generate`` request continuing a row from its current tokens, under one policy version."""
+    """One streamed ``/generate`` request continuing a row from its current tokens, under one policy version."""
 
     rid: str
     version: int
     start: int  # len(row.tokens) when it was sent
+    routes_from: int  # first position of prompt + tokens whose routes it asks for
+    stream: StreamSink
     future: object
+    have: int = 0  # tokens received
+    tokens: list[int] = field(default_factory=list)  # with routes: received, waiting for the routes at finish
+    logprobs: list[float] = field(default_factory=list)
 
 
 class SGLangBatch:
-    """The RolloutBatch contract (engine/backends/base.py: ``add``, ``step``, ``remove``, ``invalidate``) over an sglang
-    server: every unfinished row has one ``/generate`` request in flight (one sample per request, so a group's
-    prompt is shared through sglang's radix cache), sent by ``step(version)`` and folded into the row when it
-    returns. A request cut short by a weight update (``/pause_generation`` with mode ``abort``) returns its partial
-    tokens, which keep the version they were sampled with; the row is then sent again with those tokens as a
-    prefix and continues under the new weights (the KV cache is recomputed: kv_on_update=recompute)."""
+    """The RolloutBatch contract (engine/backends/base.py: ``add``, ``step``, ``remove``, ``invalidate``) over an
+    sglang server (see the module docstring). A request cut short by a weight update (``/pause_generation`` with
+    mode ``abort``) returns its partial tokens, which keep the version they were sampled with; the row is then
+    sent again with those tokens as a prefix and continues under the new weights (the KV cache is recomputed:
+    kv_on_update=recompute)."""
 
-    def __init__(self, backend: "SGLangBackend", *, capture_routes: bool) -> None:
+    def __init__(self, backend: SGLangBackend, *, capture_routes: bool) -> None:
         self._backend, self._capture = backend, capture_routes
         self.rows: list = []
         self._inflight: dict[int, _Segment] = {}  # id(row) -> its request
+        self._wake = threading.Event()
         self.discarded_partial_tokens = 0  # partial outputs returned without routes (sent again instead)
 
     @property
@@ -238,96 +83,158 @@ class SGLangBatch:
     def remove(self, rows: list) -> None:
         gone = {id(r) for r in rows}
         for key in gone & self._inflight.keys():
-            self._backend.abort(self._inflight.pop(key).rid)
+            seg = self._inflight.pop(key)
+            self._backend.abort(seg.rid)
+            seg.stream.kill("cancelled")
         self.rows = [r for r in self.rows if id(r) not in gone]
 
     def invalidate(self) -> None:
         """Nothing to do: rows in flight at a weight update were aborted and are re-sent (recomputed) anyway."""
 
     def step(self, version: int) -> None:
-        """Send every idle unfinished row; fold in the requests that finished within a short wait."""
-        import concurrent.futures as cf
+        """Send every idle unfinished row; fold in what arrived within a short wait."""
         import uuid
 
         for r in self.rows:
             if not r.done and id(r) not in self._inflight:
-                rid = uuid.uuid4().hex
-                self._inflight[id(r)] = _Segment(rid, version, len(r.tokens),
-                                                 self._backend.submit(r, rid, self._capture))
+                rid, routes_from = uuid.uuid4().hex, _routes_from(r)
+                stream = StreamSink(self._wake)
+                future = self._backend.submit(r, rid, self._capture, stream, routes_from)
+                self._inflight[id(r)] = _Segment(rid, version, len(r.tokens), routes_from, stream, future)
         if self._inflight:
-            cf.wait([s.future for s in self._inflight.values()], timeout=_POLL_S,
-                    return_when=cf.FIRST_COMPLETED)
-        self._collect(block=False)
+            self._wake.wait(timeout=_POLL_S)
+        self._collect()
 
     def drain(self) -> None:
         """Wait for every request in flight (after a pause they return at once) and fold them in."""
-        self._collect(block=True)
+        while self._inflight:
+            self._wake.wait(timeout=_POLL_S)
+            self._collect()
 
-    def _collect(self, *, block: bool) -> None:
+    def _collect(self) -> None:
+        self._wake.clear()
         by_id = {id(r): r for r in self.rows}
         for key, seg in list(self._inflight.items()):
-            if not (block or seg.future.done()):
-                continue
-            del self._inflight[key]
-            row = by_id.get(key)
-            if row is not None:
-                self._fold(row, seg, seg.future.result())
+            done = seg.future.done()  # read first: all it streamed before it ended is taken below
+            if self._take(by_id[key], seg):
+                del self._inflight[key]
+            elif done:
+                del self._inflight[key]
+                seg.future.result()  # raises why the stream ended early
+                raise ConnectionError(f"sglang {self._backend.client.url}: a stream ended without a finish_reason")
+        self._watch()
 
-    def _fold(self, row, seg: _Segment, item: dict) -> None:
+    def _take(self, row, seg: _Segment) -> bool:
+        """Fold what ``seg`` streamed since the last call into ``row``; True once the request is over."""
+        return any(self._fold(row, seg, item) for item in seg.stream.take() if item)
+
+    def _fold(self, row, seg: _Segment, item: dict) -> bool:
+        """Fold one streamed item into ``row``; True once the request is over."""
+        ids, logprobs = stream_delta(item, seg.have)
+        seg.have += len(ids)
+        reason = finish_type(item)
+        finish = reason if reason in ("stop", "length") else None
+        if not self._capture:
+            row.extend(ids, logprobs, seg.version, finish=finish)
+            return bool(reason)
+        seg.tokens += ids
+        seg.logprobs += logprobs
+        if not reason:
+            return False
         meta = item.get("meta_info") or {}
-        reason = meta.get("finish_reason") or {}
-        reason = reason.get("type", "") if isinstance(reason, dict) else str(reason)  # {"type": "stop", ...}
-        prompt = row.prompt + row.tokens[:seg.start]
-        [out] = parse_generate_response(
-            [item], [prompt], num_layers=self._backend.num_layers, top_k=self._backend.top_k,
-            num_experts=self._backend.num_experts, return_routes=self._capture and "routed_experts" in meta)
-        if self._capture and "routed_experts" not in meta:
+        if reason == "abort" and not seg.tokens:
+            return True  # paused before its first token: nothing to keep
+        if "routed_experts" not in meta:
             if reason != "abort":
                 raise ValueError("sglang returned no meta_info.routed_experts: start it with "
                                  "--enable-return-routed-experts (or pass rollout.return_routes=false)")
-            self.discarded_partial_tokens += len(out.token_ids)  # an aborted request without routes: redo it
+            self.discarded_partial_tokens += len(seg.tokens)  # an aborted request without routes: redo it
+            return True
+        b = self._backend
+        prompt_routes, routes = decode_routed_experts(
+            meta["routed_experts"], prompt_len=len(row.prompt) + seg.start, completion_len=len(seg.tokens),
+            num_layers=b.adapter.num_layers, top_k=b.top_k, num_experts=b.num_experts, start=seg.routes_from,
+            adapter=b.adapter)
+        row.extend(seg.tokens, seg.logprobs, seg.version, routes=np.concatenate([prompt_routes, routes]),
+                   routes_from=seg.routes_from, finish=finish)
+        return True
+
+    def _watch(self) -> None:
+        """Streams silent for the idle timeout: wait on if the server answers ``/health`` (the request is queued or
+        retracted), else kill them; their readers then fail and the next ``_collect`` raises."""
+        timeout_s, now = self._backend.idle_timeout_s, time.monotonic()
+        idle = [s for s in self._inflight.values() if now - s.stream.last_bytes > timeout_s]
+        if not idle:
             return
-        # with routes: every position of prompt + tokens but the last one is routed now, from position 0 on
-        routes = np.concatenate([out.prompt_routes, out.routes]) if self._capture else None
-        row.extend(out.token_ids, out.logprobs, seg.version, routes=routes,
-                   finish=reason if reason in ("stop", "length") else None)
+        alive = self._backend.client.healthy(timeout_s=min(5.0, timeout_s))
+        for seg in idle:
+            if alive:
+                seg.stream.touch()
+            else:
+                seg.stream.kill(f"sglang at {self._backend.client.url} sent nothing for {timeout_s:g}s on a "
+                                f"streamed request and its /health does not answer: the server is lost "
+                                f"(rollout.sglang_idle_timeout_s)")
+
+
+_POLL_S = 0.05  # step(): how long to wait for streamed tokens before handing control back
+
+
+def _routes_from(row) -> int:
+    """The first position of ``row.prompt + row.tokens`` whose routes the row lacks: 0 while it still wants the
+    prompt's (the group's first sample), else the first token without a route."""
+    if row.want_prompt_routes and row.prompt_routes is None:
+        return 0
+    return len(row.prompt) + row.route_base + len(row.routes)
 
 
 class SGLangBackend:
     """A rollout worker's generation on an sglang server (GPU): the worker's actor, transport and coordinator
     code are the same as with the transformers backend.
 
-    - ``url``: connect to a running server; without one the worker launches ``python -m sglang.launch_server``
-      (``server_args``: routed experts on, optional FP8) on ``port`` and waits for ``/health``.
+    - ``url``: connect to a running server; without one the worker launches ``<python> -m sglang.launch_server``
+      (``server_args``) on ``port`` and waits for ``/health``.
     - In-flight weight updates: ``/pause_generation`` (mode ``abort``: requests in flight return their partial
-      tokens) -> ``/update_weights_from_disk`` (a folder written from the learner's safetensors file) ->
-      ``/continue_generation``; unfinished rows are sent again with their tokens as prefix, so every token keeps
-      the version that sampled it and its routes.
+      tokens) -> ``/update_weights_from_disk`` -> ``/continue_generation``; unfinished rows are sent again with
+      their tokens as prefix, so every token keeps the version that sampled it and its routes. The folder it
+      loads is this backend's own (``<weights dir>/.sglang/<worker>-<pid>-<id>/policy_v<N>``, written once in the
+      model's dtype) and the previous version's folder is removed once the server has loaded the new one.
     """
 
     def __init__(self, init_dir: str, *, url: str = "", port: int = 30000, eos_id: int, quantization: str = "",
-                 kv_cache_dtype: str = "auto", max_inflight: int = 512, start_timeout_s: float = 900.0) -> None:
+                 kv_cache_dtype: str = "auto", max_inflight: int = 512, start_timeout_s: float = 900.0,
+                 python: str = "", idle_timeout_s: float = 120.0, worker_id: int = 0) -> None:
+        import atexit
         import json
+        import os
+        import sys
+        import uuid
         from concurrent.futures import ThreadPoolExecutor
-        from pathlib import Path
 
-        self.num_layers, self.top_k, self.num_experts = moe_shape(json.loads((Path(init_dir) / "config.json").read_text()))
-        self.init_dir, self.eos_id = init_dir, eos_id
+        from engine.modeling.adapters import adapter_for
+
+        config = json.loads((Path(init_dir) / "config.json").read_text())
+        self.adapter = adapter_for(config)
+        self.num_layers, self.top_k, self.num_experts = moe_shape(config) if self.adapter else (0, 0, 1)
+        self.init_dir, self.eos_id, self.idle_timeout_s = init_dir, eos_id, idle_timeout_s
+        self._instance = f"w{worker_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # its own weight folders
+        self._loaded: Path | None = None  # the folder the server loaded last
+        self._root: Path | None = None  # the newest folder written (its parent holds this instance's)
         self._proc = None
         if not url:
             import subprocess
 
+            python = python or sys.executable
+            check_sglang_python(python)
             url = f"http://127.0.0.1:{port}"
-            self._proc = subprocess.Popen(server_args(init_dir, port=port, quantization=quantization,
+            self._proc = subprocess.Popen(server_args(init_dir, python=python, port=port, quantization=quantization,
                                                       kv_cache_dtype=kv_cache_dtype))
+            atexit.register(self.close)  # a worker that dies takes its server with it
         self.client = SGLangClient(url)
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="sglang")
         self._batch: SGLangBatch | None = None
         self._wait_healthy(start_timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
-        import time
-
         deadline = time.monotonic() + timeout_s
         while not self.client.healthy():
             if self._proc is not None and self._proc.poll() is not None:
@@ -337,15 +244,18 @@ class SGLangBackend:
             time.sleep(1.0)
 
     def new_batch(self, *, capture_routes: bool) -> SGLangBatch:
+        if capture_routes and self.adapter is None:
+            raise ValueError(f"{self.init_dir} is a dense model (no routed experts): pass rollout.return_routes=false")
         self._batch = SGLangBatch(self, capture_routes=capture_routes)
         return self._batch
 
-    def submit(self, row, rid: str, capture_routes: bool):
+    def submit(self, row, rid: str, capture_routes: bool, sink: StreamSink, routes_from: int = 0):
         body = generate_payload([row.prompt + row.tokens], max_new_tokens=row.max_new_tokens - len(row.tokens),
-                                temperature=row.temperature, eos_id=self.eos_id, return_routes=capture_routes)
+                                temperature=row.temperature, eos_id=self.eos_id, return_routes=capture_routes,
+                                routes_start=routes_from, stream=True)
         body["rid"] = rid
-        body["input_ids"] = body["input_ids"][0]  # a single request: its item comes back as one object
-        return self._pool.submit(self.client.post, "/generate", body)
+        body["input_ids"] = body["input_ids"][0]  # a single request: its items come back as single objects
+        return self._pool.submit(self.client.stream, "/generate", body, sink)
 
     def abort(self, rid: str) -> None:
         self._pool.submit(self.client.post, "/abort_request", {"rid": rid})
@@ -360,25 +270,35 @@ class SGLangBackend:
 
         await asyncio.to_thread(self.load, path)
 
+    def model_dir(self, path: str) -> Path:
+        """This backend's folder for the policy file ``path`` (beside it, under ``.sglang/<this instance>``)."""
+        return Path(path).parent / ".sglang" / self._instance / Path(path).stem
+
     def load(self, path: str) -> None:
-        """Pause (requests in flight return), fold partial outputs in, load the new weights, continue."""
+        """Write this backend's folder for ``path``, pause (requests in flight return), fold partial outputs in,
+        load the new weights, continue; then remove the previous version's folder."""
         import re
-        from pathlib import Path
+        import shutil
 
         m = re.search(r"policy_v(\d+)\.safetensors$", path)
-        model_dir = write_model_dir(path, self.init_dir, str(Path(path).with_suffix("")) + "-sglang")
+        model_dir = self._root = self.model_dir(path)
+        write_model_dir(path, self.init_dir, str(model_dir))
         self.client.post("/pause_generation", {"mode": "abort"})
         try:
             if self._batch is not None:
                 self._batch.drain()
-            body = {"model_path": model_dir, "flush_cache": True}
+            body = {"model_path": str(model_dir), "flush_cache": True}
             if m:
                 body["weight_version"] = m.group(1)
             result = self.client.post("/update_weights_from_disk", body)
             if not result.get("success", False):
+                shutil.rmtree(model_dir, ignore_errors=True)
                 raise RuntimeError(f"sglang could not load {model_dir}: {result.get('message')}")
         finally:
             self.client.post("/continue_generation", {})
+        if self._loaded is not None and self._loaded != model_dir:
+            shutil.rmtree(self._loaded, ignore_errors=True)
+        self._loaded = model_dir
 
     def stack_routes(self, routes: list[np.ndarray]) -> np.ndarray:
         if routes:
@@ -386,20 +306,30 @@ class SGLangBackend:
         return np.zeros((0, self.num_layers, self.top_k), dtype=route_dtype(self.num_experts))
 
     def close(self) -> None:
+        """Stop the requests and the server this backend started; remove its weight folders."""
+        import shutil
+
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._batch is not None:
+            for seg in self._batch._inflight.values():
+                seg.stream.kill("closed")
+        if self._root is not None:
+            shutil.rmtree(self._root.parent, ignore_errors=True)
+            self._loaded = self._root = None
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
 
 
 def build(cfg, init_dir: str, worker_id: int) -> SGLangBackend:
     """Rollout worker ``worker_id``'s backend (engine/backends/registry.py): its own server on ``sglang_port +
-    worker_id`` unless ``rollout.sglang_url`` names a running one."""
+    worker_id``, launched by ``rollout.sglang_python``, unless ``rollout.sglang_url`` names a running one."""
     from engine.data.tokenizer import load_tokenizer
 
     r = cfg.rollout
     return SGLangBackend(init_dir, url=r.sglang_url, port=r.sglang_port + worker_id,
                          eos_id=load_tokenizer(cfg.model).eos_id, quantization=r.quantization,
-                         kv_cache_dtype=r.kv_cache_dtype, max_inflight=r.max_batch_samples)
+                         kv_cache_dtype=r.kv_cache_dtype, max_inflight=r.max_batch_samples,
+                         python=r.sglang_python, idle_timeout_s=r.sglang_idle_timeout_s, worker_id=worker_id)
 
 
 # ---- the generative judge: text prompts on a running server, one batched request per group ---------------------

@@ -37,6 +37,28 @@ def check(cfg: RunConfig) -> None:
     _port(cfg.transport.host, cfg.transport.port)
 
 
+def resolve_router_replay(cfg: RunConfig) -> RunConfig:
+    """The run's router replay for its model: a dense ``model.init_from`` (no MoE routers) runs with replay off
+    and no route capture, with one warning; an MoE family without an adapter raises a ConfigError naming the fix
+    (engine/modeling/adapters.py) unless ``learner.router_replay=off``. The built-in model is MoE: unchanged."""
+    if cfg.model.init_from is None:
+        return cfg
+    from transformers import AutoConfig
+
+    from engine.modeling.adapters import effective_replay
+
+    config = AutoConfig.from_pretrained(cfg.model.init_from)
+    try:
+        mode = effective_replay(config, cfg.learner.router_replay,
+                                warn=lambda message: log.warning("router_replay.off", detail=message))
+    except ValueError as e:
+        raise ConfigError(f"model.init_from={cfg.model.init_from}: {e}") from None
+    if mode == cfg.learner.router_replay:
+        return cfg
+    return dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, router_replay=mode),
+                               rollout=dataclasses.replace(cfg.rollout, return_routes=False))
+
+
 def _run_state(cfg: RunConfig, run_dir: Path) -> None:
     from engine.coordinator.checkpoint import latest
 

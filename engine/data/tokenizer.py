@@ -68,7 +68,7 @@ class CharTokenizer:
         from transformers import PreTrainedTokenizerFast
 
         tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(self.vocab)}, unk_token="<pad>"))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?s)."), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Fuse()
         PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                 eos_token="<eos>").save_pretrained(str(path))

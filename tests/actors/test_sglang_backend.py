@@ -27,10 +27,14 @@ def test_learner_weights_become_a_folder_sglang_loads(tmp_path):
     reloaded = load_model(folder)
     for name, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], value), name
-    names = hub_layout({"m.layers.0.mlp.experts.gate_up_proj": np.zeros((2, 6, 3)),
-                        "m.layers.0.mlp.experts.down_proj": np.zeros((2, 3, 3))}).keys()
+    fused = {"m.layers.0.mlp.experts.gate_up_proj": np.zeros((2, 6, 3)),
+             "m.layers.0.mlp.experts.down_proj": np.zeros((2, 3, 3))}
+    names = hub_layout(fused, {"model_type": "qwen3_moe"}).keys()
     assert sorted(names) == sorted(f"m.layers.0.mlp.experts.{e}.{p}_proj.weight"
                                    for e in range(2) for p in ("gate", "up", "down"))
+    names = hub_layout(fused, {"model_type": "mixtral"}).keys()  # the family's own checkpoint names
+    assert sorted(names) == sorted(f"m.layers.0.block_sparse_moe.experts.{e}.w{i}.weight"
+                                   for e in range(2) for i in (1, 2, 3))
 
 
 def test_worker_on_sglang_streams_and_continues_responses_across_a_weight_update(tmp_path):

@@ -76,12 +76,89 @@ def test_malformed_responses_are_refused_with_the_reason(mutate, match):
 def test_fp8_rollout_options_become_sglang_server_arguments():
     from engine.backends.sglang import server_args
 
-    plain = server_args("ckpt/v0", port=30001)
-    assert plain[:3] == ["python", "-m", "sglang.launch_server"]
+    plain = server_args("ckpt/v0", python="sglang-env/bin/python", port=30001)
+    assert plain[:3] == ["sglang-env/bin/python", "-m", "sglang.launch_server"]
     assert "--enable-return-routed-experts" in plain and "--quantization" not in plain
     assert "--kv-cache-dtype" not in plain
-    fp8 = server_args("ckpt/v0", quantization="fp8", kv_cache_dtype="fp8_e5m2")
+    fp8 = server_args("ckpt/v0", python="python", quantization="fp8", kv_cache_dtype="fp8_e5m2")
     assert fp8[fp8.index("--quantization") + 1] == "fp8"
     assert fp8[fp8.index("--kv-cache-dtype") + 1] == "fp8_e5m2"
     with pytest.raises(ValueError, match="rollout.quantization"):
-        server_args("ckpt/v0", quantization="int4")
+        server_args("ckpt/v0", python="python", quantization="int4")
+
+
+def test_routes_of_a_model_with_dense_layers_keep_only_its_moe_layers():
+    """sglang sizes routed_experts by num_hidden_layers (dense layers left at 0); the adapter picks the MoE ones,
+    here for Qwen3-MoE's mlp_only_layers and DeepSeek-V3's first_k_dense_replace, from position 3 on."""
+    from engine.modeling.adapters import adapter_for
+
+    for config in ({"model_type": "qwen3_moe", "num_hidden_layers": 4, "mlp_only_layers": [1], "num_experts": 16,
+                    "num_experts_per_tok": K},
+                   {"model_type": "deepseek_v3", "num_hidden_layers": 4, "first_k_dense_replace": 1,
+                    "n_routed_experts": 16, "num_experts_per_tok": K}):
+        adapter = adapter_for(config)
+        sparse = adapter.sparse_layers()
+        assert len(sparse) == 3
+        rng = np.random.default_rng(3)
+        prompt_len, completion_len, start = 5, 4, 3
+        rows = prompt_len + completion_len - 1 - start
+        full = np.zeros((rows, 4, K), "<i4")
+        full[:, sparse] = rng.integers(0, 16, size=(rows, 3, K))
+        payload = base64.b64encode(full.tobytes()).decode()
+        prompt_routes, routes = decode_routed_experts(payload, prompt_len=prompt_len, completion_len=completion_len,
+                                                      num_layers=4, top_k=K, num_experts=16, start=start,
+                                                      adapter=adapter)
+        assert prompt_routes.shape == (prompt_len - start, 3, K) and routes.shape == (completion_len - 1, 3, K)
+        np.testing.assert_array_equal(np.concatenate([prompt_routes, routes]), full[:, sparse])
+        with pytest.raises(ValueError, match="bytes"):  # the MoE layers alone are not what sglang sends
+            decode_routed_experts(base64.b64encode(full[:, sparse].tobytes()).decode(), prompt_len=prompt_len,
+                                  completion_len=completion_len, num_layers=4, top_k=K, num_experts=16,
+                                  start=start, adapter=adapter)
+
+
+def test_payload_asks_for_the_routes_it_lacks_and_streams():
+    body = generate_payload([[5, 6, 7]], max_new_tokens=8, temperature=1.0, eos_id=2, return_routes=True,
+                            routes_start=3, stream=True)
+    assert body["routed_experts_start_len"] == 3 and body["stream"] is True
+    plain = generate_payload([[5]], max_new_tokens=8, temperature=1.0, eos_id=2, return_routes=True)
+    assert "routed_experts_start_len" not in plain and "stream" not in plain
+
+
+def _streamed(ids: list[int], total: int) -> dict:
+    return {"output_ids": ids, "meta_info": {"completion_tokens": total, "finish_reason": None,
+                                             "output_token_logprobs": [[-1.0 * t, t, None] for t in ids]}}
+
+
+def test_streamed_items_hold_all_tokens_so_far_or_only_new_ones():
+    from engine.backends.sglang_wire import stream_delta
+
+    tokens = [4, 5, 6, 7, 8]
+    for chunks in ([[4], [4, 5, 6], [4, 5, 6, 7, 8]],  # sglang's default: everything so far
+                   [[4], [5, 6], [7, 8]]):  # --incremental-streaming-output
+        got, have = [], 0
+        for ids in chunks:
+            total = {4: 1, 6: 3, 8: 5}[ids[-1]]
+            new, logprobs = stream_delta(_streamed(ids, total), have)
+            assert logprobs == [-1.0 * t for t in new]
+            got += new
+            have += len(new)
+        assert got == tokens
+    with pytest.raises(ValueError, match="neither"):
+        stream_delta(_streamed([4, 5], 7), 2)
+
+
+def test_server_sent_events_become_items_and_errors_raise():
+    from engine.backends.sglang_wire import iter_sse
+
+    lines = [b'data: {"a": 1}\n', b"\n", b'data: {"a": 2}\n', b"\n", b"data: [DONE]\n", b'data: {"a": 3}\n']
+    assert list(iter_sse(lines)) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(RuntimeError, match="context length"):
+        list(iter_sse([b'data: {"error": {"message": "too long for the context length"}}\n']))
+
+
+def test_a_model_folder_without_a_tokenizer_starts_sglang_tokens_only(tmp_path):
+    from engine.backends.sglang import server_args
+
+    assert "--skip-tokenizer-init" in server_args(str(tmp_path), python="python")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert "--skip-tokenizer-init" not in server_args(str(tmp_path), python="python")

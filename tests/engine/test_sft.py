@@ -31,3 +31,19 @@ def test_sft_checkpoint_is_cached_on_second_call(tmp_path):
     with pytest.warns(UserWarning):
         path3, stats3 = ensure_sft_checkpoint(cfg, task, progress=False, log=logs.append)
     assert path3 != path and stats3["cached"] is False
+
+
+@pytest.mark.timeout(60)
+def test_sft_runs_only_when_wanted(tmp_path):
+    import json
+
+    from engine.modeling.sft import initial_policy
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}=", "answer": i}) + "\n" for i in range(20)))
+    task_cfg = TaskConfig(name="jsonl", jsonl_path=str(data), num_eval=4, num_dev=2)
+    off = RunConfig(model=TINY, task=task_cfg, sft=SFTConfig(enabled=False, cache_dir=str(tmp_path / "c")))
+    path, stats = initial_policy(off, build_task(task_cfg), progress=False, log=lambda _: None)
+    assert stats["skipped"] and stats["steps"] == 0 and load_model(path).config.num_hidden_layers == 1
+    given = RunConfig(model=ModelConfig(init_from=path), task=task_cfg, sft=SFTConfig(cache_dir=str(tmp_path / "c")))
+    assert initial_policy(given, build_task(task_cfg), progress=False, log=lambda _: None) == (path, stats)
