@@ -217,7 +217,7 @@ class LearnerRank:
                                                           temperature=self.temperature,
                                                           chunk_tokens=self.chunk_tokens)
         n, length = sh.ids_NL.shape
-        sh.own_routes_NLLK = own.stacked(0).reshape(n, length, *own.stacked(0).shape[1:])
+        sh.own_routes_NLLK = own.stacked(0).reshape(n, length, *own.stacked(0).shape[1:]) if own.calls else None
         sh.prox_logp_NL = prox_logp_NL
         tokens = sh.mask_NL.sum().double()
         acc.add("entropy", (sh.entropy_NL * sh.mask_NL).sum(), tokens)

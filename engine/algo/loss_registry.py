@@ -116,6 +116,7 @@ class Loss:
     config: type  # its config dataclass: the section learner.<name>
     default_aggregation: str  # what learner.aggregation=auto means for it
     aggregations: tuple[str, ...] = TOKEN_LEVEL  # the aggregations it supports
+    adv_scale_by_std: bool = True  # group advantages divided by the group's std (False: Dr.GRPO's R - mean R)
 
 
 LOSSES: dict[str, Loss] = {
@@ -123,7 +124,7 @@ LOSSES: dict[str, Loss] = {
     "gspo": Loss("engine.algo.losses:GSPO", GSPOConfig, "seq_mean_token_mean"),
     "grpo": Loss("engine.algo.losses:GRPO", GRPOConfig, "token_mean"),
     "cispo": Loss("engine.algo.losses:CISPO", CISPOConfig, "token_mean"),
-    "dr_grpo": Loss("engine.algo.dr_grpo:DrGRPO", DrGRPOConfig, "seq_mean_token_sum_norm"),
+    "dr_grpo": Loss("engine.algo.dr_grpo:DrGRPO", DrGRPOConfig, "seq_mean_token_sum_norm", adv_scale_by_std=False),
 }
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
 

@@ -228,7 +228,7 @@ class SGLangBackend:
             url = f"http://127.0.0.1:{port}"
             self._proc = subprocess.Popen(server_args(init_dir, python=python, port=port, quantization=quantization,
                                                       kv_cache_dtype=kv_cache_dtype))
-            atexit.register(self.close)  # a worker that dies takes its server with it
+        atexit.register(self.close)  # a worker that exits takes its server and weight folders with it
         self.client = SGLangClient(url)
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="sglang")
         self._batch: SGLangBatch | None = None

@@ -14,11 +14,12 @@ from engine.modeling.routing import pack_routes
 from transport import TrainBatch
 
 
-def pack_batch(groups: list[Group], *, step: int, pad_id: int) -> TrainBatch:
-    """Right-pad prompt+response of every sample to one length L; advantages per ESPO Eq. 11; MoE routes
-    (when the rollout recorded them) aligned with the tokens they belong to."""
+def pack_batch(groups: list[Group], *, step: int, pad_id: int, scale_by_std: bool = True) -> TrainBatch:
+    """Right-pad prompt+response of every sample to one length L; advantages per ESPO Eq. 11 (without the
+    division by the group's std when ``scale_by_std`` is False: Dr.GRPO); MoE routes (when the rollout recorded
+    them) aligned with the tokens they belong to."""
     samples = [s for g in groups for s in g.ordered()]
-    adv = np.concatenate([_advantages(g) for g in groups]).astype(np.float32)  # [N]; groups may differ in size
+    adv = np.concatenate([_advantages(g, scale_by_std) for g in groups]).astype(np.float32)  # [N]; groups may differ in size
     zvp_sign = np.array([_zvp_sign(g) for g in groups for _ in g.ordered()], dtype=np.int8)
     prompt_lens = np.array([len(g.prompt_ids) for g in groups for _ in g.ordered()], dtype=np.int32)
     response_lens = np.array([len(s.token_ids) for s in samples], dtype=np.int32)
@@ -41,13 +42,13 @@ def pack_batch(groups: list[Group], *, step: int, pad_id: int) -> TrainBatch:
                       routed_lens=routed, zvp_sign=zvp_sign)
 
 
-def _advantages(g: Group) -> np.ndarray:
+def _advantages(g: Group, scale_by_std: bool) -> np.ndarray:
     samples = g.ordered()
     rewards = torch.tensor([[s.reward for s in samples]], dtype=torch.float32)
     valid = torch.tensor([[s.valid for s in samples]], dtype=torch.bool)
     if any(JUDGE_PART in s.reward_parts for s in samples):  # judge margins: a tie gets exactly 0 (spec B.5)
         return tie_aware_advantages(rewards, valid)[0].numpy()
-    return group_advantages(rewards, valid)[0].numpy()
+    return group_advantages(rewards, valid, scale_by_std=scale_by_std)[0].numpy()
 
 
 def _correct(g: Group) -> list[float]:

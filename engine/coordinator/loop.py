@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from configs.schema import RunConfig
+from engine.algo.loss_registry import LOSSES
 from engine.coordinator import checkpoint
 from engine.coordinator.batch import RunStats, batch_stats, pack_batch
 from engine.coordinator.buffer import Group
@@ -161,7 +162,8 @@ async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version:
     t0, tokens0 = time.monotonic(), a.rollouts.counters.generated_tokens
     groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_staleness)
     t_wait = time.monotonic() - t0
-    batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id)
+    batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id,
+                       scale_by_std=LOSSES[cfg.learner.loss].adv_scale_by_std)
     stats = batch_stats(groups, batch, learner_version=version, rl_zvp=cfg.learner.rl_zvp_alpha > 0)
     totals.add(groups, stats)
     result = await a.learner.train(batch)  # fwd/bwd/optimizer step on every learner rank

@@ -81,8 +81,12 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
     ``forced_NTLK`` (integer, [N, T, layers, k]) applies to forwards over ``[N, T]`` inputs; ``routed_N`` gives
     how many leading positions of each sequence have a recorded route (default: all). Forwards of any other
     shape are not replayed (and a forced route outside [0, num_experts) raises). ``adapter`` defaults to the
-    model's own (``adapter_for(model)``); pass it to hook a bare router module.
+    model's own (``adapter_for(model)``); pass it to hook a bare router module. A dense model (no adapter, no
+    MoE layers) records nothing (``calls`` is empty) unless routes are forced, which raises.
     """
+    if adapter is None and forced_NTLK is None and adapter_for(model) is None:
+        yield RouteLog(calls=[])
+        return
     adapter = _adapter(model, adapter)
     routers = adapter.routers(model)
     log = RouteLog(calls=[[] for _ in routers])

@@ -17,40 +17,20 @@ import transformers as tf
 from engine.modeling.adapters import ADAPTERS, adapter_for, effective_replay
 from engine.modeling.model import generate, token_logprobs
 from engine.modeling.routing import mismatch_NT, moe_routers, pack_routes, route_hooks, route_shape
+from tests.byo_models import MOE_FAMILIES
 
 pytestmark = pytest.mark.timeout(120)
 PAD, EOS, VOCAB = 0, 2, 64
 _ATTN = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
              max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1,
              tie_word_embeddings=False)
-# family -> (config class, its MoE keys, MoE layer count); "renorm" lists the switch the perturbation check sets
-FAMILIES = {
-    "qwen3_moe": (tf.Qwen3MoeConfig, dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
-                                          moe_intermediate_size=16, intermediate_size=32, mlp_only_layers=[1],
-                                          norm_topk_prob=True), 2),
-    "qwen2_moe": (tf.Qwen2MoeConfig, dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
-                                          moe_intermediate_size=16, intermediate_size=32, mlp_only_layers=[0],
-                                          shared_expert_intermediate_size=16), 2),
-    "mixtral": (tf.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
-                                       intermediate_size=16), 2),
-    "olmoe": (tf.OlmoeConfig, dict(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
-                                   intermediate_size=16), 2),
-    "deepseek_v3": (tf.DeepseekV3Config, dict(num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
-                                              n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1,
-                                              moe_intermediate_size=16, intermediate_size=32, q_lora_rank=16,
-                                              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                              v_head_dim=8, routed_scaling_factor=2.5,
-                                              num_key_value_heads=4), 2),
-    "gpt_oss": (tf.GptOssConfig, dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
-                                      intermediate_size=16, sliding_window=4,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-                                      layer_types=["sliding_attention", "full_attention"]), 2),
-}
+FAMILIES = MOE_FAMILIES  # family -> (config class, its MoE keys, MoE layer count): tests/byo_models.py
 PROMPTS = [[5, 9, 11, 3], [7, 7, 20], [30, 31, 32, 33, 34], [12, 40]]
 
 
 def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cls, moe, _ = FAMILIES[family]
+    cls = getattr(tf, cls)
     config = cls(**{**_ATTN, **moe, **overrides})
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config).float().eval()

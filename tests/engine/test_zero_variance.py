@@ -107,3 +107,14 @@ def test_variance_buffer_prefers_informative_groups_and_never_passes_the_bound()
     assert run(take("fifo", 2)) == ["g3", "g1"]  # oldest first
     assert run(take("variance", 2)) == ["g3", "g2"]  # g3 is at the bound: it goes now; then the spread
     assert run(take("variance", 1)) == ["g2", "g1"]  # nothing at the bound: informative first
+
+
+def test_dr_grpo_advantages_are_not_divided_by_the_group_std():
+    from engine.algo.loss_registry import LOSSES
+
+    g = _group("g1", [1, 0, 0, 0])  # mean 0.25: R - mean = 0.75, -0.25 (GRPO divides these by the std)
+    assert not LOSSES["dr_grpo"].adv_scale_by_std and LOSSES["espo"].adv_scale_by_std
+    plain = pack_batch([g], step=1, pad_id=0, scale_by_std=False).advantages
+    np.testing.assert_allclose(plain, [0.75, -0.25, -0.25, -0.25], atol=1e-6)
+    scaled = pack_batch([g], step=1, pad_id=0).advantages
+    assert abs(scaled[0]) > 1.0  # 0.75 / std 0.433
