@@ -67,6 +67,7 @@ from configs.schema import RunConfig
 from engine.log import configure_logging
 from engine.coordinator.procs import die_with_parent
 from engine.algo.loss_seam import LossInputs, build_loss
+from engine.data.tasks import generation_limit
 from engine.algo.transforms import decoupled_weights, rl_zvp
 from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, deepspeed_config,
                                   fanout_recv, fanout_send, gather_tokens, probe_gap, shard_bounds,
@@ -111,7 +112,7 @@ class LearnerRank:
         self.temperature = cfg.rollout.temperature
         lc = cfg.learner
         self.loss = build_loss(lc.loss, getattr(lc, lc.loss), aggregation=lc.aggregation,
-                               vocab_size=model.config.vocab_size, norm_len=cfg.task.max_answer_tokens)
+                               vocab_size=model.config.vocab_size, norm_len=generation_limit(cfg.task))
         self.chunk_tokens = cfg.learner.entropy_chunk_tokens
         self.replay, self.num_minibatches = ReplayMode(cfg.learner.router_replay), cfg.learner.num_minibatches
         self.gap_probe_seqs = max(cfg.learner.gap_probe_seqs // self.world, 1) if cfg.learner.gap_probe_seqs else 0

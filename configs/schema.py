@@ -119,7 +119,8 @@ class TaskConfig:
     jsonl_path: Optional[str] = None  # for name=jsonl
     num_eval: int = 500  # held-out prompts for greedy eval (fixed by seed)
     num_dev: int = 200  # held-out prompts used only to stop SFT
-    max_answer_tokens: int = 8  # generation length limit (answer digits + EOS)
+    max_answer_tokens: Optional[int] = None  # generation length limit, EOS included; unset: 8 for arithmetic, and
+    # for a dataset its longest reference answer (in tokens, + EOS) plus 25%, resolved before the run starts
     reverse_answer: bool = True  # arithmetic: answer digits least significant first (learns much faster)
     train_pool: Optional[str] = None  # RL prompts from this jsonl (everyprompt-filter-pool output) instead of
     # the task's own training distribution; eval and dev sets are unchanged
@@ -133,8 +134,8 @@ class TaskConfig:
         _require(1 <= self.min_digits <= self.max_digits, "task.min_digits", self.min_digits,
                  f"it must be between 1 and task.max_digits={self.max_digits}")
         _require(self.num_eval > 0, "task.num_eval", self.num_eval, "it must be positive")
-        _require(self.max_answer_tokens > 0, "task.max_answer_tokens", self.max_answer_tokens,
-                 "it must be positive")
+        _require(self.max_answer_tokens is None or self.max_answer_tokens > 0, "task.max_answer_tokens",
+                 self.max_answer_tokens, "it must be positive (or unset: derived from the data)")
 
 
 @dataclass

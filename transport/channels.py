@@ -19,6 +19,9 @@ receive loop, and ZeroMQ's high-water mark then blocks the senders: backpressure
 ``max_frame_bytes`` is rejected by the codec before parsing, and one over twice that is refused by ZeroMQ
 itself (``MAXMSGSIZE``: the connection is dropped before the frame is buffered). Binding anything but loopback
 needs CURVE keys (transport/curve.py) or ``insecure=True``, which logs a warning.
+
+The module is over 400 lines on purpose: Hub and Peer share one base class (sequence numbers, heartbeats,
+rejection accounting) whose invariants are easier to check in one file than across several.
 """
 
 from __future__ import annotations

@@ -122,16 +122,7 @@ def espo_loss(
     group's tokens in this call: clip_frac_upper_<g>, clip_frac_lower_<g>, eps_<g> (clip half-width),
     entropy_<g>, abs_log_ratio_<g> (|log s_g|); and hi_ent_token_frac (high tokens / trained tokens).
     """
-    if entropy_NT is None:
-        raise ValueError("espo_loss needs entropy_NT: the old-policy token entropies [N, T]")
-    if ratio_mode not in RATIO_MODES:
-        raise ValueError(f"ratio_mode={ratio_mode!r} is unknown; choose one of {RATIO_MODES}")
-    if clip_mode not in CLIP_MODES:
-        raise ValueError(f"clip_mode={clip_mode!r} is unknown; choose one of {CLIP_MODES}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation={aggregation!r} is unknown; choose one of {AGGREGATIONS}")
-    if clip_mode == "adaptive" and (vocab_size is None or vocab_size < 2):
-        raise ValueError(f"clip_mode='adaptive' needs vocab_size >= 2, got {vocab_size!r}")
+    _check_args(entropy_NT, ratio_mode, clip_mode, aggregation, vocab_size)
     adv_NT = token_adv(adv, logp_NT)
     logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)  # padding may hold -inf: gradient 0
     on_NT, dtype = m_NT.to(torch.bool), logp_NT.dtype
@@ -141,16 +132,7 @@ def espo_loss(
                            threshold=entropy_threshold).to(dtype)
     lo_NT = m_NT - hi_NT
 
-    d_NT = (logp_NT - old_NT).detach()
-    tok_lr_NT = d_NT.clamp(-20.0, 20.0)
-    mlr_hi_N = group_mean(d_NT, hi_NT).clamp(-20.0, 20.0)
-    mlr_lo_N = group_mean(d_NT, lo_NT).clamp(-20.0, 20.0)
-    log_sg_NT = mlr_hi_N[:, None] * hi_NT + mlr_lo_N[:, None] * lo_NT
-    if ratio_mode == "gspo_token":
-        s_NT = torch.exp(log_sg_NT + (logp_NT - logp_NT.detach()))
-    else:
-        s_NT = torch.exp(log_sg_NT + (logp_NT - old_NT).clamp(-20.0, 20.0))
-
+    s_NT, log_sg_NT, tok_lr_NT = _group_ratios(logp_NT, old_NT, hi_NT, lo_NT, ratio_mode)
     if clip_mode == "adaptive":
         scale = alpha / math.log(vocab_size)
         eps_NT = scale * (group_mean(ent_NT, hi_NT)[:, None] * hi_NT + group_mean(ent_NT, lo_NT)[:, None] * lo_NT)
@@ -164,6 +146,33 @@ def espo_loss(
 
     stats = _espo_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT, hi_NT, ent_NT, log_sg_NT)
     return loss, stats
+
+
+def _check_args(entropy_NT, ratio_mode: str, clip_mode: str, aggregation: str, vocab_size: int | None) -> None:
+    if entropy_NT is None:
+        raise ValueError("espo_loss needs entropy_NT: the old-policy token entropies [N, T]")
+    if ratio_mode not in RATIO_MODES:
+        raise ValueError(f"ratio_mode={ratio_mode!r} is unknown; choose one of {RATIO_MODES}")
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"clip_mode={clip_mode!r} is unknown; choose one of {CLIP_MODES}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r} is unknown; choose one of {AGGREGATIONS}")
+    if clip_mode == "adaptive" and (vocab_size is None or vocab_size < 2):
+        raise ValueError(f"clip_mode='adaptive' needs vocab_size >= 2, got {vocab_size!r}")
+
+
+def _group_ratios(logp_NT: Tensor, old_NT: Tensor, hi_NT: Tensor, lo_NT: Tensor, ratio_mode: str
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(token ratio s_t (Eq. 9), log group ratio log s_g per token (Eq. 10), clamped token log-ratio)."""
+    d_NT = (logp_NT - old_NT).detach()
+    mlr_hi_N = group_mean(d_NT, hi_NT).clamp(-20.0, 20.0)
+    mlr_lo_N = group_mean(d_NT, lo_NT).clamp(-20.0, 20.0)
+    log_sg_NT = mlr_hi_N[:, None] * hi_NT + mlr_lo_N[:, None] * lo_NT
+    if ratio_mode == "gspo_token":
+        s_NT = torch.exp(log_sg_NT + (logp_NT - logp_NT.detach()))
+    else:
+        s_NT = torch.exp(log_sg_NT + (logp_NT - old_NT).clamp(-20.0, 20.0))
+    return s_NT, log_sg_NT, d_NT.clamp(-20.0, 20.0)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from engine.backends import simulate
 from engine.backends.registry import worker_module
 from engine.coordinator.rollouts import Rollouts
 from engine.data.tokenizer import load_tokenizer
+from engine.data.tasks import generation_limit
 from transport import (CheckpointSaved, ErrorReport, Hello, Hub, Judged, ResponseChunk, SaveCheckpoint, Scored,
                        Shutdown, TrainBatch, TrainResult, WeightsLoaded)
 from transport.curve import CurveKeys, server_keys
@@ -300,7 +301,7 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner, rdzv_endpoint)
         sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts, faults=faults)
         peers = await _wait_for_hellos(hub, cfg, sup)
-        rollouts = Rollouts(hub, rollout=cfg.rollout, train=cfg.train, max_new_tokens=cfg.task.max_answer_tokens,
+        rollouts = Rollouts(hub, rollout=cfg.rollout, train=cfg.train, max_new_tokens=generation_limit(cfg.task),
                             workers=peers["rollout"], rewards=peers["reward"], postprocess=_postprocess_work(cfg),
                             judge=cfg.reward.plugin == "judge")
         actors = Actors(rollouts=rollouts, buffer=rollouts.buffer, learner=Learner(hub, peers["learner"][0]),

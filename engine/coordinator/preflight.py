@@ -37,6 +37,21 @@ def check(cfg: RunConfig) -> None:
     _port(cfg.transport.host, cfg.transport.port)
 
 
+def resolve_answer_limit(cfg: RunConfig) -> RunConfig:
+    """``task.max_answer_tokens`` unset: the task's own limit (the built-in task's 8; a dataset's longest
+    reference answer + EOS + 25%), written into the run's config so every actor uses the same number."""
+    if cfg.task.max_answer_tokens is not None:
+        return cfg
+    from engine.data.tasks import load_task
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check() has logged the data warnings already
+        limit = load_task(cfg).max_answer_tokens
+    log.info("task.max_answer_tokens", value=limit, detail="derived from the data (set task.max_answer_tokens to "
+             "choose)")
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, max_answer_tokens=limit))
+
+
 def resolve_router_replay(cfg: RunConfig) -> RunConfig:
     """The run's router replay for its model: a dense ``model.init_from`` (no MoE routers) runs with replay off
     and no route capture, with one warning; an MoE family without an adapter raises a ConfigError naming the fix

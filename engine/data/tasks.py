@@ -127,7 +127,28 @@ def _arithmetic(cfg: TaskConfig, tokenizer: Tokenizer | None) -> Task:
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             held.append(ex)
-    return Task("arithmetic", held[: cfg.num_eval], held[cfg.num_eval:], draw, cfg.max_answer_tokens, tokenizer)
+    limit = cfg.max_answer_tokens or ARITHMETIC_ANSWER_TOKENS
+    return Task("arithmetic", held[: cfg.num_eval], held[cfg.num_eval:], draw, limit, tokenizer)
+
+
+ARITHMETIC_ANSWER_TOKENS = 8  # the built-in task's generation limit (a 5-digit sum + EOS, with room to spare)
+
+
+def generation_limit(cfg: TaskConfig) -> int:
+    """``task.max_answer_tokens`` of a resolved config (everyprompt-train derives it from the data when unset:
+    engine/coordinator/preflight.py); unset, the built-in task's limit."""
+    if cfg.max_answer_tokens is not None:
+        return cfg.max_answer_tokens
+    if cfg.name == "arithmetic":
+        return ARITHMETIC_ANSWER_TOKENS
+    raise ValueError(f"task.max_answer_tokens is unset for task.name={cfg.name}: start the run with "
+                     "everyprompt-train (it derives the limit from the data) or set task.max_answer_tokens")
+
+
+def answer_limit(tok: Tokenizer, examples: list[Example]) -> int:
+    """The generation limit a dataset needs: its longest reference answer in tokens, + EOS, + 25% of room."""
+    longest = max((len(tok.encode(ex.answer)) + 1 for ex in examples), default=ARITHMETIC_ANSWER_TOKENS)
+    return max(ARITHMETIC_ANSWER_TOKENS, -(-longest * 5 // 4))
 
 
 def split_sizes(n: int, num_eval: int, num_dev: int, where: str) -> tuple[int, int]:
@@ -161,7 +182,8 @@ def _dataset(cfg: TaskConfig, tokenizer: Tokenizer | None) -> Task:
     train = [ex for ex in examples[num_eval + num_dev:] if ex.prompt not in held]
     if not train:
         raise DataError(f"{cfg.jsonl_path}: every training prompt also appears in eval/dev; add examples")
-    return Task("jsonl", eval_set, dev_set, lambda rng: rng.choice(train), cfg.max_answer_tokens, tok, train)
+    limit = cfg.max_answer_tokens or answer_limit(tok, examples)
+    return Task("jsonl", eval_set, dev_set, lambda rng: rng.choice(train), limit, tok, train)
 
 
 def read_pool(path: str) -> list[tuple[Example, float | None]]:
