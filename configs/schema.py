@@ -163,7 +163,7 @@ class SFTConfig:
 class RolloutConfig:
     num_workers: int = 1  # workers the coordinator starts on this machine (more can join: runs/<name>/join.json)
     backend: Literal[ROLLOUT_BACKENDS] = "hf"  # engine/backends/registry.py: hf (transformers, CPU default), sglang
-    # (a GPU server, pip install everyprompt[sglang]) or sim (the calibrated simulator, for benchmarks)
+    # (a GPU server in its own environment: rollout.sglang_python) or sim (the calibrated simulator, for benchmarks)
     group_size: int = 8  # responses per prompt (G)
     temperature: float = 1.0
     max_batch_samples: int = 512  # sequences decoded together by one worker
@@ -441,7 +441,7 @@ def _is_loopback_ip(host: str) -> bool:
 
 @dataclass
 class SimConfig:
-    """The simulated rollout backend (rollout.backend=sim, actors/sim_backend.py) and its workload.
+    """The simulated rollout backend (rollout.backend=sim, engine/backends/sim.py) and its workload.
 
     Costs are in simulated seconds and were calibrated once from the transformers backend (``everyprompt-bench
     pipeline --calibrate``); ``time_scale`` wall seconds pass per simulated second. Response lengths are
