@@ -50,6 +50,22 @@ class DecodeStats:
     rebuilds: int = 0
 
 
+@dataclass
+class _Prefill:
+    """One prefill forward of the distinct sequences of the joining rows."""
+
+    logits_UV: torch.Tensor  # next-token logits of each distinct sequence
+    cache: DynamicCache  # its keys/values, [U, ...]
+    row_B: torch.Tensor  # joining row -> its distinct sequence
+    mask_UL: torch.Tensor  # left-padding mask
+    pos_U1: torch.Tensor  # the next position of each distinct sequence
+    length: int  # L, the padded length
+
+
+def _seq_key(r: Row) -> tuple:
+    return tuple(r.prompt), tuple(r.tokens)
+
+
 class DecodeBatch:
     def __init__(self, model, *, eos_id: int, pad_id: int, capture_routes: bool = False,
                  generator: torch.Generator | None = None, prefill_tokens: int = 4096) -> None:
@@ -97,11 +113,11 @@ class DecodeBatch:
             with route_hooks(self.model) if self.capture_routes else nullcontext() as calls:
                 logits = [self._decode()] if old else []
                 if joining:
-                    logits_U, new, idx_B = self._prefill(joining)
-                    logits.append(logits_U[idx_B])
-            routes = self._fed_routes(calls, old, joining) if self.capture_routes else None
+                    pre = self._prefill(joining)
+                    logits.append(pre.logits_UV[pre.row_B])
+            routes = self._fed_routes(calls, old, joining, pre if joining else None) if self.capture_routes else None
             if joining:
-                self._join(new, idx_B, joining)
+                self._join(pre, joining)
             self._sample(torch.cat(logits), old + joining, version, routes)
         finally:
             self.model.train(was_training)
@@ -136,10 +152,10 @@ class DecodeBatch:
             return joining
         seqs, longest, n = set(), 0, 0
         for r in self._pending:
-            seq = len(r.prompt) + len(r.tokens)
-            if n and (len(seqs | {(tuple(r.prompt), tuple(r.tokens))}) * max(longest, seq)) > self.prefill_tokens:
+            key, seq = _seq_key(r), len(r.prompt) + len(r.tokens)
+            if n and (len(seqs) + (key not in seqs)) * max(longest, seq) > self.prefill_tokens:
                 break
-            seqs.add((tuple(r.prompt), tuple(r.tokens)))
+            seqs.add(key)
             longest, n = max(longest, seq), n + 1
         joining, self._pending = self._pending[:n], self._pending[n:]
         return joining
@@ -147,10 +163,10 @@ class DecodeBatch:
     def _mergeable(self) -> bool:
         return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
 
-    def _prefill(self, rows: list[Row]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-        """One left-padded forward of each distinct prompt + prefix; -> (logits [U, V], its cache, row -> U)."""
+    def _prefill(self, rows: list[Row]) -> _Prefill:
+        """One left-padded forward of each distinct prompt + prefix (a group's samples share theirs)."""
         unique: dict[tuple, int] = {}
-        idx_B = torch.tensor([unique.setdefault((tuple(r.prompt), tuple(r.tokens)), len(unique)) for r in rows])
+        row_B = torch.tensor([unique.setdefault(_seq_key(r), len(unique)) for r in rows])
         seqs = [list(p) + list(t) for p, t in unique]
         U, L = len(seqs), max(map(len, seqs))
         ids_UL = torch.full((U, L), self.pad_id, dtype=torch.long)
@@ -162,10 +178,10 @@ class DecodeBatch:
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids_UL, attention_mask=mask_UL, position_ids=pos_UL, cache=cache,
                          use_cache=True, logits_to_keep=1)
-        self._new_mask_UL, self._new_pos_U1, self._prefill_len = mask_UL, pos_UL[:, -1:] + 1, L
-        self.stats.prefill_positions += sum(map(len, seqs))
-        self.stats.shared_positions += sum(len(r.prompt) + len(r.tokens) for r in rows) - sum(map(len, seqs))
-        return out.logits[:, -1], cache, idx_B
+        fed = sum(map(len, seqs))
+        self.stats.prefill_positions += fed
+        self.stats.shared_positions += sum(len(r.prompt) + len(r.tokens) for r in rows) - fed
+        return _Prefill(out.logits[:, -1], cache, row_B, mask_UL, pos_UL[:, -1:] + 1, L)
 
     def _decode(self) -> torch.Tensor:
         tok_B1 = torch.tensor([[r.tokens[-1]] for r in self._slots], dtype=torch.long)
@@ -176,11 +192,12 @@ class DecodeBatch:
         self.stats.decode_positions += len(self._slots)
         return out.logits[:, -1]
 
-    def _join(self, new: DynamicCache, idx_B: torch.Tensor, rows: list[Row]) -> None:
+    def _join(self, pre: _Prefill, rows: list[Row]) -> None:
         """Append the joining rows' keys/values (one copy per row of its distinct sequence) to the cache."""
-        if len(idx_B) != int(idx_B.max()) + 1 or not torch.equal(idx_B, torch.arange(len(idx_B))):
-            new.batch_select_indices(idx_B)
-        mask, pos = self._new_mask_UL[idx_B], self._new_pos_U1[idx_B]
+        new = pre.cache
+        if not torch.equal(pre.row_B, torch.arange(len(pre.row_B))):  # some rows share a sequence
+            new.batch_select_indices(pre.row_B)
+        mask, pos = pre.mask_UL[pre.row_B], pre.pos_U1[pre.row_B]
         if self._cache is None:
             self._cache, self._mask_BL, self._pos_B1, self._slots = new, mask, pos, list(rows)
             return
@@ -194,21 +211,20 @@ class DecodeBatch:
 
     # ---- routes and sampling ---------------------------------------------------------------------------------
 
-    def _fed_routes(self, calls, old: list[Row], joining: list[Row]) -> list[tuple[np.ndarray, int]]:
+    def _fed_routes(self, calls, old: list[Row], joining: list[Row], pre: _Prefill | None
+                    ) -> list[tuple[np.ndarray, int]]:
         """Per row (old, then joining): the routes of the positions just fed and the position of the first."""
         layers, out, call = len(calls.calls), [], 0
         if old:
             dec = calls.stacked(0).numpy().astype(self._route_dtype).reshape(len(old), layers, -1)
             out += [(dec[i:i + 1], len(r.prompt) + len(r.tokens) - 1) for i, r in enumerate(old)]
             call = 1
-        if joining:
-            L = self._prefill_len
-            pre = calls.stacked(call).numpy().astype(self._route_dtype)
-            pre = pre.reshape(-1, L, layers, pre.shape[-1])
-            unique: dict[tuple, int] = {}
-            for r in joining:
-                u = unique.setdefault((tuple(r.prompt), tuple(r.tokens)), len(unique))
-                out.append((pre[u, L - len(r.prompt) - len(r.tokens):], 0))
+        if pre is not None:
+            L = pre.length
+            fed = calls.stacked(call).numpy().astype(self._route_dtype)
+            fed = fed.reshape(-1, L, layers, fed.shape[-1])
+            for r, u in zip(joining, pre.row_B.tolist()):
+                out.append((fed[u, L - len(r.prompt) - len(r.tokens):], 0))
         return out
 
     def _sample(self, logits_BV: torch.Tensor, rows: list[Row], version: int,
