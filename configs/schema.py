@@ -4,7 +4,7 @@ YAML files in this folder only override them; every CLI takes ``key=value`` (hyd
 ``configs.load`` composes and converts once at the entry point, so no DictConfig reaches engine/ or actors/.
 Validation lives in ``__post_init__`` and raises ``ValueError`` naming the key and the override that fixes it.
 
-Choices are ``Literal[...]`` annotations (see ``check_choices`` below); ``python -m configs.reference`` prints every
+Choices are ``Literal[...]`` annotations, checked by configs/choices.py; ``python -m configs.reference`` prints every
 key with its default, type or choices and comment. One module over 400 lines on purpose: the whole schema, one
 dataclass a section, read in one place.
 """
@@ -15,9 +15,9 @@ import dataclasses
 import functools
 import ipaddress
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+from configs.choices import check_choices as _check_choices, field_types, literal_choices  # noqa: F401 (re-exported)
 
 from engine.algo.loss_registry import AGGREGATION_CHOICES, LOSS_NAMES, LOSSES, resolve_aggregation  # torch-free
 from engine.backends.registry import ROLLOUT_BACKENDS  # torch-free: names only
@@ -29,35 +29,7 @@ def _require(cond: bool, key: str, value, fix: str) -> None:
         raise ValueError(f"{key}={value!r} is invalid: {fix}")
 
 
-# ---- choices: one schema-wide mechanism -------------------------------------------------------------------------
-# A key with a fixed set of values is annotated ``name: Literal["a", "b"] = "a"`` and its class's ``__post_init__``
-# starts with ``check_choices(self)``; no per-key ``_require(x in (...))``. The one generic check raises the house's
-# one-line error, e.g. ``rollout.schedule='x' is invalid: choose fifo or length_aware``. OmegaConf 2.3 rejects
-# ``Literal`` annotations, so configs/load.py hands it a mirror of these classes with each Literal mapped to the type
-# of its values (``str`` or ``int``) and builds the real dataclasses from the composed values.
-
-
-@functools.cache
-def field_types(cls: type) -> dict[str, object]:
-    """The resolved annotation of every field of the config dataclass ``cls``."""
-    return typing.get_type_hints(cls)
-
-
-def literal_choices(annotation) -> tuple | None:
-    """The allowed values of a ``Literal[...]`` annotation (also inside ``Optional``), else None."""
-    if typing.get_origin(annotation) is Literal:
-        return typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Union:
-        for arg in typing.get_args(annotation):
-            if typing.get_origin(arg) is Literal:
-                return typing.get_args(arg)
-    return None
-
-
-def format_choices(choices: tuple) -> str:
-    """``('a', 'b', 'c')`` -> ``a, b or c`` (an empty string reads ``""``)."""
-    names = [f'"{c}"' if c == "" else str(c) for c in choices]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+# Keys with a fixed set of values are ``Literal[...]`` fields, checked by one mechanism: configs/choices.py.
 
 
 @functools.cache
@@ -73,13 +45,9 @@ def key_prefix(cls: type) -> str:
 
 
 def check_choices(cfg) -> None:
-    """Raise the one-line ``ValueError`` for the first ``Literal`` field of the dataclass ``cfg`` holding a value
-    outside its choices. Call it first in ``__post_init__``, so later checks see only valid choices."""
-    for name, annotation in field_types(type(cfg)).items():
-        choices, value = literal_choices(annotation), getattr(cfg, name)
-        if choices is None or value in choices or (value is None and type(None) in typing.get_args(annotation)):
-            continue
-        _require(False, f"{key_prefix(type(cfg))}{name}", value, f"choose {format_choices(choices)}")
+    """configs/choices.py's check for a section of the run config: call it first in ``__post_init__``, so later
+    checks see only valid choices."""
+    _check_choices(cfg, key_prefix(type(cfg)))
 
 
 @dataclass

@@ -8,16 +8,17 @@ LearnerConfig one nested section per entry, named after it: ``learner.<name>.<fi
 Adding a loss (e.g. Dr.GRPO, engine/algo/dr_grpo.py) = two files:
   1. engine/algo/<name>.py: a ``PolicyLoss`` subclass (engine/algo/loss_seam.py) whose ``__call__(inputs)`` is pure
      math over ``LossInputs``; reduce with ``engine.algo.aggregation.aggregate``;
-  2. here: its config dataclass (``Literal`` for choices, checked by ``_check_choices(self, "<name>")`` first in
+  2. here: its config dataclass (``Literal`` for choices, checked by ``check_choices(self, "learner.<name>.")`` first in
      ``__post_init__``; other checks there too, naming ``learner.<name>.<field>``) and one ``"<name>": Loss(...)``
      line in ``LOSSES``.
 """
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 from typing import Literal
+
+from configs.choices import check_choices
 
 # How the per-token losses of a batch become one scalar (engine/algo/aggregation.py implements each):
 #   token_mean               (DAPO; verl "token-mean") sum over all trained tokens / their number
@@ -29,16 +30,6 @@ from typing import Literal
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_group_mean", "seq_mean_token_sum_norm")
 AGGREGATION_CHOICES: tuple[str, ...] = ("auto", *AGGREGATIONS)  # auto = the loss's default_aggregation
 TOKEN_LEVEL = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # no entropy groups needed
-
-
-def _check_choices(cfg, section: str) -> None:
-    """The schema's one-line error for a ``Literal`` field of the loss section ``cfg`` holding another value.
-    (configs.schema.check_choices cannot be used here: configs/schema.py imports this module.)"""
-    for name, kind in typing.get_type_hints(type(cfg)).items():
-        choices, value = typing.get_args(kind), getattr(cfg, name)
-        if typing.get_origin(kind) is Literal and value not in choices:
-            names = ", ".join(map(str, choices[:-1])) + " or " + str(choices[-1]) if len(choices) > 1 else choices[0]
-            raise ValueError(f"learner.{section}.{name}={value!r} is invalid: choose {names}")
 
 
 def _positive(key: str, value: float, upper: float | None = None) -> None:
@@ -92,7 +83,7 @@ class ESPOConfig:
     entropy_scope: Literal["sequence", "batch"] = "sequence"  # spec A.5; batch: one threshold over all ranks
 
     def __post_init__(self) -> None:
-        _check_choices(self, "espo")
+        check_choices(self, "learner.espo.")
         _positive("learner.espo.alpha", self.alpha)
         _positive("learner.espo.rho", self.rho, 1.0)
 
