@@ -77,12 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.coordinator.loop import run  # heavy imports only after the config is valid
     from transport import run as run_async
 
-    from engine.coordinator.preflight import check, resolve_answer_limit, resolve_router_replay
+    from engine.coordinator.preflight import prepare
 
     try:
-        check(cfg)  # every input, before runs/<name>/ is touched
-        cfg = resolve_router_replay(cfg)  # a dense model: replay off, one warning (saved in config.yaml)
-        cfg = resolve_answer_limit(cfg)  # task.max_answer_tokens unset: derived from the data
+        cfg = prepare(cfg)  # every input checked before runs/<name>/ is touched; replay and limits resolved
         run_dir = prepare_run_dir(cfg.out_dir, cfg.name, resume=cfg.resume)
     except ConfigError as e:
         print(f"everyprompt-train: config error: {e}", file=sys.stderr)

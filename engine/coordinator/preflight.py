@@ -25,28 +25,32 @@ from configs.schema import RunConfig
 log = structlog.get_logger()
 
 
-def check(cfg: RunConfig) -> None:
-    """Raise ConfigError for the first problem found; nothing is written except a probe file (removed)."""
+def prepare(cfg: RunConfig) -> RunConfig:
+    """``check`` every input, then the config the run uses: router replay for its model, the generation limit for
+    its data (both saved in config.yaml, so every actor uses the same)."""
+    task = check(cfg)
+    return resolve_answer_limit(resolve_router_replay(cfg), task.max_answer_tokens)
+
+
+def check(cfg: RunConfig):
+    """Raise ConfigError for the first problem found; nothing is written except a probe file (removed). Returns
+    the task it loaded (engine/data/tasks.py ``Task``)."""
     run_dir = Path(cfg.out_dir) / cfg.name
     _run_state(cfg, run_dir)
     _writable(run_dir)
     if cfg.model.init_from is not None:
         _model_folder(cfg.model.init_from)
-    _task(cfg)
+    task = _task(cfg)
     _plugin(cfg)
     _port(cfg.transport.host, cfg.transport.port)
+    return task
 
 
-def resolve_answer_limit(cfg: RunConfig) -> RunConfig:
-    """``task.max_answer_tokens`` unset: the task's own limit (the built-in task's 8; a dataset's longest
-    reference answer + EOS + 25%), written into the run's config so every actor uses the same number."""
+def resolve_answer_limit(cfg: RunConfig, limit: int) -> RunConfig:
+    """``task.max_answer_tokens`` unset: ``limit``, the loaded task's own (the built-in task's 8; a dataset's
+    longest reference answer + EOS + 25%), written into the run's config so every actor uses the same number."""
     if cfg.task.max_answer_tokens is not None:
         return cfg
-    from engine.data.tasks import load_task
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # check() has logged the data warnings already
-        limit = load_task(cfg).max_answer_tokens
     log.info("task.max_answer_tokens", value=limit, detail="derived from the data (set task.max_answer_tokens to "
              "choose)")
     return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, max_answer_tokens=limit))
@@ -146,7 +150,7 @@ def _model_folder(path: str) -> None:
                           "use the tokenizer the model was trained with (or resize its embeddings)")
 
 
-def _task(cfg: RunConfig) -> None:
+def _task(cfg: RunConfig):
     from engine.data.tasks import load_task, read_pool
 
     with warnings.catch_warnings(record=True) as caught:
@@ -168,6 +172,7 @@ def _task(cfg: RunConfig) -> None:
         if task.train_set is not None and len(task.train_set) < cfg.train.groups_per_step:
             log.warning("data.few_training_prompts", detail=f"{len(task.train_set)} training prompts, fewer than "
                         f"train.groups_per_step={cfg.train.groups_per_step}: every step repeats prompts")
+    return task
 
 
 def _plugin(cfg: RunConfig) -> None:
