@@ -29,7 +29,10 @@ def prepare(cfg: RunConfig) -> RunConfig:
     """``check`` every input, then the config the run uses: router replay for its model, the generation limit for
     its data (both saved in config.yaml, so every actor uses the same)."""
     task = check(cfg)
-    return resolve_answer_limit(resolve_router_replay(cfg), task.max_answer_tokens)
+    cfg = resolve_answer_limit(resolve_router_replay(cfg), task.max_answer_tokens)
+    if cfg.resume:  # compared once resolved: an unset (derived) limit is the number the run derived
+        _same_as_saved(cfg, Path(cfg.out_dir) / cfg.name / "config.yaml")
+    return cfg
 
 
 def check(cfg: RunConfig):
@@ -90,16 +93,20 @@ def _run_state(cfg: RunConfig, run_dir: Path) -> None:
     if latest(run_dir) is None:
         raise ConfigError(f"resume=true but {ckpts} holds no complete checkpoint (train.checkpoint_every saves "
                           "them); drop resume=true to start afresh")
-    saved_path = run_dir / "config.yaml"
-    if saved_path.exists():
-        saved = load_resolved(saved_path)
-        for section in ("model", "task"):
-            old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(cfg, section))
-            for key in old:
-                if key != "dtype" and old[key] != new.get(key):
-                    raise ConfigError(f"resume=true but {section}.{key}={new.get(key)!r} differs from the run's "
-                                      f"{old[key]!r} ({saved_path}, kept); pass {section}.{key}={old[key]!r} "
-                                      "or start a new run with another name=...")
+
+
+def _same_as_saved(cfg: RunConfig, saved_path: Path) -> None:
+    """On resume: the model shape and the task must be those of the run (its saved config.yaml, kept)."""
+    if not saved_path.exists():
+        return
+    saved = load_resolved(saved_path)
+    for section in ("model", "task"):
+        old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(cfg, section))
+        for key in old:
+            if key != "dtype" and old[key] != new.get(key):
+                raise ConfigError(f"resume=true but {section}.{key}={new.get(key)!r} differs from the run's "
+                                  f"{old[key]!r} ({saved_path}, kept); pass {section}.{key}={old[key]!r} "
+                                  "or start a new run with another name=...")
 
 
 def _writable(run_dir: Path) -> None:
