@@ -296,6 +296,7 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
     await hub.start()
     children: list[Child] = []
     sup: Supervisor | None = None
+    rollouts: Rollouts | None = None
     failing = False
     try:
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner, rdzv_endpoint)
@@ -312,7 +313,6 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
             yield actors
             pump.cancel()
             producer.cancel()
-        await rollouts.stop()
     except BaseExceptionGroup as group:  # from the TaskGroup: one exception goes to the caller
         failing = True
         raise _one_error(group) from None
@@ -320,6 +320,8 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
         failing = True
         raise
     finally:
+        if rollouts is not None:  # its background admission on every way out (done, failed, Ctrl-C)
+            await rollouts.stop()
         # An elastic learner that exits cleanly closes its rendezvous for good (torchrun's "job done"), and the
         # agents on other nodes could never rejoin: on the way to a recovery it is stopped by a signal instead.
         keep_rdzv = failing and is_elastic(cfg) and sup is not None and "learner" in sup.children
