@@ -315,6 +315,10 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
             producer.cancel()
     except BaseExceptionGroup as group:  # from the TaskGroup: one exception goes to the caller
         failing = True
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # Ctrl-C (or SIGTERM) wins over what it made the actors do:
+            log.warning("actors.failed_while_cancelled", error=str(_one_error(group)))  # 3.11's TaskGroup would
+            raise asyncio.CancelledError from None  # raise their errors and drop the cancellation
         raise _one_error(group) from None
     except BaseException:
         failing = True

@@ -29,7 +29,14 @@ def test_ctrl_c_stops_every_child_and_keeps_metrics(tmp_path):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert len(processes_mentioning(str(tmp_path))) >= 6  # coordinator, rollout, reward, torchrun and its 2 ranks
         proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it is stuck: engine/log.py dumps every thread on SIGUSR1
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"no exit 120 s after SIGINT; its threads:\n{err[-6000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
