@@ -13,10 +13,12 @@ from transport.curve import client_keys
 
 
 def actor_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--endpoint", required=True, help="the coordinator's address, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--config", required=True, help="the run's resolved config.yaml")
-    p.add_argument("--worker-id", type=int, default=0)
+    p.add_argument("--worker-id", type=int, default=0, help="this worker's number, unique per role (its name in the "
+                                                         "coordinator's logs and its sampling seed)")
     p.add_argument("--curve-client", default=None, help="this machine's CURVE key pair in transport.curve_keys_dir "
                                                          "(default: the config's transport.curve_client)")
     return p

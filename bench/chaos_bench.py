@@ -202,14 +202,14 @@ def main(argv: list[str]) -> dict:
 
     p = argparse.ArgumentParser(prog="everyprompt-bench chaos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fuzz-frames", type=int, default=100_000)
-    p.add_argument("--hostile-per-kind", type=int, default=2_000)
+    p.add_argument("--fuzz-frames", type=int, default=100_000, help="mutated codec frames to decode")
+    p.add_argument("--hostile-per-kind", type=int, default=2_000, help="hostile frames of each kind sent to a hub")
     p.add_argument("--flood-frames", type=int, default=5_000, help="64 KiB frames at a stalled consumer")
     p.add_argument("--runs", type=int, default=3, help="training runs with kills (each also gets a corrupt "
                    "checkpoint and a resume)")
     p.add_argument("--kills", type=int, default=8, help="SIGKILLs per run")
     p.add_argument("--steps", type=int, default=400, help="steps per run (tiny preset; about 0.1 s each here)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fuzzing and of the kill times")
     p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     a = p.parse_args(argv)
     configure_logging(role="bench", level=logging.ERROR)  # thousands of frames are rejected on purpose

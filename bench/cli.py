@@ -36,9 +36,11 @@ def resolve(name: str):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="everyprompt-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=sorted(BENCHES))
+    p.add_argument("bench", nargs="?", choices=sorted(BENCHES), help="the bench to run (see the list above)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the bench (see its --help)")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)  # optional bench: a stray --flag is named, not hidden
+    if a.bench is None:
+        p.error(f"name a bench: {', '.join(sorted(BENCHES))}")
     result = resolve(a.bench)(a.args)
     print(json.dumps({"bench": a.bench, "hardware": hardware(), **result}))
     return 0

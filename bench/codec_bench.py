@@ -36,9 +36,9 @@ def _time(fn, min_s: float = 0.5) -> float:
 def main(argv: list[str]) -> dict:
     from bench.common import print_table
 
-    p = argparse.ArgumentParser(prog="everyprompt-bench codec")
-    p.add_argument("--response-len", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=512)
+    p = argparse.ArgumentParser(prog="everyprompt-bench codec", description=__doc__)
+    p.add_argument("--response-len", type=int, default=4096, help="response tokens per frame")
+    p.add_argument("--batch", type=int, default=512, help="sequences in the TrainBatch frame")
     a = p.parse_args(argv)
     rows, out = [], {}
     for name, msg in _frames(a.response_len, a.batch).items():

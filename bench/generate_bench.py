@@ -5,22 +5,21 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from configs.schema import ModelConfig
-from engine.modeling.model import build_model, generate
-from engine.data.tasks import CharTokenizer
-
 
 def main(argv: list[str]) -> dict:
-    from bench.common import print_table
-
-    p = argparse.ArgumentParser(prog="everyprompt-bench generate")
-    p.add_argument("--batches", default="16,128,512")
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--prompt-len", type=int, default=12)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p = argparse.ArgumentParser(prog="everyprompt-bench generate", description=__doc__)
+    p.add_argument("--batches", default="16,128,512", help="comma-separated batch sizes")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts")
+    p.add_argument("--prompt-len", type=int, default=12, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sequence")
     a = p.parse_args(argv)
+    import torch  # after parsing: --help answers without loading torch
+
+    from bench.common import print_table
+    from configs.schema import ModelConfig
+    from engine.data.tasks import CharTokenizer
+    from engine.modeling.model import build_model, generate
+
     tok = CharTokenizer()
     model = build_model(ModelConfig(), tok.vocab_size, seed=0).eval()
     rows, out = [], []

@@ -37,12 +37,8 @@ import numpy as np
 from configs.load import load, save
 from configs.schema import RunConfig
 from engine.backends import simulate
-from engine.coordinator.batch import pack_batch
-from engine.coordinator.cluster import start_actors
 from engine.log import configure_logging
 from engine.coordinator.counters import RolloutCounters
-from engine.coordinator.loop import admit_prompts, continuous_rollouts
-from engine.coordinator.rollouts import PromptItem
 from transport import LoadWeights, run
 
 MODES = {"sync": 0, "one_step_off": 1, "async": 2}  # mode -> train.max_staleness
@@ -58,6 +54,8 @@ FULL = ABLATION["+length_aware"]
 
 def _prompts(cfg: RunConfig):
     """The prompt pool, shuffled once and repeated epoch after epoch (the same order in every setting)."""
+    from engine.coordinator.rollouts import PromptItem
+
     ids = np.random.default_rng(cfg.sim.seed).permutation(cfg.sim.num_prompts)
     vocab = 98  # engine/data/tasks.py CharTokenizer
     for p in cycle(ids.tolist()):
@@ -79,6 +77,10 @@ async def _loop_lag(lags: list[tuple[float, float]], period: float = 0.02) -> No
 
 async def _drive(cfg: RunConfig, run_dir: Path, mode: str, warmup: int, init_dir: str) -> dict:
     """The coordinator's loop for one setting (engine/coordinator/loop.py's _train_step, minus evals and checkpoints)."""
+    from engine.coordinator.batch import pack_batch  # the coordinator (and torch) only once a setting runs
+    from engine.coordinator.cluster import start_actors
+    from engine.coordinator.loop import admit_prompts, continuous_rollouts
+
     gps, S, steps = cfg.train.groups_per_step, cfg.train.max_staleness, cfg.train.num_steps
     lags: list[tuple[float, float]] = []
     lag_task = asyncio.create_task(_loop_lag(lags))
@@ -195,27 +197,29 @@ def main(argv: list[str]) -> dict:
 
     p = argparse.ArgumentParser(prog="everyprompt-bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=("sim", "hf"), default="sim")
-    p.add_argument("--workers", type=int, default=64)
-    p.add_argument("--groups-per-step", type=int, default=320)
-    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--backend", choices=("sim", "hf"), default="sim",
+                   help="rollout backend (the learner stays simulated)")
+    p.add_argument("--workers", type=int, default=64, help="rollout workers")
+    p.add_argument("--groups-per-step", type=int, default=320, help="groups trained per step")
+    p.add_argument("--group-size", type=int, default=8, help="responses per group")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together by one worker")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--mean-len", type=float, default=64.0)
-    p.add_argument("--chunk-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generation limit per response")
+    p.add_argument("--mean-len", type=float, default=64.0, help="mean simulated response length (sim.mean_len)")
+    p.add_argument("--chunk-tokens", type=int, default=64, help="tokens per streamed chunk (rollout.chunk_tokens)")
     p.add_argument("--time-scale", type=float, default=6.0,
                    help="wall seconds per simulated second (larger: slower and more faithful on a busy CPU; watch "
                         "coordinator lag in the JSON)")
     p.add_argument("--learner-frac", type=float, default=0.8,
                    help="simulated learner: step time / the step's generation time at full capacity")
-    p.add_argument("--reward-workers", type=int, default=2)
+    p.add_argument("--reward-workers", type=int, default=2, help="reward worker processes")
     p.add_argument("--pool", type=int, default=8, help="post-processing threads once the pool is on")
     p.add_argument("--warmup", type=int, default=3, help="steps before the measurement window")
     p.add_argument("--steps", type=int, default=6, help="measured steps per setting")
     p.add_argument("--pool-epochs-per-step", type=int, default=2, help="prompt pool = this x groups per step")
-    p.add_argument("--settings", default="baseline,+detok_pool,+reward_overlap,+length_aware,one_step_off,async")
+    p.add_argument("--settings", default="baseline,+detok_pool,+reward_overlap,+length_aware,one_step_off,async",
+                   help="comma-separated settings to run (see above)")
     p.add_argument("--calibrate", action="store_true", help="only fit sim.* decode costs to the hf backend")
-    p.add_argument("--out-dir", default="runs/bench-pipeline")
+    p.add_argument("--out-dir", default="runs/bench-pipeline", help="folder for the runs")
     p.add_argument("overrides", nargs="*", help="key=value passed to every setting (e.g. sim.decode_base_s=...)")
     a = p.parse_args(argv)
     configure_logging(role="bench", level=logging.WARNING)  # stdout is the table and the JSON line

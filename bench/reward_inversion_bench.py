@@ -32,11 +32,8 @@ import re
 from dataclasses import replace
 
 import numpy as np
-import torch
 
-from engine.algo.advantages import group_advantages, tie_aware_advantages
 from configs.schema import JudgeConfig
-from engine.rewards.judge import judge_group
 
 
 class SimulatedJudge:
@@ -90,6 +87,11 @@ def inversions(adv: np.ndarray, t: np.ndarray) -> dict:
 
 
 def judge_advantages(q: np.ndarray, backend, spec: JudgeConfig, seed: int) -> tuple[np.ndarray, dict]:
+    import torch
+
+    from engine.algo.advantages import tie_aware_advantages
+    from engine.rewards.judge import judge_group
+
     rewards, valid, calls, failures = [], [], 0, 0
     for n, row in enumerate(q):
         out = judge_group(backend, spec, question="Which response is better?", reference="quality 1",
@@ -128,8 +130,8 @@ def main(argv: list[str]) -> dict:
 
     p = argparse.ArgumentParser(prog="everyprompt-bench reward-inversion", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", type=int, default=2000)
-    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--groups", type=int, default=2000, help="simulated groups")
+    p.add_argument("--group-size", type=int, default=8, help="responses per group")
     p.add_argument("--all-same-frac", type=float, default=0.2, help="groups whose responses all tie")
     p.add_argument("--noise", type=float, default=0.5, help="scalar reward noise std (quality levels 1 apart)")
     p.add_argument("--noises", default="0.1,0.25,1.0", help="more scalar noise levels to show")
@@ -138,8 +140,11 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--malformed", type=float, default=0.02, help="fraction of unparseable judge outputs")
     p.add_argument("--budget", type=int, default=12, help="judge calls per group for the budgeted row")
     p.add_argument("--real-groups", type=int, default=4, help="groups judged by the tiny model (0 = skip)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated qualities, noise and judge errors")
     a = p.parse_args(argv)
+    import torch  # torch only after parsing: --help and argument errors answer at once
+
+    from engine.algo.advantages import group_advantages
 
     rng = np.random.default_rng(a.seed)
     q = make_groups(a.groups, a.group_size, a.all_same_frac, rng)

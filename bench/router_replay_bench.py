@@ -19,14 +19,16 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from configs.schema import ModelConfig
-from engine.modeling.model import build_model, generate, token_logprobs
-from engine.modeling.routing import mismatch_NT, pack_routes, route_hooks
 
 
 def _measure(model, prompts: list[list[int]], group_size: int, a: argparse.Namespace) -> dict:
+    import torch
+
+    from engine.modeling.model import generate, token_logprobs
+    from engine.modeling.routing import mismatch_NT, pack_routes, route_hooks
+
     t0 = time.perf_counter()
     outs = generate(model, prompts, max_new_tokens=a.new_tokens, temperature=1.0, eos_id=-1, pad_id=0,
                     generator=torch.Generator().manual_seed(a.seed), capture_routes=True)
@@ -86,20 +88,24 @@ def main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="everyprompt-bench router-replay", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bfloat16", help="rollout and trainer dtype (a float32 control also runs)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the MoE")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument("--experts", type=int, default=32, help="experts per MoE layer")
+    p.add_argument("--top-k", type=int, default=4, help="experts each token is routed to")
+    p.add_argument("--vocab", type=int, default=2048, help="vocabulary size (random prompts)")
     p.add_argument("--init-std", type=float, default=0.02, help="N(0, std) init (HF default 0.02)")
-    p.add_argument("--groups", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--groups", type=int, default=16, help="distinct prompts")
+    p.add_argument("--group-size", type=int, default=4, help="responses sampled per prompt")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per response")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device of both passes (cpu, cuda)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init, the prompts and the sampling")
     a = p.parse_args(argv)
+    import torch  # torch only after parsing: --help and argument errors answer at once
+
+    from engine.modeling.model import build_model
+
     torch.set_num_threads(a.threads)
     cfg = ModelConfig(hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=2, head_dim=a.hidden // 4,
                       num_experts=a.experts, top_k=a.top_k, moe_intermediate_size=128, max_position_embeddings=512)

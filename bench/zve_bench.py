@@ -66,12 +66,13 @@ def main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="everyprompt-bench zve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=int, default=40960, help="rollout samples per run (80 steps of 64 x 8)")
-    p.add_argument("--pool-size", type=int, default=20000)
+    p.add_argument("--pool-size", type=int, default=20000, help="prompts in the pool before the offline filter")
     p.add_argument("-k", type=int, default=8, help="samples per prompt for the offline pass rates")
-    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated, cumulative: each adds to the one before")
     p.add_argument("--config-name", default="run", help="the preset of every run (tiny for a smoke test)")
-    p.add_argument("--out-dir", default="runs/bench-zve")
-    p.add_argument("--sft-cache", default="runs/.sft_cache")
+    p.add_argument("--out-dir", default="runs/bench-zve", help="folder for the pools and the runs")
+    p.add_argument("--sft-cache", default="runs/.sft_cache", help="the cold-start SFT cache shared by every run")
     p.add_argument("overrides", nargs="*", help="key=value passed to every run")
     a = p.parse_args(argv)
     unfiltered, filtered, pool_stats = _filter(a)

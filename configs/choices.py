@@ -47,3 +47,9 @@ def check_choices(cfg, prefix: str) -> None:
         if choices is None or value in choices or (value is None and type(None) in typing.get_args(annotation)):
             continue
         raise ValueError(f"{prefix}{name}={value!r} is invalid: choose {format_choices(choices)}")
+
+
+def require(cond: bool, key: str, value, fix: str) -> None:
+    """The one-line error of every config check: ``key=value is invalid: fix``."""
+    if not cond:
+        raise ValueError(f"{key}={value!r} is invalid: {fix}")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import tokenize
 
-from configs import schema
 from configs.schema import RunConfig, field_types, literal_choices
 
 
+@functools.cache
 def _comments(module) -> dict[str, dict[str, str]]:
-    """{class name: {field name: comment}} read from the source of ``module``."""
+    """{class name: {field name: comment}} read from the source of ``module`` (a section's class may live outside
+    configs/schema.py, e.g. configs/logging_section.py or a loss's module)."""
     source = inspect.getsource(module)
     lines = source.splitlines()
     by_line = {tok.start[0]: tok.string.lstrip("#").strip()
@@ -43,7 +45,8 @@ def _type_text(cls: type, f: dataclasses.Field) -> str:
     choices = literal_choices(field_types(cls)[f.name])
     if choices is not None:
         return "one of " + ", ".join(f'"{c}"' if c == "" else str(c) for c in choices)
-    return str(f.type).replace("Optional[", "").rstrip("]") + (" or null" if "Optional[" in str(f.type) else "")
+    text = str(f.type)
+    return f"{text[len('Optional['):-1]} or null" if text.startswith("Optional[") else text
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -65,7 +68,6 @@ def sections(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, type]]:
 
 def markdown() -> str:
     """The whole reference as Markdown."""
-    comments = _comments(schema)
     out = ["# Configuration reference", "",
            "Generated from configs/schema.py by `python -m configs.reference`; every key is set as `key=value`.", ""]
     for prefix, cls in sections():
@@ -77,7 +79,7 @@ def markdown() -> str:
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(field_types(cls)[f.name]):
                 continue
-            text = comments.get(cls.__name__, {}).get(f.name, "")
+            text = _comments(inspect.getmodule(cls)).get(cls.__name__, {}).get(f.name, "")
             cells = [f"`{prefix}{f.name}`", f"`{_default_text(f)}`", _type_text(cls, f), text]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         out.append("")

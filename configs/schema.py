@@ -18,15 +18,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 from configs.choices import check_choices as _check_choices, field_types, literal_choices  # noqa: F401 (re-exported)
+from configs.choices import require as _require
+from configs.logging_section import LoggingConfig
+from configs.reward_section import JudgeConfig, RewardConfig, SandboxConfig  # noqa: F401 (re-exported)
 
 from engine.algo.loss_registry import AGGREGATION_CHOICES, LOSS_NAMES, LOSSES, resolve_aggregation  # torch-free
 from engine.backends.registry import ROLLOUT_BACKENDS  # torch-free: names only
 from engine.modeling.replay_mode import REPLAY_MODES  # torch-free
-
-
-def _require(cond: bool, key: str, value, fix: str) -> None:
-    if not cond:
-        raise ValueError(f"{key}={value!r} is invalid: {fix}")
 
 
 # Keys with a fixed set of values are ``Literal[...]`` fields, checked by one mechanism: configs/choices.py.
@@ -77,11 +75,19 @@ class ModelConfig:
             _require(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "it must be positive")
 
 
+REASONING_LEVELS = 6  # difficulty levels of the reasoning tasks (engine/data/reasoning.py)
+# a reasoning task's final-answer verifier, the reward plugin its runs use in place of the default exact match
+REASONING_VERIFIERS = {name: f"engine.rewards.reasoning_verifiers:{name}" for name in ("scratchpad", "countdown",
+                                                                                        "sorting")}
+
+
 @dataclass
 class TaskConfig:
-    """The prompts and the verifier. ``arithmetic`` is built in; ``jsonl`` reads {"prompt", "answer"} lines."""
+    """The prompts and the verifier. ``arithmetic`` is built in; ``jsonl`` reads {"prompt", "answer"} lines;
+    ``scratchpad``, ``countdown`` and ``sorting`` are built-in reasoning tasks with worked solutions
+    (docs/concepts/tasks.md)."""
 
-    name: Literal["arithmetic", "jsonl"] = "arithmetic"
+    name: Literal["arithmetic", "jsonl", "scratchpad", "countdown", "sorting"] = "arithmetic"
     min_digits: int = 1
     max_digits: int = 4
     jsonl_path: Optional[str] = None  # for name=jsonl
@@ -90,6 +96,9 @@ class TaskConfig:
     max_answer_tokens: Optional[int] = None  # generation length limit, EOS included; unset: 8 for arithmetic, and
     # for a dataset its longest reference answer (in tokens, + EOS) plus 25%, resolved before the run starts
     reverse_answer: bool = True  # arithmetic: answer digits least significant first (learns much faster)
+    min_level: int = 1  # reasoning tasks: the easiest difficulty level drawn (1: a few characters, no steps)
+    max_level: int = REASONING_LEVELS  # the hardest (6: worked solutions of a few hundred characters); levels
+    # are drawn with weights 0.6 ** (level - min_level), so most prompts are easy and a few are long
     train_pool: Optional[str] = None  # RL prompts from this jsonl (everyprompt-filter-pool output) instead of
     # the task's own training distribution; eval and dev sets are unchanged
     seed: int = 1234
@@ -102,6 +111,9 @@ class TaskConfig:
         _require(1 <= self.min_digits <= self.max_digits, "task.min_digits", self.min_digits,
                  f"it must be between 1 and task.max_digits={self.max_digits}")
         _require(self.num_eval > 0, "task.num_eval", self.num_eval, "it must be positive")
+        _require(1 <= self.min_level <= self.max_level <= REASONING_LEVELS, "task.min_level", self.min_level,
+                 f"it must be between 1 and task.max_level={self.max_level}, and task.max_level at most "
+                 f"{REASONING_LEVELS}")
         _require(self.max_answer_tokens is None or self.max_answer_tokens > 0, "task.max_answer_tokens",
                  self.max_answer_tokens, "it must be positive (or unset: derived from the data)")
 
@@ -118,7 +130,7 @@ class SFTConfig:
     lr: float = 1.5e-3
     warmup_steps: int = 20  # linear lr warmup, then constant
     eval_every: int = 20  # accuracy jumps quickly once it starts: check often
-    cache_dir: str = "runs/.sft_cache"
+    cache_dir: Optional[str] = None  # null = <out_dir>/.sft_cache, resolved at load (config.yaml shows it)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -190,98 +202,6 @@ class RolloutConfig:
                  "it must be > 0 seconds (e.g. 120)")
 
 
-@dataclass
-class SandboxConfig:
-    """Limits of the code sandbox (engine/rewards/sandbox.py), per run of a response's code and its unit tests."""
-
-    cpu_s: float = 2.0  # CPU seconds per process
-    wall_s: float = 5.0  # wall-clock seconds for the whole run
-    memory_mb: int = 512  # address space per process
-    max_processes: int = 16  # processes of the sandbox uid (fork bombs stop here)
-    max_file_mb: int = 8  # largest file it may write, stdout/stderr included
-    network: Literal["auto", "audit"] = "auto"  # auto: a network namespace when permitted, else an audit hook;
-    # audit: the hook only
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        for name in ("cpu_s", "wall_s", "memory_mb", "max_processes", "max_file_mb"):
-            _require(getattr(self, name) > 0, f"reward.sandbox.{name}", getattr(self, name), "it must be positive")
-
-
-@dataclass
-class JudgeConfig:
-    """The tie-aware generative judge (engine/rewards/judge.py, spec B.5), used when reward.plugin=judge."""
-
-    backend: Literal["hf", "sglang"] = "hf"  # hf: transformers on this machine (the rollout decode loop);
-    # sglang: a /generate server
-    model: Optional[str] = None  # hf: an HF save_pretrained folder; None = the run's initial (SFT) policy
-    url: str = "http://127.0.0.1:30000"  # sglang: the server serving the judge model
-    verifier: str = "exact"  # per-response plugin for the raw correctness (accuracy, zero-variance decisions)
-    construction: Literal["round_robin", "anchor"] = "round_robin"  # round_robin: pairs within the group
-    anchor: Literal["reference", "first"] = "reference"  # anchor construction: compare with the reference
-    # answer, or the group's first response
-    max_calls_per_group: int = 32  # judge generations per group (0 = every pair); a random subset beyond it
-    both_orders: bool = False  # judge (A, B) and (B, A) and average (cancels position bias, twice the calls)
-    template: Optional[str] = None  # {question} {response_a} {response_b} {reference}; None = engine/rewards/judge.py's
-    max_response_chars: int = 2000
-    max_new_tokens: int = 8  # a chain-of-thought judge needs far more (e.g. 2048)
-    temperature: float = 0.0
-    timeout_s: float = 300.0  # sglang: per group request
-    order_rule: Literal["mean", "agree"] = "mean"  # both_orders: mean (average the two verdicts) | agree (Tie
-    # unless both orders agree)
-    tie_margin: float = 1.0  # round_robin: |net verdicts| <= this = tied (advantage 0); 0 = off
-    group_tie_frac: float = 0.1  # round_robin: <= this fraction of non-Tie verdicts = all-tie group; 0 = off
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        _require(self.order_rule != "agree" or self.both_orders, "reward.judge.order_rule", self.order_rule,
-                 "agree compares the two orders of a pair: pass reward.judge.both_orders=true")
-        _require(self.tie_margin >= 0, "reward.judge.tie_margin", self.tie_margin,
-                 "it is a number of net verdicts and must be >= 0 (0 = no dead zone, 1 = one judge error)")
-        _require(0 <= self.group_tie_frac < 1, "reward.judge.group_tie_frac", self.group_tie_frac,
-                 "it must be in [0, 1) (0 = off); keep it a few times the judge's error rate on ties and below "
-                 "2/rollout.group_size, e.g. 0.1")
-        _require(self.verifier != "judge", "reward.judge.verifier", self.verifier,
-                 "the per-response verifier must be a plugin such as exact or math")
-        _require(self.max_calls_per_group >= 0, "reward.judge.max_calls_per_group", self.max_calls_per_group,
-                 "it must be >= 0 (0 = every pair)")
-        _require(not self.both_orders or self.max_calls_per_group != 1, "reward.judge.max_calls_per_group",
-                 self.max_calls_per_group, "both_orders needs 2 calls per pair; pass at least 2")
-        _require(self.max_new_tokens >= 1, "reward.judge.max_new_tokens", self.max_new_tokens, "it must be >= 1")
-
-
-@dataclass
-class RewardConfig:
-    """Reward plugins (engine/rewards/plugins.py) and shaping (engine/algo/shaping.py). Zero-variance decisions always use the
-    raw correctness."""
-
-    num_workers: int = 1
-    plugin: str = "exact"  # a built-in verifier (engine/rewards/verifiers.py: exact, math, code, instruction,
-    # choice), judge (engine/rewards/judge.py), or your own package.module:function; checked by configs/load.py
-    plugin_processes: int = 2  # processes per reward worker running the plugin (a hung one is replaced)
-    plugin_timeout_s: float = 10.0  # per response; past it the response is a recorded failure (valid=false)
-    graded: bool = False  # partial credit (fraction of the answer right) instead of 0/1
-    overlong_coef: float = 0.0  # weight of DAPO's soft overlong penalty (0 .. -1)
-    overlong_cache: int = 2  # the penalty ramps over the last this-many tokens before task.max_answer_tokens
-    repetition_coef: float = 0.0  # weight of the n-gram repetition penalty (0 .. -1)
-    repetition_ngram: int = 3
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-
-    def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "reward.num_workers", self.num_workers, "it must be >= 1")
-        _require(self.overlong_coef >= 0 and self.repetition_coef >= 0, "reward.overlong_coef",
-                 self.overlong_coef, "penalty weights must be >= 0 (the penalties themselves are <= 0)")
-        _require(self.repetition_ngram >= 1, "reward.repetition_ngram", self.repetition_ngram, "it must be >= 1")
-        _require(self.plugin_processes >= 1, "reward.plugin_processes", self.plugin_processes, "it must be >= 1")
-        _require(self.plugin_timeout_s > self.sandbox.wall_s or self.plugin != "code", "reward.plugin_timeout_s",
-                 self.plugin_timeout_s, f"it must exceed reward.sandbox.wall_s={self.sandbox.wall_s}; pass "
-                 f"reward.plugin_timeout_s={self.sandbox.wall_s * 2:g}")
-        _require(self.plugin != "judge" or not (self.overlong_coef or self.repetition_coef or self.graded),
-                 "reward.plugin", self.plugin, "judge rewards are margins whose zero means a tie; shaping would move "
-                 "it: pass reward.graded=false reward.overlong_coef=0 reward.repetition_coef=0")
-
-
 def _loss_sections(cls: type) -> type:
     """Give the (not yet dataclass) ``cls`` one nested section per registered loss, after its own fields:
     ``learner.<name>`` of type ``LOSSES[name].config`` (engine/algo/loss_registry.py), so a new loss needs no
@@ -312,6 +232,8 @@ class LearnerConfig:
     num_minibatches: int = 1  # optimizer steps per TrainBatch (PPO mini-batches); the version counts batches
     rl_zvp_alpha: float = 0.0  # RL-ZVP (actor stage): zero-variance groups get entropy-shaped token advantages
     # of this scale (0 = off: such groups get zero advantage); spec B.2.3
+    adv_std: Literal["population", "unbiased"] = "population"  # the group std advantages are divided by:
+    # population (/ n; spec A.8 does not say which) or unbiased (/ n - 1, as verl and TRL); docs/concepts/losses.md
     decoupled: bool = False  # decoupled PPO: ratio vs the proximal policy (this learner before the batch's
     # updates), times a truncated importance weight behaviour -> proximal (min(w, decoupled_is_cap))
     decoupled_is_cap: float = 2.0
@@ -471,8 +393,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        self.sft.cache_dir = self.sft.cache_dir or f"{self.out_dir or '.'}/.sft_cache"  # shared by later runs
+        if self.task.name in REASONING_VERIFIERS:  # exact match would judge the whole worked solution
+            for section, key in ((self.reward, "plugin"), (self.reward.judge, "verifier")):
+                if getattr(section, key) == "exact":
+                    setattr(section, key, REASONING_VERIFIERS[self.task.name])
         n = self.learner.num_ranks
         g_max = max(self.rollout.group_size, self.rollout.max_group_size if self.rollout.adaptive_group_size else 0)
         _require(self.reward.plugin != "judge" or self.reward.judge.group_tie_frac < 2 / g_max,

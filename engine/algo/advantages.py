@@ -8,9 +8,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+STD_CHOICES = ("population", "unbiased")  # learner.adv_std
+
+
+def _valid_stats(r_NG: Tensor, valid_NG: Tensor, std: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, std, informative) [N, 1] of the valid members' rewards (r_NG already 0 where invalid).
+
+    std "population" divides the squared deviations by n (``correction=0``), "unbiased" by n - 1 (Bessel's
+    correction, torch.std's default, as verl's GRPO advantage): larger by sqrt(n / (n - 1)). A group with n < 2
+    never divides by zero (its members get 0 anyway). informative: n >= 2 and the valid rewards not all equal
+    (tested exactly with max == min: a float mean of equal values need not equal them).
+    """
+    if std not in STD_CHOICES:
+        raise ValueError(f"std={std!r} is unknown; choose one of {STD_CHOICES}")
+    w_NG = valid_NG.to(r_NG.dtype)
+    n_N1 = w_NG.sum(-1, keepdim=True)
+    mean_N1 = r_NG.sum(-1, keepdim=True) / n_N1.clamp(min=1)
+    dof_N1 = (n_N1 - 1 if std == "unbiased" else n_N1).clamp(min=1)
+    std_N1 = ((((r_NG - mean_N1) * w_NG) ** 2).sum(-1, keepdim=True) / dof_N1).sqrt()
+    hi_N1 = r_NG.masked_fill(~valid_NG, float("-inf")).amax(-1, keepdim=True)
+    lo_N1 = r_NG.masked_fill(~valid_NG, float("inf")).amin(-1, keepdim=True)
+    return mean_N1, std_N1, (n_N1 >= 2) & (hi_N1 > lo_N1)
+
 
 def group_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: float = 1e-6, *,
-                     scale_by_std: bool = True) -> Tensor:
+                     scale_by_std: bool = True, std: str = "population") -> Tensor:
     """ESPO Eq. 11 / GRPO advantage -> float [N, G].
 
     ``A_i = 1[i valid] * (R_i - mean_valid) / (std_valid + eps)``, per group; with ``scale_by_std=False``
@@ -22,26 +44,19 @@ def group_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: fl
         ignored entirely (they may hold anything, NaN included).
     valid_NG: bool [N, G], True = the verifier returned a valid score (the set G of Eq. 11); None = all valid.
     eps: added to the std, so a tiny spread cannot blow the advantage up.
+    std: ``learner.adv_std``. "population" (default; ALGORITHMS.md A.8 writes std without saying which, so the
+        first implementation's choice stays): divide by the number of valid members n. "unbiased" (verl, on
+        which ESPO trained; TRL): divide by n - 1, so advantages are smaller by sqrt((n - 1) / n).
 
-    mean and std are taken over the valid members of each group only; the std is the *population* std
-    (divide by the number of valid members, ``correction=0``), not the unbiased one.
-    Invalid members get 0. A group with fewer than 2 valid members, or whose valid rewards are all equal
-    (zero variance, tested exactly with max == min), gets 0 for every member.
+    mean and std are taken over the valid members of each group only. Invalid members get 0. A group with fewer
+    than 2 valid members, or whose valid rewards are all equal (zero variance), gets 0 for every member.
     """
     if valid_NG is None:
         valid_NG = torch.ones_like(rewards_NG, dtype=torch.bool)
     valid_NG = valid_NG.to(torch.bool)
     rewards_NG = rewards_NG.to(torch.promote_types(rewards_NG.dtype, torch.float32))
     r_NG = rewards_NG.masked_fill(~valid_NG, 0.0)
-    w_NG = valid_NG.to(r_NG.dtype)
-    n_N1 = w_NG.sum(-1, keepdim=True)
-    mean_N1 = r_NG.sum(-1, keepdim=True) / n_N1.clamp(min=1)
-    var_N1 = (((r_NG - mean_N1) * w_NG) ** 2).sum(-1, keepdim=True) / n_N1.clamp(min=1)
-    std_N1 = var_N1.sqrt()
-    # Exact zero-variance test: a float mean of equal values need not equal them, so (R - mean) may be ~1e-17.
-    hi_N1 = rewards_NG.masked_fill(~valid_NG, float("-inf")).amax(-1, keepdim=True)
-    lo_N1 = rewards_NG.masked_fill(~valid_NG, float("inf")).amin(-1, keepdim=True)
-    informative_N1 = (n_N1 >= 2) & (hi_N1 > lo_N1)
+    mean_N1, std_N1, informative_N1 = _valid_stats(r_NG, valid_NG, std)
     adv_NG = (r_NG - mean_N1) / (std_N1 + eps) if scale_by_std else r_NG - mean_N1
     return torch.where(valid_NG & informative_N1, adv_NG, torch.zeros_like(adv_NG))
 
@@ -138,11 +153,13 @@ def pairwise_rewards(verdicts_NGG: Tensor, judged_NGG: Tensor, *, tie_margin: fl
     return rewards_NG, n_NG > 0
 
 
-def tie_aware_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+def tie_aware_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps: float = 1e-6, *,
+                         std: str = "population") -> Tensor:
     """Advantages of tie-aware judge rewards (ALGORITHMS.md B.5) -> float [N, G].
 
     rewards_NG: float [N, G], signed margins with a natural zero (round-robin or anchor rewards: 0 = tied on
         balance, or tied with the anchor). valid_NG: bool [N, G] (the set G of Eq. 11); None = all valid.
+    std: population or unbiased, as group_advantages.
     ``A_i = 1[i valid] * r_i / (std_valid + eps)``. Unlike Eq. 11 the group mean is *not* subtracted: the margin
     is already relative, and centring would give a true tie (r_i = 0) a non-zero advantage whenever the rest of
     the group is unbalanced. So a response judged tied gets exactly 0, and responses judged tied with each other
@@ -155,12 +172,6 @@ def tie_aware_advantages(rewards_NG: Tensor, valid_NG: Tensor | None = None, eps
         valid_NG = torch.ones_like(rewards_NG, dtype=torch.bool)
     valid_NG = valid_NG.to(torch.bool)
     r_NG = rewards_NG.to(torch.promote_types(rewards_NG.dtype, torch.float32)).masked_fill(~valid_NG, 0.0)
-    w_NG = valid_NG.to(r_NG.dtype)
-    n_N1 = w_NG.sum(-1, keepdim=True)
-    mean_N1 = r_NG.sum(-1, keepdim=True) / n_N1.clamp(min=1)
-    std_N1 = ((((r_NG - mean_N1) * w_NG) ** 2).sum(-1, keepdim=True) / n_N1.clamp(min=1)).sqrt()
-    hi_N1 = r_NG.masked_fill(~valid_NG, float("-inf")).amax(-1, keepdim=True)
-    lo_N1 = r_NG.masked_fill(~valid_NG, float("inf")).amin(-1, keepdim=True)
-    informative_N1 = (n_N1 >= 2) & (hi_N1 > lo_N1)
+    _, std_N1, informative_N1 = _valid_stats(r_NG, valid_NG, std)
     adv_NG = r_NG / (std_N1 + eps)
     return torch.where(valid_NG & informative_N1, adv_NG, torch.zeros_like(adv_NG))

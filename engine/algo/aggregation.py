@@ -20,15 +20,20 @@ def token_adv(adv: Tensor, logp_NT: Tensor) -> Tensor:
     return adv_NT.to(logp_NT.dtype)
 
 
-def masked_logps(logp_NT: Tensor, old_logp_NT: Tensor, mask_NT: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Zero logp/old_logp off the mask (padding may hold -inf or garbage) -> (logp_NT, old_logp_NT, m_NT float).
+def masked_inputs(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero logp, old_logp and the advantages off the mask -> (logp_NT, old_logp_NT, adv_NT [N, T], m_NT float).
 
-    torch.where (not a product) keeps the gradient of masked positions an exact 0, never NaN.
+    adv: [N] or [N, T] (as token_adv). Padding may hold NaN, +-inf or garbage in any of them: torch.where (not a
+    product) runs before any arithmetic, so a padded position adds exactly 0 to the loss and its gradient is an
+    exact 0, never NaN.
     """
     on_NT = mask_NT.to(torch.bool)
-    logp_NT = torch.where(on_NT, logp_NT, torch.zeros_like(logp_NT))
-    old_NT = torch.where(on_NT, old_logp_NT.to(logp_NT.dtype), torch.zeros_like(logp_NT))
-    return logp_NT, old_NT, on_NT.to(logp_NT.dtype)
+    zero_NT = torch.zeros_like(logp_NT)
+    logp_NT = torch.where(on_NT, logp_NT, zero_NT)
+    old_NT = torch.where(on_NT, old_logp_NT.to(logp_NT.dtype), zero_NT)
+    adv_NT = torch.where(on_NT, token_adv(adv, logp_NT), zero_NT)
+    return logp_NT, old_NT, adv_NT, on_NT.to(logp_NT.dtype)
 
 
 def group_mean(x_NT: Tensor, g_NT: Tensor) -> Tensor:
@@ -53,6 +58,7 @@ def aggregate(loss_NT: Tensor, mask_NT: Tensor, aggregation: str, denom: float |
     number of trained tokens (token_mean) or of sequences with a trained token (the others); None = this call's.
     """
     m_NT = mask_NT.to(loss_NT.dtype)
+    loss_NT = torch.where(m_NT > 0, loss_NT, torch.zeros_like(loss_NT))  # padding never reaches the sum
     if aggregation == "token_mean":
         total = (loss_NT * m_NT).sum()
         return total / (m_NT.sum().clamp(min=1) if denom is None else denom)

@@ -22,8 +22,9 @@ from engine.algo.losses import grpo_loss
 
 
 class DrGRPO(PolicyLoss):
-    """learner.loss=dr_grpo: grpo_loss with learner.dr_grpo.clip_eps_low/high, normalised by the generation limit."""
+    """learner.loss=dr_grpo: grpo_loss with learner.dr_grpo.clip_eps_low/high and dual_clip_c, normalised by the
+    generation limit."""
 
     def __call__(self, x: LossInputs, batch: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         return grpo_loss(x.logp_NT, x.old_logp_NT, x.token_advantages(), x.mask_NT, clip_eps_low=self.cfg.clip_eps_low,
-                         clip_eps_high=self.cfg.clip_eps_high, **self.reduction(x))
+                         clip_eps_high=self.cfg.clip_eps_high, dual_clip_c=self.cfg.dual_clip_c, **self.reduction(x))

@@ -14,7 +14,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from engine.algo.aggregation import aggregate, group_mean, masked_logps, token_adv
+from engine.algo.aggregation import aggregate, group_mean, masked_inputs
+from engine.algo.clip import ppo_clip
 from engine.algo.loss_registry import AGGREGATIONS
 from engine.algo.loss_seam import LossInputs, PolicyLoss
 from engine.algo.loss_stats import clip_stats
@@ -77,26 +78,13 @@ def _frac(x_NT: Tensor, g_NT: Tensor) -> Tensor:
     return (x_NT * g_NT).sum() / g_NT.sum().clamp(min=1)
 
 
-def espo_loss(
-    logp_NT: Tensor,
-    old_logp_NT: Tensor,
-    adv: Tensor,
-    mask_NT: Tensor,
-    *,
-    entropy_NT: Tensor | None = None,
-    vocab_size: int | None = None,
-    alpha: float = 0.02,
-    rho: float = 0.2,
-    ratio_mode: str = "gspo_token",
-    entropy_quantile_scope: str = "sequence",
-    entropy_threshold: float | Tensor | None = None,
-    clip_mode: str = "adaptive",
-    clip_eps_low: float = 3e-4,
-    clip_eps_high: float = 4e-4,
-    aggregation: str = "seq_mean_group_mean",
-    denom: float | Tensor | None = None,
-    norm_len: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def espo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tensor, *,
+              entropy_NT: Tensor | None = None, vocab_size: int | None = None, alpha: float = 0.02, rho: float = 0.2,
+              ratio_mode: str = "gspo_token", entropy_quantile_scope: str = "sequence",
+              entropy_threshold: float | Tensor | None = None, clip_mode: str = "adaptive",
+              clip_eps_low: float = 3e-4, clip_eps_high: float = 4e-4, dual_clip_c: float = 0.0,
+              aggregation: str = "seq_mean_group_mean", denom: float | Tensor | None = None,
+              norm_len: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """ESPO surrogate (A.3, Eq. 5; pseudo-code A.11) -> (scalar loss, stats).
 
     logp_NT: float [N, T] current-policy log-prob of each sampled token (requires grad).
@@ -113,7 +101,8 @@ def espo_loss(
        ratio r_t too). The modes agree in value and gradient when logp == old_logp.
     3. Clip (A.6, Eq. 8): "adaptive" eps_g = alpha * mean entropy of the group / ln(vocab_size), symmetric
        [1 - eps_g, 1 + eps_g]; "fixed" [1 - clip_eps_low, 1 + clip_eps_high] for every token.
-    4. Per token: loss_t = -min(s_t A_t, clip(s_t) A_t) (pessimistic PPO form).
+    4. Per token: loss_t = -min(s_t A_t, clip(s_t) A_t) (pessimistic PPO form); dual_clip_c > 1 also bounds it
+       by -c A_t where A_t < 0 (verl's dual clip, engine.algo.clip.ppo_clip; 0 = off, the spec's form).
     5. Aggregation "seq_mean_group_mean" (Eq. 5): mean over each group's tokens, mean over the response's
        non-empty groups, mean over the responses with a trained token (denom: their number in the whole
        batch). The other aggregations of engine.algo.aggregation.aggregate are ablations (norm_len: theirs).
@@ -123,8 +112,7 @@ def espo_loss(
     entropy_<g>, abs_log_ratio_<g> (|log s_g|); and hi_ent_token_frac (high tokens / trained tokens).
     """
     _check_args(entropy_NT, ratio_mode, clip_mode, aggregation, vocab_size)
-    adv_NT = token_adv(adv, logp_NT)
-    logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)  # padding may hold -inf: gradient 0
+    logp_NT, old_NT, adv_NT, m_NT = masked_inputs(logp_NT, old_logp_NT, adv, mask_NT)  # padding: NaN/inf ok
     on_NT, dtype = m_NT.to(torch.bool), logp_NT.dtype
     ent_NT = torch.where(on_NT, entropy_NT.detach().to(dtype), torch.zeros_like(logp_NT))
 
@@ -134,17 +122,15 @@ def espo_loss(
 
     s_NT, log_sg_NT, tok_lr_NT = _group_ratios(logp_NT, old_NT, hi_NT, lo_NT, ratio_mode)
     if clip_mode == "adaptive":
-        scale = alpha / math.log(vocab_size)
-        eps_NT = scale * (group_mean(ent_NT, hi_NT)[:, None] * hi_NT + group_mean(ent_NT, lo_NT)[:, None] * lo_NT)
-        lower_NT, upper_NT = 1.0 - eps_NT, 1.0 + eps_NT
+        lower_NT, upper_NT = _adaptive_bounds(ent_NT, hi_NT, lo_NT, alpha / math.log(vocab_size))
     else:
         lower_NT = torch.full_like(logp_NT, 1.0 - clip_eps_low)
         upper_NT = torch.full_like(logp_NT, 1.0 + clip_eps_high)
-    loss_NT = torch.maximum(-adv_NT * s_NT, -adv_NT * torch.clamp(s_NT, lower_NT, upper_NT)) * m_NT
+    loss_NT, dual_NT = ppo_clip(s_NT, lower_NT, upper_NT, adv_NT, dual_clip_c)
 
     loss = aggregate(loss_NT, m_NT, aggregation, denom, high_NT=hi_NT, norm_len=norm_len)
 
-    stats = _espo_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT, hi_NT, ent_NT, log_sg_NT)
+    stats = _espo_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT, hi_NT, ent_NT, log_sg_NT, dual_NT)
     return loss, stats
 
 
@@ -159,6 +145,12 @@ def _check_args(entropy_NT, ratio_mode: str, clip_mode: str, aggregation: str, v
         raise ValueError(f"aggregation={aggregation!r} is unknown; choose one of {AGGREGATIONS}")
     if clip_mode == "adaptive" and (vocab_size is None or vocab_size < 2):
         raise ValueError(f"clip_mode='adaptive' needs vocab_size >= 2, got {vocab_size!r}")
+
+
+def _adaptive_bounds(ent_NT: Tensor, hi_NT: Tensor, lo_NT: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(1 - eps_g, 1 + eps_g) per token, eps_g = scale * mean entropy of the token's group (A.6, Eq. 8)."""
+    eps_NT = scale * (group_mean(ent_NT, hi_NT)[:, None] * hi_NT + group_mean(ent_NT, lo_NT)[:, None] * lo_NT)
+    return 1.0 - eps_NT, 1.0 + eps_NT
 
 
 def _group_ratios(logp_NT: Tensor, old_NT: Tensor, hi_NT: Tensor, lo_NT: Tensor, ratio_mode: str
@@ -177,9 +169,9 @@ def _group_ratios(logp_NT: Tensor, old_NT: Tensor, hi_NT: Tensor, lo_NT: Tensor,
 
 @torch.no_grad()
 def _espo_stats(s_NT: Tensor, lower_NT: Tensor, upper_NT: Tensor, adv_NT: Tensor, tok_lr_NT: Tensor, m_NT: Tensor,
-                hi_NT: Tensor, ent_NT: Tensor, log_sg_NT: Tensor) -> dict[str, Tensor]:
+                hi_NT: Tensor, ent_NT: Tensor, log_sg_NT: Tensor, dual_NT: Tensor | None) -> dict[str, Tensor]:
     """espo_loss's stats: clip_stats plus, per entropy group, clip fractions, eps, entropy and |log s_g|."""
-    stats, dn_NT, up_NT = clip_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT)
+    stats, dn_NT, up_NT = clip_stats(s_NT, lower_NT, upper_NT, adv_NT, tok_lr_NT, m_NT, dual_NT)
     half_NT = (upper_NT - lower_NT) / 2
     stats["hi_ent_token_frac"] = hi_NT.sum() / m_NT.sum().clamp(min=1)
     for name, g_NT in (("hi_ent", hi_NT), ("lo_ent", m_NT - hi_NT)):
@@ -213,4 +205,5 @@ class ESPO(PolicyLoss):
         return espo_loss(x.logp_NT, x.old_logp_NT, x.token_advantages(), x.mask_NT, entropy_NT=x.entropy_NT,
                          vocab_size=self.ctx.vocab_size, alpha=self.cfg.alpha, rho=self.cfg.rho,
                          ratio_mode=self.cfg.ratio_mode, entropy_quantile_scope=self.cfg.entropy_scope,
-                         entropy_threshold=(batch or {}).get("entropy_threshold"), **self.reduction(x))
+                         entropy_threshold=(batch or {}).get("entropy_threshold"), dual_clip_c=self.cfg.dual_clip_c,
+                         **self.reduction(x))

@@ -30,6 +30,7 @@ from configs.choices import check_choices
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_group_mean", "seq_mean_token_sum_norm")
 AGGREGATION_CHOICES: tuple[str, ...] = ("auto", *AGGREGATIONS)  # auto = the loss's default_aggregation
 TOKEN_LEVEL = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # no entropy groups needed
+GSPO_FORMS: tuple[str, ...] = ("token", "sequence")  # learner.gspo.form (engine.algo.losses.gspo_loss)
 
 
 def _positive(key: str, value: float, upper: float | None = None) -> None:
@@ -38,35 +39,50 @@ def _positive(key: str, value: float, upper: float | None = None) -> None:
         raise ValueError(f"{key}={value!r} is invalid: it must be {span}")
 
 
+def _dual_clip(key: str, value: float) -> None:
+    if not (value == 0 or value > 1):
+        raise ValueError(f"{key}={value!r} is invalid: it must be 0 (off) or > 1 (verl's clip_ratio_c is 3)")
+
+
 @dataclass
 class GRPOConfig:
     """GRPO/DAPO token-level PPO clip [1 - clip_eps_low, 1 + clip_eps_high] (ALGORITHMS.md A.2)."""
 
     clip_eps_low: float = 0.2  # token ratio clipped below at 1 - this (where A < 0)
     clip_eps_high: float = 0.28  # and above at 1 + this (where A > 0); DAPO's clip-higher
+    dual_clip_c: float = 0.0  # verl's dual clip (clip_ratio_c, 3 there): where A < 0 the token loss is at most
+    # c * |A| (no gradient beyond ratio c); 0 = off (engine/algo/clip.py)
 
     def __post_init__(self) -> None:
         _positive("learner.grpo.clip_eps_low", self.clip_eps_low, 1.0)
         _positive("learner.grpo.clip_eps_high", self.clip_eps_high)
+        _dual_clip("learner.grpo.dual_clip_c", self.dual_clip_c)
 
 
 @dataclass
 class GSPOConfig:
-    """GSPO sequence-level clip (the GSPO paper's 3e-4 / 4e-4)."""
+    """GSPO sequence-level clip (the GSPO paper's 3e-4 / 4e-4), GSPO-token or sequence form."""
 
     clip_eps_low: float = 3e-4  # sequence ratio (geometric mean of token ratios) clipped below at 1 - this
     clip_eps_high: float = 4e-4  # and above at 1 + this
+    form: Literal[GSPO_FORMS] = "token"  # token: GSPO-token (each token its own advantage); sequence: the paper's
+    # one loss per sequence, min(s_i A_i, clip(s_i) A_i); equal for per-sequence advantages
+    dual_clip_c: float = 0.0  # verl's dual clip (clip_ratio_c, 3 there): where A < 0 the token loss is at most
+    # c * |A| (no gradient beyond ratio c); 0 = off (engine/algo/clip.py)
 
     def __post_init__(self) -> None:
+        check_choices(self, "learner.gspo.")
         _positive("learner.gspo.clip_eps_low", self.clip_eps_low, 1.0)
         _positive("learner.gspo.clip_eps_high", self.clip_eps_high)
+        _dual_clip("learner.gspo.dual_clip_c", self.dual_clip_c)
 
 
 @dataclass
 class CISPOConfig:
     """CISPO: upper bound of the clipped importance weight (no lower bound, as in the paper)."""
 
-    clip_eps_high: float = 5.0  # the stop-gradient importance weight is clipped above at 1 + this
+    clip_eps_high: float = 5.0  # the stop-gradient importance weight is clipped above at 1 + this, so the
+    # weight cap is 6 by default (TRL's epsilon_high is the cap itself: its 5 is 4 here)
 
     def __post_init__(self) -> None:
         _positive("learner.cispo.clip_eps_high", self.clip_eps_high)
@@ -81,11 +97,14 @@ class ESPOConfig:
     rho: float = 0.2  # fraction of a response's trained tokens in the high-entropy group (spec A.5)
     ratio_mode: Literal["gspo_token", "literal"] = "gspo_token"  # spec A.7
     entropy_scope: Literal["sequence", "batch"] = "sequence"  # spec A.5; batch: one threshold over all ranks
+    dual_clip_c: float = 0.0  # verl's dual clip (clip_ratio_c, 3 there): where A < 0 the token loss is at most
+    # c * |A| (no gradient beyond ratio c); 0 = off, the spec's form (engine/algo/clip.py)
 
     def __post_init__(self) -> None:
         check_choices(self, "learner.espo.")
         _positive("learner.espo.alpha", self.alpha)
         _positive("learner.espo.rho", self.rho, 1.0)
+        _dual_clip("learner.espo.dual_clip_c", self.dual_clip_c)
 
 
 @dataclass
@@ -95,10 +114,13 @@ class DrGRPOConfig:
 
     clip_eps_low: float = 0.2  # token ratio clipped below at 1 - this, as grpo
     clip_eps_high: float = 0.28  # and above at 1 + this
+    dual_clip_c: float = 0.0  # verl's dual clip (clip_ratio_c, 3 there): where A < 0 the token loss is at most
+    # c * |A| (no gradient beyond ratio c); 0 = off (engine/algo/clip.py)
 
     def __post_init__(self) -> None:
         _positive("learner.dr_grpo.clip_eps_low", self.clip_eps_low, 1.0)
         _positive("learner.dr_grpo.clip_eps_high", self.clip_eps_high)
+        _dual_clip("learner.dr_grpo.dual_clip_c", self.dual_clip_c)
 
 
 @dataclass(frozen=True)

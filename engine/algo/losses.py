@@ -12,6 +12,9 @@ Shape letters: N = sequences, T = padded tokens (any alignment, as long as all [
 - adv: float [N] (one advantage per sequence, broadcast to its tokens) or float [N, T] (per token).
 - mask_NT: bool or {0,1} float [N, T], 1 = a trained (generated) token; everything else has zero gradient.
 - aggregation, denom, norm_len: as engine.algo.aggregation.aggregate (masking and aggregation live there).
+- padded positions (mask 0) may hold NaN or +-inf in logp, old_logp and adv: engine.algo.aggregation.masked_inputs
+  zeroes them (torch.where) before any arithmetic, so they never reach the loss or its gradient.
+- dual_clip_c (the PPO-style losses grpo, gspo and espo): verl's dual clip, engine.algo.clip.ppo_clip; 0 = off.
 - stats: detached scalar tensors, averaged over this call's trained tokens (ratio_max is a max).
 """
 
@@ -22,13 +25,15 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from engine.algo.aggregation import aggregate, masked_logps, token_adv
+from engine.algo.aggregation import aggregate, masked_inputs
+from engine.algo.clip import ppo_clip
+from engine.algo.loss_registry import GSPO_FORMS
 from engine.algo.loss_seam import LossInputs, PolicyLoss
 from engine.algo.loss_stats import clip_stats
 
 
 def grpo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tensor, *, clip_eps_low: float = 0.2,
-              clip_eps_high: float = 0.28, aggregation: str = "token_mean",
+              clip_eps_high: float = 0.28, dual_clip_c: float = 0.0, aggregation: str = "token_mean",
               denom: float | Tensor | None = None, norm_len: float | None = None
               ) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-level PPO-clip surrogate of GRPO/DAPO (ALGORITHMS.md A.2) -> (scalar loss, stats).
@@ -39,42 +44,53 @@ def grpo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tensor
     The clip removes the gradient only where it binds: r < 1 - eps_low with A < 0 ("low"), and
     r > 1 + eps_high with A > 0 ("high"); clip_frac_low/high count exactly those tokens.
     approx_kl is the k3 estimator of KL(old || new), mean over tokens of (r - 1) - log r.
+    dual_clip_c > 1: where A < 0 the loss is also bounded by -c A (verl's dual clip; clip_frac_dual counts it).
     """
-    adv_NT = token_adv(adv, logp_NT)
-    logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)
+    logp_NT, old_NT, adv_NT, m_NT = masked_inputs(logp_NT, old_logp_NT, adv, mask_NT)
     log_ratio_NT = (logp_NT - old_NT).clamp(-20.0, 20.0)
     ratio_NT = torch.exp(log_ratio_NT)
     lower, upper = 1.0 - clip_eps_low, 1.0 + clip_eps_high
-    loss_NT = torch.maximum(-adv_NT * ratio_NT, -adv_NT * ratio_NT.clamp(lower, upper))
+    loss_NT, dual_NT = ppo_clip(ratio_NT, lower, upper, adv_NT, dual_clip_c)
     loss = aggregate(loss_NT, m_NT, aggregation, denom, norm_len=norm_len)
-    stats, _, _ = clip_stats(ratio_NT, lower, upper, adv_NT, log_ratio_NT, m_NT)
+    stats, _, _ = clip_stats(ratio_NT, lower, upper, adv_NT, log_ratio_NT, m_NT, dual_NT)
     return loss, stats
 
 
 def gspo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tensor, *, clip_eps_low: float = 3e-4,
-              clip_eps_high: float = 4e-4, aggregation: str = "seq_mean_token_mean",
-              denom: float | Tensor | None = None, norm_len: float | None = None
-              ) -> tuple[Tensor, dict[str, Tensor]]:
-    """GSPO-token surrogate (ALGORITHMS.md A.2) -> (scalar loss, stats).
+              clip_eps_high: float = 4e-4, form: str = "token", dual_clip_c: float = 0.0,
+              aggregation: str = "seq_mean_token_mean", denom: float | Tensor | None = None,
+              norm_len: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO surrogate (ALGORITHMS.md A.2), GSPO-token or sequence form -> (scalar loss, stats).
 
     s_i = exp(mean over trained tokens of (logp - old_logp)), the geometric mean of the token ratios
-    (its log is clamped to +-20). Token ratio s_{i,t} = sg[s_i] * exp(logp - sg[logp]): its value is s_i for
+    (its log is clamped to +-20).
+    form="token" (GSPO-token): token ratio s_{i,t} = sg[s_i] * exp(logp - sg[logp]): its value is s_i for
     every token of sequence i, its gradient is s_i * dlogp_t. Per token:
-    loss = -min(s_{i,t} A, clip(s_{i,t}, 1 - eps_low, 1 + eps_high) A), so a clip that binds removes the
-    gradient of the whole sequence (when A is per sequence). With per-sequence A and seq_mean_token_mean,
-    loss and gradient equal those of sequence-level GSPO; per-token A [N, T] is the GSPO-token extension.
+    loss = -min(s_{i,t} A_t, clip(s_{i,t}, 1 - eps_low, 1 + eps_high) A_t), so a clip that binds removes the
+    gradient of the whole sequence (when A is per sequence).
+    form="sequence" (the GSPO paper's Eq. 5-7): one loss per sequence, -min(s_i A_i, clip(s_i) A_i), with the
+    gradient through s_i itself (s_i * mean_t dlogp_t) and A_i the mean of the sequence's token advantages (its
+    advantage when A is per sequence); that loss stands at each of its tokens for the aggregation.
+    With per-sequence A and seq_mean_token_mean the two forms have equal loss and gradient; they differ for
+    per-token A [N, T] (RL-ZVP, decoupled PPO weights), where "token" weighs each token by its own advantage.
     Default clip (3e-4, 4e-4) and aggregation (mean over tokens, then over sequences) follow the GSPO paper.
     Stats as grpo_loss; ratio_* describe s_i (per token), approx_kl the per-token ratio.
     """
-    adv_NT = token_adv(adv, logp_NT)
-    logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)
-    d_NT = (logp_NT - old_NT).detach()
-    log_s_N = ((d_NT * m_NT).sum(-1) / m_NT.sum(-1).clamp(min=1)).clamp(-20.0, 20.0)
-    s_NT = torch.exp(log_s_N[:, None] + (logp_NT - logp_NT.detach()))
+    if form not in GSPO_FORMS:
+        raise ValueError(f"form={form!r} is unknown; choose one of {GSPO_FORMS}")
+    logp_NT, old_NT, adv_NT, m_NT = masked_inputs(logp_NT, old_logp_NT, adv, mask_NT)
+    d_NT = logp_NT - old_NT
+    n_N = m_NT.sum(-1).clamp(min=1)
+    if form == "sequence":
+        s_NT = torch.exp(((d_NT * m_NT).sum(-1) / n_N).clamp(-20.0, 20.0))[:, None].expand_as(logp_NT)
+        adv_NT = (adv_NT.sum(-1) / n_N)[:, None].expand_as(logp_NT)
+    else:
+        log_s_N = ((d_NT.detach() * m_NT).sum(-1) / n_N).clamp(-20.0, 20.0)
+        s_NT = torch.exp(log_s_N[:, None] + (logp_NT - logp_NT.detach()))
     lower, upper = 1.0 - clip_eps_low, 1.0 + clip_eps_high
-    loss_NT = torch.maximum(-adv_NT * s_NT, -adv_NT * s_NT.clamp(lower, upper))
+    loss_NT, dual_NT = ppo_clip(s_NT, lower, upper, adv_NT, dual_clip_c)
     loss = aggregate(loss_NT, m_NT, aggregation, denom, norm_len=norm_len)
-    stats, _, _ = clip_stats(s_NT, lower, upper, adv_NT, d_NT.clamp(-20.0, 20.0), m_NT)
+    stats, _, _ = clip_stats(s_NT, lower, upper, adv_NT, d_NT.clamp(-20.0, 20.0), m_NT, dual_NT)
     return loss, stats
 
 
@@ -89,12 +105,12 @@ def cispo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tenso
     -A * w_t * dlogp_t for EVERY token (no token is dropped, unlike PPO-clip); the exp(logp - sg[logp])
     factor (value 1) only makes the loss value read -A * w_t (so on-policy it equals GRPO's -mean(A))
     instead of the uninformative -A * w_t * logp. Defaults: eps_low = 1 (no lower bound, as in the
-    paper, which tuned only eps_high) and eps_high = 5; token_mean aggregation (the paper's 1 / sum|o_i|).
+    paper, which tuned only eps_high) and eps_high = 5, i.e. a weight cap of 1 + 5 = 6 (TRL's ``epsilon_high``
+    is the cap itself: its 5 is eps_high = 4 here); token_mean aggregation (the paper's 1 / sum|o_i|).
     clip_frac_low/high count tokens whose weight was clipped (r < 1 - eps_low / r > 1 + eps_high) whatever
     the sign of A, since CISPO clips the weight, not the objective.
     """
-    adv_NT = token_adv(adv, logp_NT)
-    logp_NT, old_NT, m_NT = masked_logps(logp_NT, old_logp_NT, mask_NT)
+    logp_NT, old_NT, adv_NT, m_NT = masked_inputs(logp_NT, old_logp_NT, adv, mask_NT)
     lr_NT = (logp_NT - old_NT).detach().clamp(-20.0, 20.0)
     r_NT = torch.exp(lr_NT)
     w_NT = r_NT.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
@@ -110,19 +126,20 @@ def cispo_loss(logp_NT: Tensor, old_logp_NT: Tensor, adv: Tensor, mask_NT: Tenso
 
 
 class GRPO(PolicyLoss):
-    """learner.loss=grpo: grpo_loss with learner.grpo.clip_eps_low/high."""
+    """learner.loss=grpo: grpo_loss with learner.grpo.clip_eps_low/high and dual_clip_c."""
 
     def __call__(self, x: LossInputs, batch: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         return grpo_loss(x.logp_NT, x.old_logp_NT, x.token_advantages(), x.mask_NT, clip_eps_low=self.cfg.clip_eps_low,
-                         clip_eps_high=self.cfg.clip_eps_high, **self.reduction(x))
+                         clip_eps_high=self.cfg.clip_eps_high, dual_clip_c=self.cfg.dual_clip_c, **self.reduction(x))
 
 
 class GSPO(PolicyLoss):
-    """learner.loss=gspo: gspo_loss with learner.gspo.clip_eps_low/high."""
+    """learner.loss=gspo: gspo_loss with learner.gspo.clip_eps_low/high, form and dual_clip_c."""
 
     def __call__(self, x: LossInputs, batch: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         return gspo_loss(x.logp_NT, x.old_logp_NT, x.token_advantages(), x.mask_NT, clip_eps_low=self.cfg.clip_eps_low,
-                         clip_eps_high=self.cfg.clip_eps_high, **self.reduction(x))
+                         clip_eps_high=self.cfg.clip_eps_high, form=self.cfg.form, dual_clip_c=self.cfg.dual_clip_c,
+                         **self.reduction(x))
 
 
 class CISPO(PolicyLoss):

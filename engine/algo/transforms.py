@@ -47,8 +47,9 @@ def decoupled_weights(x: LossInputs, prox_logp_NT: Tensor, *, cap: float) -> tup
     sums: is_weight_mean (mean w over trained tokens), is_truncated_frac (tokens whose weight was capped).
     """
     mask_NT = x.mask_NT.to(torch.bool)
-    ratio_NT = (prox_logp_NT - x.old_logp_NT).exp()
-    w_NT = ratio_NT.clamp(max=cap) * mask_NT
+    log_w_NT = torch.where(mask_NT, prox_logp_NT - x.old_logp_NT, torch.zeros_like(prox_logp_NT))  # padding: NaN ok
+    ratio_NT = log_w_NT.exp()
+    w_NT = torch.where(mask_NT, ratio_NT.clamp(max=cap), torch.zeros_like(ratio_NT))
     tokens = mask_NT.sum().double()
     sums = {"is_weight_mean": (w_NT.sum(), tokens), "is_truncated_frac": (((ratio_NT > cap) & mask_NT).sum(), tokens)}
     weight_NT = w_NT if x.weight_NT is None else x.weight_NT * w_NT

@@ -14,13 +14,16 @@ from engine.modeling.routing import pack_routes
 from transport import TrainBatch
 
 
-def pack_batch(groups: list[Group], *, step: int, pad_id: int, scale_by_std: bool = True) -> TrainBatch:
+def pack_batch(groups: list[Group], *, step: int, pad_id: int, scale_by_std: bool = True,
+               adv_std: str = "population") -> TrainBatch:
     """Right-pad prompt+response of every sample to one length L; advantages per ESPO Eq. 11 (without the
-    division by the group's std when ``scale_by_std`` is False: Dr.GRPO); MoE routes (when the rollout recorded
-    them) aligned with the tokens they belong to."""
+    division by the group's std when ``scale_by_std`` is False: Dr.GRPO; ``adv_std``: learner.adv_std, the
+    population or unbiased std); RL-ZVP signs per sample (0 for a verifier-invalid one); MoE routes (when the
+    rollout recorded them) aligned with the tokens they belong to."""
     samples = [s for g in groups for s in g.ordered()]
-    adv = np.concatenate([_advantages(g, scale_by_std) for g in groups]).astype(np.float32)  # [N]; groups may differ in size
-    zvp_sign = np.array([_zvp_sign(g) for g in groups for _ in g.ordered()], dtype=np.int8)
+    # [N]; groups may differ in size
+    adv = np.concatenate([_advantages(g, scale_by_std, adv_std) for g in groups]).astype(np.float32)
+    zvp_sign = np.array([_zvp_sign(g) if s.valid else 0 for g in groups for s in g.ordered()], dtype=np.int8)
     prompt_lens = np.array([len(g.prompt_ids) for g in groups for _ in g.ordered()], dtype=np.int32)
     response_lens = np.array([len(s.token_ids) for s in samples], dtype=np.int32)
     n, length = len(samples), int((prompt_lens + response_lens).max())
@@ -42,13 +45,13 @@ def pack_batch(groups: list[Group], *, step: int, pad_id: int, scale_by_std: boo
                       routed_lens=routed, zvp_sign=zvp_sign)
 
 
-def _advantages(g: Group, scale_by_std: bool) -> np.ndarray:
+def _advantages(g: Group, scale_by_std: bool, adv_std: str) -> np.ndarray:
     samples = g.ordered()
     rewards = torch.tensor([[s.reward for s in samples]], dtype=torch.float32)
     valid = torch.tensor([[s.valid for s in samples]], dtype=torch.bool)
     if any(JUDGE_PART in s.reward_parts for s in samples):  # judge margins: a tie gets exactly 0 (spec B.5)
-        return tie_aware_advantages(rewards, valid)[0].numpy()
-    return group_advantages(rewards, valid, scale_by_std=scale_by_std)[0].numpy()
+        return tie_aware_advantages(rewards, valid, std=adv_std)[0].numpy()
+    return group_advantages(rewards, valid, scale_by_std=scale_by_std, std=adv_std)[0].numpy()
 
 
 def _correct(g: Group) -> list[float]:
@@ -57,7 +60,8 @@ def _correct(g: Group) -> list[float]:
 
 def _zvp_sign(g: Group) -> int:
     """For RL-ZVP (actor stage): +1 / -1 when the group's shaped rewards carry no signal (zero advantage for
-    all), by whether its raw correctness is high or low; 0 for an informative group."""
+    all), by whether its raw correctness is high or low; 0 for an informative group. pack_batch gives it to the
+    group's valid members only: an invalid one gets 0, as in Eq. 11 and rl_zvp_advantages."""
     if not is_zero_variance([s.reward for s in g.ordered() if s.valid]) or not _correct(g):
         return 0
     return 1 if float(np.mean(_correct(g))) >= 0.5 else -1
@@ -97,6 +101,8 @@ def batch_stats(groups: list[Group], batch: TrainBatch, *, learner_version: int,
         "wasted_sample_frac": wasted / max(len(samples), 1),
         "group_size_mean": len(samples) / max(len(groups), 1),
         "response_len": float(batch.response_lens.mean()),
+        "mean_response_tokens": float(batch.response_lens.mean()),  # the same mean, named for long-response runs
+        "p99_response_tokens": float(np.percentile(batch.response_lens, 99)) if batch.response_lens.size else 0.0,
         "num_samples": len(samples),
         "version_lag_mean": float(lag.mean()),
         "version_lag_max": int(lag.max()),

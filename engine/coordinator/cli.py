@@ -1,6 +1,7 @@
 """``everyprompt-train``: the entry point. Parses the config, prepares runs/<name>/, runs engine.coordinator.loop.run.
 
-Usage: everyprompt-train [--config-name NAME] [--config-dir DIR] [key=value ...]
+Usage: everyprompt-train [--config-name NAME] [--config-dir DIR] [--cfg] [key=value ...]
+--cfg (or --print-config) prints the resolved config as YAML (every key: defaults, preset, overrides) and exits.
 Writes runs/<name>/{config.yaml, metrics.jsonl, report.png, logs/, policy/ (the trained policy as an HF folder)};
 the last stdout line is a JSON summary. Every input is checked first (engine/coordinator/preflight.py).
 """
@@ -16,10 +17,8 @@ from pathlib import Path
 
 import structlog
 
-from configs.load import ConfigError, load_cli, save
-from engine.coordinator.cluster import ActorFailed
+from configs.load import ConfigError, load_cli, save, to_yaml
 from engine.log import configure_logging
-from engine.coordinator.metrics import write_report
 
 log = structlog.get_logger()
 
@@ -29,6 +28,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-name", default="run", help="YAML preset in configs/ (e.g. run, tiny)")
     p.add_argument("--config-dir", default=None, help="folder holding your own YAML presets")
+    p.add_argument("--cfg", "--print-config", dest="print_config", action="store_true",
+                   help="print the resolved config (every key, with the preset and overrides applied) as YAML and "
+                        "exit without starting anything")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_steps=50 learner.num_ranks=2")
     return p.parse_args(argv)
 
@@ -73,11 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_cli("everyprompt-train", args.overrides, config_name=args.config_name, config_dir=args.config_dir)
     if cfg is None:
         return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     configure_logging(role="coordinator", json_lines=cfg.log_json)
-    from engine.coordinator.loop import run  # heavy imports only after the config is valid
-    from transport import run as run_async
-
+    from engine.coordinator.cluster import ActorFailed  # heavy imports (torch) only after the config is valid
+    from engine.coordinator.loop import run
+    from engine.coordinator.metrics import write_report
     from engine.coordinator.preflight import prepare
+    from transport import run as run_async
 
     try:
         cfg = prepare(cfg)  # every input checked before runs/<name>/ is touched; replay and limits resolved

@@ -1,7 +1,8 @@
 """Greedy evaluation through the same workers and verifiers as training: one future per eval group.
 
 An eval group (one greedy sample of a fixed prompt) travels the producer's path like any other group, but is not
-counted, not topped up, judged or cancelled as stale, and ends in its future instead of the buffer.
+counted, not topped up, judged or cancelled as stale, and ends in its future instead of the buffer. The scores come
+from engine/evaluation.py, the same functions ``everyprompt-eval`` uses on a saved policy.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import numpy as np
-
 from engine.coordinator.buffer import Group
+from engine.evaluation import correctness, score_eval
 
 
 class Evaluations:
@@ -33,8 +33,8 @@ class Evaluations:
             futures.append(fut)
             await submit(group_id, item)
         groups = await asyncio.gather(*futures)
-        correct = [g.samples[0].reward_parts.get("correct", g.samples[0].reward) for g in groups]
-        return {"accuracy": float(np.mean(correct)), "eval_s": time.monotonic() - t0, "num_prompts": len(items)}
+        scores = score_eval([correctness(g.samples[0].reward, g.samples[0].reward_parts) for g in groups])
+        return {**scores, "eval_s": time.monotonic() - t0}
 
     def resolve(self, group: Group) -> bool:
         """Hand a complete eval group to its eval; False when it is not an eval group."""

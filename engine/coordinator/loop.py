@@ -32,6 +32,7 @@ from engine.coordinator.buffer import Group
 from engine.coordinator.cluster import Actors, Faults, start_actors
 from engine.coordinator.launch import Rendezvous, is_elastic
 from engine.coordinator.metrics import MetricsWriter, truncate_jsonl
+from engine.coordinator.metric_sinks import open_sinks
 from engine.coordinator.recovery import restart_on_learner_failure
 from engine.coordinator.inbox import WorkerJoined, WorkerLost
 from engine.coordinator.rollouts import PromptItem, Rollouts
@@ -64,7 +65,8 @@ async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: ch
     first = ckpt.step + 1 if ckpt else 1
     for name in ("metrics.jsonl", "prompts.jsonl"):  # forget what happened after the checkpoint
         truncate_jsonl(run_dir / name, last_step=first - 1 if ckpt else -1)
-    metrics, ledger = MetricsWriter(run_dir / "metrics.jsonl"), MetricsWriter(run_dir / "prompts.jsonl")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", sinks=open_sinks(cfg, run_dir))  # + logging.backends
+    ledger = MetricsWriter(run_dir / "prompts.jsonl")
     totals = RunStats.from_dict(state["totals"] if state else {})
     eval_items = [_item(task, i, ex) for i, ex in enumerate(task.eval_set)]
     try:
@@ -77,8 +79,7 @@ async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: ch
             a.rollouts.start(admit_prompts(a.rollouts, prompts,
                                            total_groups=cfg.train.num_steps * cfg.train.groups_per_step))
             t_rl, step = time.monotonic(), first - 1
-            for step in tqdm(range(first, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress,
-                             unit="step"):
+            for step in progress_steps(cfg, first):
                 version = await _train_step(a, cfg, task, step, version, metrics, ledger, totals, t_start)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.num_steps:
                     await _evaluate(a, eval_items, version, metrics)
@@ -93,6 +94,7 @@ async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: ch
         ledger.close()
     return {"steps": step, "resumed_from_step": ckpt.step if ckpt else 0,
             "generated_samples": a.rollouts.counters.generated_samples,
+            "samples_by_worker": dict(a.rollouts.counters.samples_by_worker),
             "eval_accuracy_start": eval_start["accuracy"], "eval_accuracy_end": eval_end["accuracy"],
             **totals.summary(a.rollouts.counters), "rl_s": rl_s, "policy_version": version}
 
@@ -163,7 +165,7 @@ async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version:
     groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_staleness)
     t_wait = time.monotonic() - t0
     batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id,
-                       scale_by_std=LOSSES[cfg.learner.loss].adv_scale_by_std)
+                       scale_by_std=LOSSES[cfg.learner.loss].adv_scale_by_std, adv_std=cfg.learner.adv_std)
     stats = batch_stats(groups, batch, learner_version=version, rl_zvp=cfg.learner.rl_zvp_alpha > 0)
     totals.add(groups, stats)
     result = await a.learner.train(batch)  # fwd/bwd/optimizer step on every learner rank
@@ -200,6 +202,13 @@ async def _evaluate(a: Actors, items: list[PromptItem], version: int, metrics: M
     result = await a.rollouts.evaluate(items, tag=f"v{version}")
     metrics.write({"event": "eval", "version": version, **result})
     return result
+
+
+def progress_steps(cfg: RunConfig, first: int) -> tqdm:
+    """Steps ``first`` .. ``train.num_steps`` under the "rl" bar, which counts from the step a resumed run
+    continues after (``first - 1`` of ``train.num_steps`` done), not from 0."""
+    return tqdm(range(first, cfg.train.num_steps + 1), desc="rl", disable=not cfg.progress, unit="step",
+                initial=first - 1, total=cfg.train.num_steps)
 
 
 def _item(task: Task, prompt_id: int, ex) -> PromptItem:

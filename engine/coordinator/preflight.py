@@ -3,8 +3,9 @@
 ``check`` raises ``ConfigError`` (one line: what is wrong and how to fix it) for: the dataset (exists, decodes,
 parses, has the fields, leaves training prompts), the model folder (exists, config.json parses, an architecture
 AutoModelForCausalLM builds, its tokenizer loads and fits the model's vocabulary), the reward plugin (imported),
-the transport port (bound and released), the output folder (writable), an existing run's state (a fresh run does
-not silently replace checkpoints), and on ``resume=true`` the saved config (model shape and task unchanged).
+the transport port (bound and released), the metrics backends (installed), the output folder (writable), an
+existing run's state (a fresh run does not silently replace checkpoints), and on ``resume=true`` the saved config
+(model shape and task unchanged).
 Warnings (split sizes scaled, answers longer than the generation limit) are logged once, here.
 """
 
@@ -21,6 +22,7 @@ import structlog
 
 from configs.load import ConfigError, load_resolved
 from configs.schema import RunConfig
+from engine.coordinator.metric_sinks import EXTRAS, MODULES, installed, resolve_backends
 
 log = structlog.get_logger()
 
@@ -30,6 +32,7 @@ def prepare(cfg: RunConfig) -> RunConfig:
     its data (both saved in config.yaml, so every actor uses the same)."""
     task = check(cfg)
     cfg = resolve_answer_limit(resolve_router_replay(cfg), task.max_answer_tokens)
+    cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, backends=resolve_backends(cfg.logging)))
     if cfg.resume:  # compared once resolved: an unset (derived) limit is the number the run derived
         _same_as_saved(cfg, Path(cfg.out_dir) / cfg.name / "config.yaml")
     return cfg
@@ -46,7 +49,16 @@ def check(cfg: RunConfig):
     task = _task(cfg)
     _plugin(cfg)
     _port(cfg.transport.host, cfg.transport.port)
+    _metrics_backends(cfg)
     return task
+
+
+def _metrics_backends(cfg: RunConfig) -> None:
+    """Every live backend ``logging.backends`` names explicitly is installed (unset: tensorboard only if it is)."""
+    for backend in cfg.logging.backends or ():
+        if backend in MODULES and not installed(backend):
+            raise ConfigError(f"logging.backends includes {backend} but the {MODULES[backend]} package is not "
+                              f"installed: {EXTRAS[backend]}, or drop {backend} from logging.backends")
 
 
 def resolve_answer_limit(cfg: RunConfig, limit: int) -> RunConfig:

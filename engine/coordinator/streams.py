@@ -60,5 +60,6 @@ class Streams:
         self._dispatch.disown(key)
         sample.finish_reason = msg.finish_reason
         sample.flush()
-        self._counters.generated_samples += msg.group_id not in self._evals  # RL samples (the budget)
+        if msg.group_id not in self._evals:  # RL samples (the budget), also counted by worker
+            self._counters.finished_sample(peer)
         return ScoreRequest(sample_key=sample_key(*key), token_ids=sample.token_ids, answer=group.answer)

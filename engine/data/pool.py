@@ -23,11 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from configs.load import load_cli
-from engine.modeling.model import generate, load_model
 from engine.data.tasks import Example, Task, load_task, read_pool
 
 
@@ -37,18 +35,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the filtered pool (jsonl) to write")
     p.add_argument("--pool", default=None, help="input jsonl of prompt/answer lines (default: draw --pool-size "
                                                 "prompts from the task's training distribution)")
-    p.add_argument("--pool-size", type=int, default=20000)
+    p.add_argument("--pool-size", type=int, default=20000, help="prompts to draw when --pool is not given")
     p.add_argument("--model", default=None, help="HF folder of the cheap policy (default: the cold-start SFT "
                                                  "checkpoint of this config, trained and cached if missing)")
     p.add_argument("-k", "--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-pass-rate", type=float, default=1.0, help="drop prompts solved at least this often")
     p.add_argument("--drop-unsolved", action="store_true", help="also drop prompts the cheap policy never solves")
     p.add_argument("--keep-all", action="store_true", help="drop nothing: only attach the pass rates")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--batch-prompts", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--config-name", default="run")
-    p.add_argument("--config-dir", default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the cheap policy")
+    p.add_argument("--batch-prompts", type=int, default=64, help="prompts per generation batch (and progress line)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--config-name", default="run", help="YAML preset in configs/ (e.g. run, tiny)")
+    p.add_argument("--config-dir", default=None, help="folder holding your own YAML presets")
     p.add_argument("overrides", nargs="*", help="run config overrides (task.*, model.*, sft.*, seed)")
     return p.parse_args(argv)
 
@@ -68,6 +66,10 @@ def _pool(args: argparse.Namespace, task: Task, seed: int) -> list[tuple[Example
 
 def pass_rates(model, task: Task, examples: list[Example], *, k: int, temperature: float, seed: int) -> list[float]:
     """Fraction of ``k`` sampled answers to each prompt that the verifier accepts (raw correctness)."""
+    import torch
+
+    from engine.modeling.model import generate
+
     prompts = [task.prompt_ids(ex) for ex in examples for _ in range(k)]
     outs = generate(model, prompts, max_new_tokens=task.max_answer_tokens, temperature=temperature,
                     eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id,
@@ -89,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                    config_dir=args.config_dir)
     if cfg is None:
         return 2
+    import torch  # torch and transformers only after parsing: --help and argument errors answer at once
+
+    from engine.modeling.model import load_model
+
     torch.set_num_threads(args.threads)
     t0, task = time.monotonic(), load_task(cfg)
     pool = _pool(args, task, cfg.seed)

@@ -1,16 +1,19 @@
 """Tasks: prompts, reference answers and the verifier (tokenizers: engine/data/tokenizer.py).
 
-Two tasks exist. ``arithmetic`` (built in) asks ``"37+485="``; by default the answer is written with its
+``arithmetic`` (built in) asks ``"37+485="``; by default the answer is written with its
 digits reversed (least significant first, ``"225"`` for 522, then EOS), because a small model then
 produces each digit right after the carry it depends on, and learns in a fraction of the steps that
 the usual order needs (``task.reverse_answer=false`` writes the usual order). ``jsonl`` reads a dataset file
 (JSONL, Parquet or a ``datasets`` folder; engine/data/datasets.py); its eval and dev sets take at most half of the
 data (scaled down with a warning), and its training prompts are served in epochs, each in a new seeded order.
-Eval, dev and train prompts never overlap.
+Eval, dev and train prompts never overlap. ``scratchpad``, ``countdown`` and ``sorting`` (built in, with worked
+solutions at difficulty levels ``task.min_level``..``task.max_level``: engine/data/reasoning.py) are scored on their
+final answer only (engine/data/reasoning_check.py; the same check is their reward plugin).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import warnings
@@ -19,6 +22,8 @@ from typing import Callable
 
 from configs.schema import RunConfig, TaskConfig
 from engine.data.datasets import DataError, Example, read_examples
+from engine.data.reasoning import GENERATORS, draw_level
+from engine.data.reasoning_check import check_countdown, check_final
 from engine.data.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = ["CharTokenizer", "DataError", "Example", "Task", "build_task", "load_task", "read_pool"]
@@ -34,8 +39,10 @@ class Task:
 
     def __init__(self, name: str, eval_set: list[Example], dev_set: list[Example],
                  draw_train: Callable[[random.Random], Example], max_answer_tokens: int,
-                 tokenizer: Tokenizer | None = None, train_set: list[Example] | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, train_set: list[Example] | None = None,
+                 verify: Callable[[str, str], tuple[float, bool]] | None = None) -> None:
         self.name = name
+        self._verify = verify  # (response, reference) -> (reward, valid); None: exact match
         self.max_answer_tokens = max_answer_tokens  # generation limit, eos included
         self.tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
         self.train_set = train_set  # a finite dataset's training examples (served in epochs), else None
@@ -53,7 +60,10 @@ class Task:
 
     def score(self, response_text: str, answer: str) -> tuple[float, bool]:
         """(reward, valid): 1.0 for an exact answer after whitespace normalisation, else 0.0.
-        valid=False only when there is no reference answer to judge against."""
+        valid=False only when there is no reference answer to judge against. A task with its own verifier (the
+        reasoning tasks: the final answer only) scores with it."""
+        if self._verify is not None:
+            return self._verify(response_text, answer)
         ref = normalise(answer)
         if not ref:
             return 0.0, False
@@ -119,19 +129,54 @@ def _arithmetic(cfg: TaskConfig, tokenizer: Tokenizer | None) -> Task:
         answer = str(a + b)[::-1] if cfg.reverse_answer else str(a + b)
         return Example(prompt=f"{a}+{b}=", answer=answer, source=f"add-{max(da, db)}d", difficulty=max(da, db))
 
-    rng = random.Random(cfg.seed)
-    seen: set[str] = set()
-    held: list[Example] = []
-    while len(held) < cfg.num_eval + cfg.num_dev:  # the 1-digit bucket has only 100 prompts; dedupe
-        ex = draw(rng)
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
-            held.append(ex)
+    held = _distinct(draw, random.Random(cfg.seed), cfg.num_eval + cfg.num_dev, "task.max_digits")
     limit = cfg.max_answer_tokens or ARITHMETIC_ANSWER_TOKENS
     return Task("arithmetic", held[: cfg.num_eval], held[cfg.num_eval:], draw, limit, tokenizer)
 
 
 ARITHMETIC_ANSWER_TOKENS = 8  # the built-in task's generation limit (a 5-digit sum + EOS, with room to spare)
+
+
+def _distinct(draw: Callable[[random.Random], Example], rng: random.Random, n: int, widen: str) -> list[Example]:
+    """``n`` draws with distinct prompts (a small bucket, e.g. 1-digit sums, repeats); a one-line error naming the
+    key to ``widen`` when the distribution has too few distinct prompts."""
+    seen: set[str] = set()
+    held: list[Example] = []
+    for _ in range(100 * n + 10_000):
+        ex = draw(rng)
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            held.append(ex)
+            if len(held) == n:
+                return held
+    raise DataError(f"the task has too few distinct prompts for task.num_eval + task.num_dev = {n} held-out ones "
+                    f"(and training prompts besides): widen {widen}, or lower task.num_eval/task.num_dev")
+
+
+REASONING_CHECKS = {"scratchpad": check_final, "sorting": check_final, "countdown": check_countdown}
+_LIMIT_SAMPLES = 2000  # hardest-level draws the derived generation limit of a reasoning task looks at
+
+
+@functools.lru_cache(maxsize=16)
+def reasoning_limit(name: str, max_level: int, seed: int) -> int:
+    """A reasoning task's generation limit: its longest worked solution among ``_LIMIT_SAMPLES`` draws at
+    ``max_level``, in characters (no fewer than tokens, for the character tokenizer and byte-level BPEs on ASCII),
+    + EOS, + 25% of room."""
+    rng = random.Random(seed + 1)
+    longest = max(len(GENERATORS[name](rng, max_level).answer) + 1 for _ in range(_LIMIT_SAMPLES))
+    return -(-longest * 5 // 4)
+
+
+def _reasoning(cfg: TaskConfig, tokenizer: Tokenizer | None) -> Task:
+    generate = GENERATORS[cfg.name]
+
+    def draw(rng: random.Random) -> Example:
+        return generate(rng, draw_level(rng, cfg.min_level, cfg.max_level))
+
+    held = _distinct(draw, random.Random(cfg.seed), cfg.num_eval + cfg.num_dev, "task.min_level..task.max_level")
+    limit = cfg.max_answer_tokens or reasoning_limit(cfg.name, cfg.max_level, cfg.seed)
+    return Task(cfg.name, held[: cfg.num_eval], held[cfg.num_eval:], draw, limit, tokenizer,
+                verify=REASONING_CHECKS[cfg.name])
 
 
 def generation_limit(cfg: TaskConfig) -> int:
@@ -141,6 +186,8 @@ def generation_limit(cfg: TaskConfig) -> int:
         return cfg.max_answer_tokens
     if cfg.name == "arithmetic":
         return ARITHMETIC_ANSWER_TOKENS
+    if cfg.name in REASONING_CHECKS:
+        return reasoning_limit(cfg.name, cfg.max_level, cfg.seed)
     raise ValueError(f"task.max_answer_tokens is unset for task.name={cfg.name}: start the run with "
                      "everyprompt-train (it derives the limit from the data) or set task.max_answer_tokens")
 
@@ -207,6 +254,8 @@ def read_pool(path: str) -> list[tuple[Example, float | None]]:
 
 def build_task(cfg: TaskConfig, tokenizer: Tokenizer | None = None) -> Task:
     """The task of ``cfg`` with ``tokenizer`` (default: the built-in character tokenizer)."""
+    if cfg.name in REASONING_CHECKS:
+        return _reasoning(cfg, tokenizer)
     return _arithmetic(cfg, tokenizer) if cfg.name == "arithmetic" else _dataset(cfg, tokenizer)
 
 

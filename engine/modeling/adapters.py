@@ -7,7 +7,9 @@ decoder layers are dense, ``num_experts`` / ``top_k`` from the config, and the n
 preset, state-dict renames) and sglang's checkpoint layout use. engine/modeling/routing.py, expert_parallel.py and
 the sglang backend's ``moe_shape`` read models only through ``adapter_for``.
 
-Scoring functions (``scoring``), each recomputed by ``gate_weights`` for forced experts from the router's logits:
+Scoring functions (``scoring``), each recomputed by ``gate_weights`` for forced experts from the router's raw
+logits (``router_logits``: recomputed from the router's weight, never read from its output, which older transformers
+releases filled with softmaxed probabilities):
 - ``softmax``: softmax over all experts, gathered at the chosen ids; renormalised over the top-k when ``renorm``
   says so (``"config"``: the config's ``norm_topk_prob``; ``"always"``: Mixtral).
 - ``sigmoid``: sigmoid per expert, gathered; an ``e_score_correction_bias`` and group-limited top-k (``n_group`` /
@@ -93,6 +95,13 @@ class MoEAdapter:
         """(logits [rows, E], gate weights [rows, k], expert ids [rows, k]) of one router forward output."""
         at_logits, at_weights, at_ids = self.output_at
         return output[at_logits], output[at_weights], output[at_ids]
+
+    def router_logits(self, router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The raw router logits [rows, E] of input ``x`` ([..., H], flattened as the router does):
+        ``x @ router.weight.T`` (+ ``router.bias`` where the router has one: GPT-OSS), recomputed rather than read
+        from the router's output."""
+        x = x.reshape(-1, router.weight.shape[-1])
+        return torch.nn.functional.linear(x, router.weight, getattr(router, "bias", None))
 
     def replaced(self, output: tuple, weights: torch.Tensor, ids: torch.Tensor) -> tuple:
         """``output`` with its gate weights and expert ids replaced, other fields kept."""
@@ -190,6 +199,11 @@ class DeepseekV3Adapter(MoEAdapter):
 
     def sparse_layers(self) -> list[int]:
         return list(range(int(cfg_get(self.config, "first_k_dense_replace", 0)), self.num_layers))
+
+    def router_logits(self, router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """As the base class, in float32 as DeepseekV3TopkRouter computes them."""
+        x = x.reshape(-1, router.weight.shape[-1])
+        return torch.nn.functional.linear(x.float(), router.weight.float())
 
 
 class GptOssAdapter(OlmoeAdapter):

@@ -10,10 +10,11 @@ Both recording and replay are forward hooks on the model's routers, found and re
 adapter (engine/modeling/adapters.py: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3, GPT-OSS). transformers'
 routers take flattened ``[batch * seq, hidden]`` input and return logits, gate weights and expert ids (positions
 declared by the adapter); DeepSpeed AutoEP's ``TokenChoiceTopKRouter`` in an expert-parallel learner returns
-``(weights, expert_ids, counts)``. Replay keeps the router's own logits and recomputes the gate weights of the
-forced experts with the family's scoring function (adapter ``gate_weights``), so the router still receives
-gradient and the expert set equals the recorded one. Positions without a recorded route keep the router's own
-choice. Dense layers have no router and no route.
+``(weights, expert_ids, counts)``. Replay recomputes the router's raw logits from its weight and input (adapter
+``router_logits``; the logits a router returns are not trusted: older transformers returned probabilities there)
+and the gate weights of the forced experts with the family's scoring function (adapter ``gate_weights``), so the
+router still receives gradient and the expert set equals the recorded one. Positions without a recorded route keep
+the router's own choice. Dense layers have no router and no route.
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
             forced = forced_rows[:, layer].to(ids.device)
             if valid_rows is not None:
                 forced = torch.where(valid_rows.to(ids.device)[:, None], forced, ids)
-            return _replayed_ep(module, inputs[0], output, forced) if ep else _replayed_hf(adapter, output, forced)
+            if ep:
+                return _replayed_ep(module, inputs[0], output, forced)
+            return _replayed_hf(adapter, module, inputs[0], output, forced)
 
         return hook
 
@@ -126,10 +129,15 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
             h.remove()
 
 
-def _replayed_hf(adapter: MoEAdapter, output: tuple, forced: torch.Tensor) -> tuple:
-    """transformers' router output with ``forced`` experts and the family's gate weights from the router's own
-    logits (engine/modeling/adapters.py ``gate_weights``)."""
-    logits, weights, _ = adapter.read(output)
+def _replayed_hf(adapter: MoEAdapter, module: nn.Module, x: torch.Tensor, output: tuple,
+                 forced: torch.Tensor) -> tuple:
+    """transformers' router output with ``forced`` experts and the family's gate weights (engine/modeling/adapters.py
+    ``gate_weights``) from the router's raw logits, recomputed from its weight (``adapter.router_logits``: one
+    small matmul, through which the router gets its gradient). The logits slot of ``output`` is not read:
+    transformers releases before the router-logits fix put softmaxed probabilities there, and the gate weights
+    would then be a softmax of a softmax."""
+    _, weights, _ = adapter.read(output)
+    logits = adapter.router_logits(module, x)
     return adapter.replaced(output, adapter.gate_weights(logits, forced).to(weights.dtype), forced)
 
 

@@ -6,9 +6,11 @@ exception into a recorded failure (``valid=False``), never a dead worker. ``@bui
 ``reward.plugin=name``: a new built-in verifier is its function here plus its test, nothing else.
 
 - ``exact``: whitespace-normalised exact match (the built-in arithmetic task's verifier, the default).
-- ``math``: the final answer (``\\boxed{}``, "answer is ...", ``#### ...`` or the last number) against the
-  reference, equal as normalised strings, as numbers (fractions, decimals, percentages, thousands separators)
-  or symbolically (sympy, on a whitelisted character set).
+- ``math``: the response's final answer against the reference with Hugging Face's ``math-verify`` (LaTeX,
+  ``\\boxed{}``, fractions, percentages, sets and intervals, symbolic equality). Without that library (an
+  ImportError, warned about once) it falls back to ``math_answer_sympy``: the final answer (``\\boxed{}``,
+  "answer is ...", ``#### ...`` or the last number), equal as normalised strings, as numbers or symbolically (sympy,
+  on a whitelisted character set).
 - ``code``: the response's Python (its last fenced block, or all of it) run in the sandbox (engine/rewards/sandbox.py)
   with the reference's unit tests; the score is the fraction of tests passed.
 - ``instruction``: the reference is a JSON list of constraints; the score is the fraction satisfied.
@@ -20,11 +22,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from fractions import Fraction
 from typing import Callable, NamedTuple
 
+import structlog
+
 from engine.rewards.sandbox import run_python
 from engine.data.tasks import normalise
+
+log = structlog.get_logger()
 
 
 class PluginScore(NamedTuple):
@@ -134,8 +141,8 @@ def _symbolic_equal(a: str, b: str) -> bool:
     return sympy.simplify(diff) == 0
 
 
-@builtin("math")
-def math_answer(response: str, reference: str, options: dict) -> PluginScore:
+def math_answer_sympy(response: str, reference: str, options: dict) -> PluginScore:
+    """The fallback math verifier (no ``math-verify``): normalised strings, numbers, then sympy."""
     ref = normalise_math(extract_answer(reference))
     if not ref:
         return PluginScore(0.0, valid=False)
@@ -146,6 +153,45 @@ def math_answer(response: str, reference: str, options: dict) -> PluginScore:
     if x is not None and y is not None:
         return PluginScore(float(x == y or abs(x - y) <= 1e-6 * max(abs(y), 1)))
     return PluginScore(float(_symbolic_equal(got, ref)))
+
+
+_MV_TIMEOUT_S = 5  # math-verify's own per-parse / per-comparison limit (signal.alarm: main thread only)
+_MV: list = []  # [the math_verify module, or None when it is missing]: imported once, on the first math call
+
+
+def _math_verify():
+    """The ``math_verify`` module, or None (one warning per process) when it is not installed."""
+    if not _MV:
+        try:
+            import math_verify
+        except ImportError as e:
+            log.warning("reward.math_verify_missing", error=str(e), using="the sympy fallback (math_answer_sympy)",
+                        fix="pip install 'math-verify[antlr4_9_3]'")
+            math_verify = None
+        _MV.append(math_verify)
+    return _MV[0]
+
+
+def _gold_text(reference: str) -> str:
+    """The reference as math-verify reads a gold answer: its final answer, in LaTeX math delimiters."""
+    ans = extract_answer(reference).strip().strip("$").strip()
+    return f"${ans}$" if ans else ""
+
+
+@builtin("math")
+def math_answer(response: str, reference: str, options: dict) -> PluginScore:
+    """1 when ``math_verify.verify(gold, prediction)`` holds; the sympy fallback without the library."""
+    mv = _math_verify()
+    if mv is None:
+        return math_answer_sympy(response, reference, options)
+    # math-verify's timeouts use signal.alarm, which raises off the main thread: there the caller's own limit
+    # (the plugin pool's reward.plugin_timeout_s) is the only one
+    limit = _MV_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    gold = mv.parse(_gold_text(reference), parsing_timeout=limit) or mv.parse(reference, parsing_timeout=limit)
+    if not gold:
+        return PluginScore(0.0, valid=False)
+    pred = mv.parse(response, parsing_timeout=limit)
+    return PluginScore(float(bool(pred) and mv.verify(gold, pred, timeout_seconds=limit)))
 
 
 # ---- code --------------------------------------------------------------------------------------------------

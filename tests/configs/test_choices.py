@@ -64,7 +64,7 @@ def test_a_bad_choice_on_the_command_line_is_one_line():
 def test_omegaconf_sees_plain_types_and_the_real_classes_come_back():
     assert field_types(field_types(omega_schema(RunConfig))["rollout"])["schedule"] is str
     cfg = load(["train.buffer_order=variance"])
-    assert type(cfg) is RunConfig and type(cfg.reward.sandbox).__module__ == "configs.schema"
+    assert type(cfg) is RunConfig and type(cfg.reward.sandbox).__module__ == "configs.reward_section"
     assert cfg.train.buffer_order == "variance"
 
 
@@ -83,6 +83,17 @@ def test_reference_lists_every_leaf_key_with_default_and_choices():
 def test_reference_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "configs.reference"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("# Configuration reference") and "## reward.judge" in out.stdout
+
+
+def test_the_configuration_page_is_the_generated_reference():
+    """docs/configuration.md cannot drift: below its hand-written paragraph it is configs.reference's output."""
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-m", "configs.reference"], capture_output=True, text=True, check=True)
+    page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    marker = "Generated from configs/schema.py"
+    assert page[page.index(marker):] == out.stdout[out.stdout.index(marker):], \
+        "docs/configuration.md is stale: rerun python -m configs.reference and paste its output below the header"
 
 
 def test_configs_import_without_torch():

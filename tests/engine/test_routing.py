@@ -151,3 +151,38 @@ def test_replay_on_deepspeed_autoep_router_matches_the_hf_router():
     assert torch.equal(ep_log.stacked(0)[:, 0], hf_log.stacked(0)[:, 0])  # both record the router's own choice
     (ep_gate * torch.arange(2.0)).sum().backward()  # route_norm: a plain sum would have zero gradient
     assert ep.gate.weight.grad is not None and ep.gate.weight.grad.abs().sum() > 0
+
+
+def test_replay_recomputes_raw_logits_from_the_router_weight():
+    """transformers releases before the router-logits fix returned softmaxed probabilities in the router's logits
+    slot; replay then took a softmax of a softmax. The logits are now recomputed from the gate's weight: equal to
+    its linear output, and the replayed gate weights are the same whatever the router returns there."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter as Router
+
+    class Qwen3MoeTopKRouter(Router):  # the pre-fix behaviour, under the name the adapter looks for
+        def forward(self, hidden_states):
+            logits, scores, ids = super().forward(hidden_states)
+            return torch.softmax(logits, dim=-1, dtype=torch.float), scores, ids
+
+    built = build_model(CFG, TOK.vocab_size, seed=7)
+    hf, adapter = moe_routers(built)[0], adapter_for(built)
+    old = Qwen3MoeTopKRouter(built.config)
+    with torch.no_grad():
+        hf.weight.normal_(0, 0.5)
+        old.weight.copy_(hf.weight)
+    x = torch.randn(2, 3, hf.weight.shape[1])
+    torch.testing.assert_close(adapter.router_logits(hf, x), x.reshape(6, -1) @ hf.weight.T)
+    torch.testing.assert_close(adapter.router_logits(hf, x), hf(x)[0])  # the installed transformers: raw logits
+    forced = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 7], [3, 0]]).reshape(2, 3, 1, 2)
+    gates = []
+    for router in (hf, old):
+        with route_hooks(router, forced_NTLK=forced, adapter=adapter):
+            _, gate, ids = router(x)
+        assert torch.equal(ids, forced.reshape(6, 2))
+        gates.append(gate)
+        (gate * torch.arange(2.0)).sum().backward()
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    want = torch.softmax(x.reshape(6, -1) @ hf.weight.T, dim=-1).gather(-1, forced.reshape(6, 2))
+    torch.testing.assert_close(gates[0], want / want.sum(-1, keepdim=True) if adapter.normalises() else want)
+    torch.testing.assert_close(gates[1], gates[0])
+    torch.testing.assert_close(hf.weight.grad, old.weight.grad)

@@ -1,30 +1,75 @@
-"""The built-in verifiers: math answers, code by unit tests (real sandbox), instruction constraints."""
+"""The built-in verifiers: math answers (math-verify, and the sympy fallback), code by unit tests (real sandbox),
+instruction constraints."""
 
 import json
+import sys
+import threading
 
 import pytest
 
 from configs.schema import SandboxConfig
+from engine.rewards import verifiers
 from engine.rewards.verifiers import (choice, choice_letter, exact, extract_answer, instructions, math_answer,
-                                      python_tests)
+                                      math_answer_sympy, python_tests)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize("response,reference", [
+EQUIVALENT = [
     ("The answer is 42.", "42"), ("so \\boxed{\\frac{1}{2}}", "0.5"), ("#### 1,000", "1000"),
     ("it is 50%", "0.5"), ("\\boxed{2\\sqrt{2}}", "sqrt(8)"), ("x = \\boxed{(x+1)^2}", "x^2 + 2x + 1"),
     ("-3/6", "-0.5"), ("$\\dfrac{3}{4}$", "3/4"),
+]
+WRONG = [("The answer is 41.", "42"), ("\\boxed{x^2}", "x^3"), ("no number here", "7"), ("__import__('os')", "1")]
+
+
+@pytest.mark.parametrize("response,reference", EQUIVALENT + [
+    ("$\\frac{1}{2}$", "0.5"), ("The answer is 0.5", "\\frac{1}{2}"), ("\\boxed{\\frac{6}{8}}", "\\frac{3}{4}"),
+    ("so \\boxed{\\{2,1\\}}", "\\{1,2\\}"), ("the set is $\\{3, 1, 2\\}$", "\\{1,2,3\\}"),
+    ("x lies in $[0, 1)$", "[0,1)"), ("\\boxed{(-\\infty, 2]}", "(-\\infty,2]"),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{1}{\\sqrt{2}}"),
 ])
 def test_math_verifier_accepts_equivalent_answers(response, reference):
-    assert math_answer(response, reference, {}).score == 1.0
+    assert math_answer(response, reference, {}) == (1.0, {}, True)
 
 
-@pytest.mark.parametrize("response,reference", [
-    ("The answer is 41.", "42"), ("\\boxed{x^2}", "x^3"), ("no number here", "7"), ("__import__('os')", "1"),
+@pytest.mark.parametrize("response,reference", WRONG + [
+    ("\\boxed{\\frac{1}{3}}", "0.5"), ("\\boxed{\\{1,2\\}}", "\\{1,2,3\\}"), ("$[0, 1]$", "[0,1)"),
+    ("\\boxed{(0,1]}", "(0,1)"),
 ])
 def test_math_verifier_rejects_wrong_or_unsafe_answers(response, reference):
-    assert math_answer(response, reference, {}).score == 0.0
+    assert math_answer(response, reference, {}) == (0.0, {}, True)
+
+
+def test_math_verifier_cannot_judge_an_empty_reference():
+    assert not math_answer("42", "  ", {}).valid
+
+
+def test_math_verifier_runs_off_the_main_thread():
+    """math-verify's signal-based timeouts only work in the main thread: off it they are turned off, not raised."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(math_answer("\\boxed{\\{2,1\\}}", "\\{1,2\\}", {})))
+    t.start()
+    t.join(30)
+    assert out == [(1.0, {}, True)]
+
+
+@pytest.mark.parametrize("response,reference", EQUIVALENT)
+def test_sympy_fallback_accepts_equivalent_answers(response, reference):
+    assert math_answer_sympy(response, reference, {}).score == 1.0
+
+
+@pytest.mark.parametrize("response,reference", WRONG)
+def test_sympy_fallback_rejects_wrong_or_unsafe_answers(response, reference):
+    assert math_answer_sympy(response, reference, {}).score == 0.0
+
+
+def test_math_verifier_falls_back_to_sympy_without_math_verify(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # what an uninstalled package does: ImportError
+    monkeypatch.setattr(verifiers, "_MV", [])
+    assert math_answer("so \\boxed{\\frac{1}{2}}", "0.5", {}).score == 1.0
+    assert math_answer("The answer is 41.", "42", {}).score == 0.0
+    assert verifiers._MV == [None]  # imported (and warned about) once
 
 
 def test_math_answer_extraction_prefers_boxed_then_marker_then_last_number():

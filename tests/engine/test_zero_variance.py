@@ -67,6 +67,18 @@ def test_rl_zvp_signs_and_per_stage_rates():
     assert on["zv_rate_final"] == 0.0 and on["wasted_sample_frac"] == 0.0
 
 
+def test_rl_zvp_sign_is_zero_for_verifier_invalid_responses():
+    """Eq. 11 gives an invalid response 0, and so does RL-ZVP (engine/algo/advantages.py::rl_zvp_advantages): the
+    zero-variance sign is the group's, but only its valid members carry it (issue 19, defect 1)."""
+    g = _group("g1", [1, 1, 1, 1])
+    g.samples[2].valid, g.samples[2].reward = False, float("nan")
+    h = _group("g2", [0, 0, 0])
+    h.samples[0].valid = False
+    batch = pack_batch([g, h], step=1, pad_id=0)
+    assert batch.zvp_sign.tolist() == [1, 1, 0, 1, 0, -1, -1]
+    assert np.all(batch.advantages == 0)
+
+
 def test_offline_filter_selects_by_pass_rate():
     rates = [1.0, 0.0, 0.5, 0.95, 0.25]
     assert select(rates, max_pass_rate=1.0, drop_unsolved=False) == [False, True, True, True, True]
