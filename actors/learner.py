@@ -31,7 +31,8 @@ all-gather of the expert shards, so rank 0 publishes, and the gap probe loads, p
 ``replica_drift`` (0 when the replicated weights agree across ranks) is logged every step with > 1 rank.
 
 Versions: version 0 is the --init weights; after k optimizer steps rank 0 writes
-``<weights-dir>/policy_v{k}.safetensors`` atomically and keeps only the newest two files.
+``<weights-dir>/policy_v{k}.safetensors`` atomically and keeps only the newest two files. The sha256 of the
+bytes written travels in ``TrainResult.weights_digest``; every rollout worker checks it before serving them.
 
 One step (``LearnerRank.step``): shards -> gap probe -> old-policy pass -> the loss's batch-global statistics ->
 per shard, the ``LossInputs`` record through the advantage transforms (engine/algo/transforms.py) -> loss,
@@ -284,15 +285,16 @@ class LearnerRank:
             else:
                 self.probe_model.load_state_dict(self.hf_state())
 
-    def publish(self) -> str:
-        """Rank 0: write the current weights as ``policy_v{version}`` and drop the older files."""
+    def publish(self) -> tuple[str, str]:
+        """Rank 0: write the current weights as ``policy_v{version}`` and drop the older files -> (path, digest of
+        the bytes written)."""
         path = self.weights_dir / f"policy_v{self.version}.safetensors"
-        save_state(self.hf_state(), path)
+        digest = save_state(self.hf_state(), path)
         for old in self.weights_dir.glob("policy_v*.safetensors"):
             m = re.fullmatch(r"policy_v(\d+)\.safetensors", old.name)
             if m and int(m.group(1)) <= self.version - _KEEP_VERSIONS:
                 old.unlink(missing_ok=True)
-        return str(path)
+        return str(path), digest
 
 
 # ---- ranks > 0 -----------------------------------------------------------------------------------------
@@ -384,9 +386,10 @@ def _train_and_publish(learner: LearnerRank, batch: TrainBatch, frame: bytes) ->
     fanout_send(frame)
     stats = learner.step(batch)
     t0 = time.perf_counter()
-    path = learner.publish()
+    path, digest = learner.publish()
     stats["publish_s"] = time.perf_counter() - t0
-    return TrainResult(step=batch.step, version=learner.version, weights_path=path, stats=stats)
+    return TrainResult(step=batch.step, version=learner.version, weights_path=path, stats=stats,
+                       weights_digest=digest)
 
 
 # ---- entry point ---------------------------------------------------------------------------------------

@@ -14,6 +14,13 @@ step plus the load), then either keeps the KV cache or recomputes it under the n
 each token records the one that sampled it. Weights never travel on this socket: ``LoadWeights`` names a
 safetensors file the learner wrote atomically, and the worker swaps it in between two decode steps.
 
+Weight integrity: the backend reads the file once, checks its bytes against ``LoadWeights.digest`` and loads from
+those bytes (engine/backends/weights_file.py). A file that fails (``weights.digest_mismatch``, missing, torn) is
+read again up to ``load_attempts`` times, with a doubling wait that ends early when the file is replaced; then it
+is refused (``weights.load_refused``): the model is untouched, the worker keeps serving its previous version,
+reports it with ``WeightsLoaded(version=<the one it serves>)``, and tries the same file again every ``reask_s``
+until a newer version supersedes it. Tokens always carry the version of the weights that sampled them.
+
 Generation is the backend's (``rollout.backend``: engine/backends/registry.py picks it, engine/backends/base.py
 declares what the worker calls): the worker only admits rows, steps the batch, and streams what the rows hold.
 """
@@ -31,6 +38,7 @@ import structlog
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from engine.backends.base import RolloutBackend
 from engine.backends.registry import build_rollout
+from engine.backends.weights_file import WeightsRejected, file_state
 from engine.modeling.rows import Row
 from transport import (CancelRequest, ContinueRequest, GenerateRequest, LoadWeights, Peer, ResponseChunk, Shutdown,
                        WeightsLoaded)
@@ -40,11 +48,14 @@ log = structlog.get_logger()
 
 class RolloutWorker:
     def __init__(self, peer: Peer, backend: RolloutBackend, *, worker_id: int, max_batch_samples: int,
-                 chunk_tokens: int = 4, kv_on_update: str = "recompute", capture_routes: bool = True) -> None:
+                 chunk_tokens: int = 4, kv_on_update: str = "recompute", capture_routes: bool = True,
+                 load_attempts: int = 4, load_backoff_s: float = 0.25, reask_s: float = 30.0) -> None:
         self._peer, self._backend = peer, backend
         self._worker_id, self._max_batch_samples = worker_id, max_batch_samples
         self._chunk_tokens, self._kv_on_update = chunk_tokens, kv_on_update
         self._capture_routes = capture_routes
+        self._load_attempts, self._load_backoff_s, self._reask_s = max(load_attempts, 1), load_backoff_s, reask_s
+        self._reask: asyncio.TimerHandle | None = None  # the refused weights, asked for again later
         self._batch = backend.new_batch(capture_routes=capture_routes)
         self._queue: deque[list[Row]] = deque()  # requests not yet in the batch, as rows
         self._cancelled: dict[int, Row] = {}  # id -> batch row to drop (the rows, not their keys: a key may be
@@ -63,6 +74,8 @@ class RolloutWorker:
                 await self._receive_loop()  # returns on Shutdown
                 gen.cancel()
         finally:
+            if self._reask is not None:
+                self._reask.cancel()
             log.info("rollout.done", generated_samples=self._finished, version=self.version)
             await self._peer.close()
 
@@ -128,14 +141,49 @@ class RolloutWorker:
 
     async def _apply_weights(self) -> None:
         msg, self._weights, t0 = self._weights, None, time.monotonic()
-        await self._backend.load_async(msg.path)
-        if self._kv_on_update == "recompute":
-            self._batch.invalidate()  # the next step re-prefills every unfinished response under the new weights
-        self.version = msg.version
+        if await self._load_verified(msg):
+            if self._kv_on_update == "recompute":
+                self._batch.invalidate()  # the next step re-prefills every unfinished response under the new weights
+            self.version = msg.version
         load_s = time.monotonic() - t0
         self._paused_s += load_s
-        await self._peer.send(WeightsLoaded(version=msg.version, worker_id=self._worker_id, load_s=load_s,
+        await self._peer.send(WeightsLoaded(version=self.version, worker_id=self._worker_id, load_s=load_s,
                                             idle_s=self._idle_s, paused_s=self._paused_s))
+
+    async def _load_verified(self, msg: LoadWeights) -> bool:
+        """Load ``msg``'s weights, reading the file again after a failed check (bounded, doubling waits that end
+        when the file is replaced) -> True once loaded; False: refused (or superseded by newer weights while
+        waiting), the model untouched."""
+        wait, error = self._load_backoff_s, None
+        for attempt in range(1, self._load_attempts + 1):
+            seen = file_state(msg.path)
+            try:
+                await self._backend.load_async(msg.path, msg.digest)
+                return True
+            except WeightsRejected as e:
+                error = e
+            if self._weights is not None and self._weights.version > msg.version:  # take those instead
+                log.warning("weights.superseded", version=msg.version, newer=self._weights.version, reason=error.reason)
+                return False
+            if attempt < self._load_attempts:
+                await _replaced(msg.path, seen, wait)
+                wait *= 2
+        log.error("weights.load_refused", version=msg.version, path=msg.path, reason=error.reason,
+                  attempts=self._load_attempts, serving=self.version, error=str(error))
+        self._ask_again(msg)
+        return False
+
+    def _ask_again(self, msg: LoadWeights) -> None:
+        """In ``reask_s``, try refused weights again unless newer ones came (a file fixed later is taken)."""
+        def again() -> None:
+            self._reask = None
+            if msg.version > self.version and (self._weights is None or self._weights.version < msg.version):
+                self._weights = msg
+                self._wake.set()
+
+        if self._reask is not None:
+            self._reask.cancel()
+        self._reask = asyncio.get_running_loop().call_later(self._reask_s, again)
 
     def _drop_cancelled(self) -> None:
         if not self._cancelled:
@@ -180,6 +228,13 @@ class RolloutWorker:
             r.emitted = ready
             if final:
                 return True
+
+
+async def _replaced(path: str, seen: tuple[int, int, int] | None, timeout_s: float) -> None:
+    """Wait until ``path`` changes (a rename over it, or its first appearance) or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while file_state(path) == seen and (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(0.02, left))
 
 
 def _row(req: GenerateRequest | ContinueRequest, sample_index: int, prompt: list[int], prefix: list[int]) -> Row:

@@ -8,8 +8,8 @@ A step costs ``sim.train_base_s + tokens * sim.train_per_token_s`` over the batc
 The result names ``weights/policy_v{k}.safetensors``. The simulated rollout workers only charge ``sim.load_s``
 for it and never read it; with ``sim.weights_file`` set (the bench's ``--backend hf`` sanity run, whose real
 workers load every version), that file is published under each version's name (a hard link, else a copy, put in
-place atomically), so the weights never change but every load is real. Started by engine/coordinator/cluster.py when
-``sim.learner=true``.
+place atomically), so the weights never change but every load is real (and checked against the file's digest,
+taken once). Started by engine/coordinator/cluster.py when ``sim.learner=true``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import structlog
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
 from configs.schema import SimConfig
 from engine.backends import simulate
+from engine.backends.weights_file import digest_file
 from transport import CheckpointSaved, SaveCheckpoint, Shutdown, TrainBatch, TrainResult
 
 log = structlog.get_logger()
@@ -34,6 +35,7 @@ log = structlog.get_logger()
 async def serve(peer, sim: SimConfig, weights_dir: str) -> None:
     await peer.start()
     version = 0
+    digest = digest_file(sim.weights_file) if sim.weights_file else ""  # every version publishes the same bytes
     try:
         while True:
             msg = await peer.recv()
@@ -47,7 +49,8 @@ async def serve(peer, sim: SimConfig, weights_dir: str) -> None:
                     if sim.weights_file:
                         publish(sim.weights_file, path)
                     await peer.send(TrainResult(step=msg.step, version=version, weights_path=path,
-                                                stats={"tokens": float(tokens), "train_s": seconds}))
+                                                stats={"tokens": float(tokens), "train_s": seconds},
+                                                weights_digest=digest))
                 case SaveCheckpoint():
                     await peer.send(CheckpointSaved(step=msg.step, path=msg.path))
                 case Shutdown():

@@ -3,7 +3,7 @@ stdout line, one JSON object (config, hardware, metrics).
 
   everyprompt-bench codec       encode/decode throughput of rollout-sized frames through transport/codec.py
   everyprompt-bench generate    rollout tokens/s of the transformers backend by batch size and thread count
-  everyprompt-bench losses      ESPO vs GSPO vs GRPO vs CISPO on the built-in task, same budget and seeds
+  everyprompt-bench losses      ESPO vs GSPO vs GRPO vs CISPO (--task: arithmetic or a reasoning task), same budget and seeds
   everyprompt-bench router-replay  rollout-vs-trainer log-prob gap of an MoE in bf16, replay off vs R3
   everyprompt-bench zve         zero-variance elimination stage by stage at an equal rollout budget
   everyprompt-bench chaos       kills, hostile frames, codec fuzz, a stalled consumer, corrupt checkpoints

@@ -277,6 +277,8 @@ class TrainConfig:
     stale_policy: Literal["regenerate", "drop"] = "regenerate"  # a sample over the bound anyway: regenerate it
     # (same prompt, no prompt is lost) or drop its group (counted in discarded_samples)
     checkpoint_every: int = 50  # save the whole async state every this many steps (0 = never); resume=true
+    interrupt_checkpoint_s: float = 60.0  # on Ctrl-C or SIGTERM, checkpoint the last completed step within this
+    # many seconds before stopping (0 = stop at once, saving nothing)
     buffer_order: Literal["fifo", "variance"] = "fifo"  # variance: groups at the staleness bound first, then
     # highest reward spread
     buffer_staleness_weight: float = 0.1  # variance order: priority = reward std - this x versions behind
@@ -290,6 +292,8 @@ class TrainConfig:
         _require(self.max_staleness >= 0, "train.max_staleness", self.max_staleness, "it must be >= 0")
         _require(self.sample_budget >= 0, "train.sample_budget", self.sample_budget, "it must be >= 0 (0 = none)")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "it must be >= 0")
+        _require(self.interrupt_checkpoint_s >= 0, "train.interrupt_checkpoint_s", self.interrupt_checkpoint_s,
+                 "it must be >= 0 (0 = save nothing)")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROTOCOL_VERSION = 4  # bump on any incompatible change to a message below
+PROTOCOL_VERSION = 5  # bump on any incompatible change to a message below
 
 
 def _no_routes() -> np.ndarray:
@@ -125,10 +125,14 @@ class CancelRequest:
 
 @_msg
 class LoadWeights:
-    """Load policy ``version`` from ``path`` (a safetensors file the learner wrote atomically)."""
+    """Load policy ``version`` from ``path`` (a safetensors file the learner wrote atomically). ``digest``
+    ("sha256:<hex>" of the file's bytes, engine/backends/weights_file.py) is checked against the bytes the worker
+    loads; a file that does not match is refused and the worker keeps its previous version. "" = not known (the
+    worker loads it unverified, and logs so)."""
 
     version: int
     path: str
+    digest: str = ""
 
 
 @_msg
@@ -233,6 +237,7 @@ class TrainResult:
     version: int  # policy version after this step
     weights_path: str  # where the new weights are
     stats: dict[str, float] = field(default_factory=dict)
+    weights_digest: str = ""  # "sha256:<hex>" of the file at weights_path (LoadWeights.digest); "" = none written
 
 
 MESSAGE_TYPES: tuple[type, ...] = (

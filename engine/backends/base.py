@@ -58,9 +58,11 @@ class RolloutBackend(Protocol):
     def run_decode(self, decode_chunk: Callable[[], None]) -> Awaitable[None]:
         """Run ``decode_chunk`` (a few ``step`` calls) without blocking the event loop (heartbeats keep going)."""
 
-    def load_async(self, path: str) -> Awaitable[None]:
+    def load_async(self, path: str, digest: str = "") -> Awaitable[None]:
         """Swap in the policy weights in the safetensors file ``path`` between two steps; the worker then
-        records the new version on every later token."""
+        records the new version on every later token. The bytes served are the bytes checked against ``digest``
+        (engine/backends/weights_file.py ``read_verified``); a file that fails raises ``WeightsRejected`` with the
+        current weights untouched (the worker retries, then keeps serving them)."""
 
     def stack_routes(self, routes: list[np.ndarray]) -> np.ndarray:
         """Per-token routes [layers, k] -> one [T, layers, k] array (the right empty shape for T = 0); raise a

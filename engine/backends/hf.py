@@ -29,13 +29,18 @@ class HFBackend:
         self._gen = torch.Generator().manual_seed(seed)
         self.eos_id, self._pad_id = eos_id, pad_id
 
-    def load(self, path: str) -> None:
-        from engine.modeling.model import load_weights
+    def load(self, path: str, digest: str = "") -> None:
+        """Swap in the weights of ``path`` read once and checked against ``digest`` (engine/backends/weights_file.py):
+        a file that fails raises ``WeightsRejected`` and leaves the model as it was."""
+        from safetensors.torch import load as load_bytes
 
-        load_weights(self.model, path)
+        from engine.backends.weights_file import read_verified
+        from engine.modeling.model import apply_state
 
-    async def load_async(self, path: str) -> None:
-        await asyncio.to_thread(self.load, path)
+        apply_state(self.model, read_verified(path, digest, load_bytes), path)
+
+    async def load_async(self, path: str, digest: str = "") -> None:
+        await asyncio.to_thread(self.load, path, digest)
 
     def new_batch(self, *, capture_routes: bool):
         from engine.modeling.decode import DecodeBatch

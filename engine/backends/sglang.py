@@ -265,24 +265,30 @@ class SGLangBackend:
 
         await asyncio.to_thread(decode_chunk)
 
-    async def load_async(self, path: str) -> None:
+    async def load_async(self, path: str, digest: str = "") -> None:
         import asyncio
 
-        await asyncio.to_thread(self.load, path)
+        await asyncio.to_thread(self.load, path, digest)
 
     def model_dir(self, path: str) -> Path:
         """This backend's folder for the policy file ``path`` (beside it, under ``.sglang/<this instance>``)."""
         return Path(path).parent / ".sglang" / self._instance / Path(path).stem
 
-    def load(self, path: str) -> None:
-        """Write this backend's folder for ``path``, pause (requests in flight return), fold partial outputs in,
-        load the new weights, continue; then remove the previous version's folder."""
+    def load(self, path: str, digest: str = "") -> None:
+        """Write this backend's folder for ``path`` from its bytes checked against ``digest`` (a file that fails
+        raises ``WeightsRejected`` before anything is written or paused), pause (requests in flight return), fold
+        partial outputs in, load the new weights, continue; then remove the previous version's folder."""
         import re
         import shutil
 
+        from safetensors.torch import load as load_bytes
+
+        from engine.backends.weights_file import read_verified
+
         m = re.search(r"policy_v(\d+)\.safetensors$", path)
         model_dir = self._root = self.model_dir(path)
-        write_model_dir(path, self.init_dir, str(model_dir))
+        if not model_dir.exists():  # else this instance wrote it already, from verified bytes
+            write_model_dir(path, self.init_dir, str(model_dir), state=read_verified(path, digest, load_bytes))
         self.client.post("/pause_generation", {"mode": "abort"})
         try:
             if self._batch is not None:

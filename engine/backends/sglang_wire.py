@@ -322,10 +322,11 @@ def hub_layout(state: dict, config: dict) -> dict:
     return dict(state) if adapter is None else adapter.hub_layout(state)
 
 
-def write_model_dir(policy_file: str, config_dir: str, out_dir: str) -> str:
+def write_model_dir(policy_file: str, config_dir: str, out_dir: str, *, state: dict | None = None) -> str:
     """A folder sglang's ``/update_weights_from_disk`` can read: ``config.json`` (and ``generation_config.json``)
     from ``config_dir`` and the policy file's weights as ``model.safetensors`` in checkpoint layout and in the
-    model's dtype (``model_dtype``: a bf16 model is written in bf16 whatever the learner wrote). Written to a
+    model's dtype (``model_dtype``: a bf16 model is written in bf16 whatever the learner wrote). ``state``: those
+    weights already read (and verified) from ``policy_file``, which is then not read again. Written to a
     temporary folder and renamed, so the server never sees half of it; an existing ``out_dir`` is kept as it is.
     Returns ``out_dir``."""
     import os
@@ -345,12 +346,12 @@ def write_model_dir(policy_file: str, config_dir: str, out_dir: str) -> str:
         for name in ("config.json", "generation_config.json"):
             if (Path(config_dir) / name).exists():
                 shutil.copyfile(Path(config_dir) / name, tmp / name)
-        state = {}
-        for name, value in hub_layout(load_file(policy_file), config).items():
+        out_state = {}
+        for name, value in hub_layout(load_file(policy_file) if state is None else state, config).items():
             value = value.to(dtype) if value.is_floating_point() else value
             # an expert sliced out of a fused tensor shares its storage: safetensors wants it on its own
-            state[name] = value.clone() if value.untyped_storage().nbytes() != value.nbytes else value.contiguous()
-        save_file(state, str(tmp / "model.safetensors"))
+            out_state[name] = value.clone() if value.untyped_storage().nbytes() != value.nbytes else value.contiguous()
+        save_file(out_state, str(tmp / "model.safetensors"))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -105,8 +105,8 @@ class SimBackend:
         self.batch = SimBatch(self._sim, eos_id=self._eos_id, vocab_size=self._vocab_size)
         return self.batch
 
-    async def load_async(self, path: str) -> None:
-        await asyncio.sleep(self._sim.load_s * self._sim.time_scale)  # the weights file is not read
+    async def load_async(self, path: str, digest: str = "") -> None:
+        await asyncio.sleep(self._sim.load_s * self._sim.time_scale)  # the weights file is not read (nor checked)
 
     async def run_decode(self, decode_chunk) -> None:
         """Run the decode steps at once, then sleep for what they (and any prefill before them) would cost."""

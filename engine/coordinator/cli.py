@@ -4,6 +4,8 @@ Usage: everyprompt-train [--config-name NAME] [--config-dir DIR] [--cfg] [key=va
 --cfg (or --print-config) prints the resolved config as YAML (every key: defaults, preset, overrides) and exits.
 Writes runs/<name>/{config.yaml, metrics.jsonl, report.png, logs/, policy/ (the trained policy as an HF folder)};
 the last stdout line is a JSON summary. Every input is checked first (engine/coordinator/preflight.py).
+Ctrl-C (SIGINT) or SIGTERM during RL checkpoints the last completed step (within train.interrupt_checkpoint_s),
+stops every actor and exits 130 or 143; summary.json then has "status": "interrupted" and "checkpoint_step".
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -96,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     t0, code, summary = time.monotonic(), 0, None
     try:
         summary = run_async(run(cfg, run_dir))
-    except KeyboardInterrupt:
+        if summary.get("status") == "interrupted":  # Ctrl-C or SIGTERM during RL: checkpointed, actors stopped
+            code = 128 + signal.Signals[summary["signal"]]
+            log.warning("run.interrupted", **{k: summary[k] for k in ("signal", "checkpoint_step", "checkpoint",
+                                                                      "save_abandoned") if k in summary},
+                        detail="every actor was stopped; " + ("resume=true continues from the checkpoint"
+                                                              if summary["checkpoint"] else "no checkpoint to resume"))
+    except KeyboardInterrupt:  # before RL (SFT), or after it (export)
         log.warning("run.interrupted", detail="every actor was stopped; metrics.jsonl holds the finished steps")
         code = 130
     except ActorFailed as e:  # start_actors (engine/coordinator/cluster.py) raises one exception, never a group
@@ -106,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if (run_dir / "metrics.jsonl").exists():
             write_report(run_dir / "metrics.jsonl", run_dir / "report.png", title=f"everyprompt: {cfg.name}")
     if summary is None:
-        summary = {"status": "interrupted" if code == 130 else "failed", "wall_s": time.monotonic() - t0}
+        summary = {"status": "failed", "wall_s": time.monotonic() - t0}
+        if code == 130:
+            summary = {**summary, "status": "interrupted", "checkpoint_step": None}
     summary = {**summary, "run_dir": str(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary), flush=True)

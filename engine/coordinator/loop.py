@@ -7,7 +7,8 @@ trained; reward workers score each response as soon as it finishes; the learner 
 groups are ready. Every ``train.checkpoint_every`` steps the whole asynchronous state is saved, and
 ``resume=true`` continues from there without skipping or repeating a prompt. A learner that dies mid-run is
 handled the same way, without a human: the run rolls back to the newest checkpoint and continues
-(engine/coordinator/recovery.py).
+(engine/coordinator/recovery.py). Ctrl-C or SIGTERM checkpoints the last completed step, then stops every actor
+(``Interrupts``, same file; ``_save_on_interrupt`` here).
 
 Stage 2 has two halves, both here: the trainer (``_rl``, ``_train_step``: take groups, train, send weights) and
 the producer (``continuous_rollouts``, ``admit_prompts``: prompt -> dispatch/generate -> chunks -> score ->
@@ -16,11 +17,13 @@ top-up/judge -> buffer), which drives the parts wired in engine/coordinator/roll
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from itertools import islice
 from pathlib import Path
 
+import structlog
 import torch
 from tqdm import tqdm
 
@@ -33,13 +36,15 @@ from engine.coordinator.cluster import Actors, Faults, start_actors
 from engine.coordinator.launch import Rendezvous, is_elastic
 from engine.coordinator.metrics import MetricsWriter, truncate_jsonl
 from engine.coordinator.metric_sinks import open_sinks
-from engine.coordinator.recovery import restart_on_learner_failure
+from engine.coordinator.recovery import Interrupts, SaveAborted, restart_on_learner_failure
 from engine.coordinator.inbox import WorkerJoined, WorkerLost
 from engine.coordinator.rollouts import PromptItem, Rollouts
 from engine.modeling.model import export_policy, newest_weights
 from engine.modeling.sft import initial_policy
 from engine.data.tasks import Task, load_task
 from transport import Judged, LoadWeights, ResponseChunk, Scored, WeightsLoaded
+
+log = structlog.get_logger()
 
 
 async def run(cfg: RunConfig, run_dir: Path) -> dict:
@@ -49,9 +54,21 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
     torch.set_num_threads(1)  # the actor processes own the cores from here on
     ckpt = checkpoint.latest(run_dir) if cfg.resume else None
     rdzv = Rendezvous(cfg) if is_elastic(cfg) else None  # the elastic learners' store: outlives every restart
-    summary = await restart_on_learner_failure(  # a dead learner: resume from the newest checkpoint, in process
-        cfg, run_dir, ckpt, lambda ckpt, faults: _rl(cfg, run_dir, task, init_dir, ckpt, faults, t_start,
-                                                     rdzv.endpoint if rdzv else ""))
+    interrupts = Interrupts(cfg.train.interrupt_checkpoint_s)  # Ctrl-C, SIGTERM: checkpoint, then stop
+    interrupts.install()
+    try:
+        summary = await restart_on_learner_failure(  # a dead learner: resume from the newest checkpoint, in process
+            cfg, run_dir, ckpt, lambda ckpt, faults: _rl(cfg, run_dir, task, init_dir, ckpt, faults, t_start,
+                                                         rdzv.endpoint if rdzv else "", interrupts))
+    except (asyncio.CancelledError, SaveAborted):
+        if interrupts.signum is None:
+            raise
+        asyncio.current_task().uncancel()  # stopped at once (a second signal, nothing to save, time ran out)
+        summary = _interrupted(interrupts, checkpoint.latest(run_dir))
+    finally:
+        interrupts.uninstall()
+    if interrupts.signum is not None:  # no final eval, no export: cli.py exits 128 + the signal
+        return {**summary, "wall_s": time.monotonic() - t_start}
     policy = export_policy(init_dir, newest_weights(run_dir / "weights", summary.pop("policy_version")),
                            task.tokenizer, run_dir / "policy", cfg.model.dtype)  # an HF folder: the run's output
     return {**summary, "sft_cached": sft["cached"], "sft_s": sft["seconds"], "policy_dir": str(policy),
@@ -59,8 +76,10 @@ async def run(cfg: RunConfig, run_dir: Path) -> dict:
 
 
 async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: checkpoint.Checkpoint | None,
-              faults: Faults, t_start: float, rdzv_endpoint: str = "") -> dict:
-    """Stage 2 from checkpoint ``ckpt`` (None: from the start); whatever the files hold after it is dropped."""
+              faults: Faults, t_start: float, rdzv_endpoint: str, interrupts: Interrupts) -> dict:
+    """Stage 2 from checkpoint ``ckpt`` (None: from the start); whatever the files hold after it is dropped.
+    After a Ctrl-C or SIGTERM (``interrupts.requested``): the checkpoint of the last completed step, no final eval."""
+    interrupts.saving = False  # until the actors are up and restored
     state = checkpoint.load_coordinator(ckpt) if ckpt else None
     first = ckpt.step + 1 if ckpt else 1
     for name in ("metrics.jsonl", "prompts.jsonl"):  # forget what happened after the checkpoint
@@ -79,14 +98,27 @@ async def _rl(cfg: RunConfig, run_dir: Path, task: Task, init_dir: str, ckpt: ch
             a.rollouts.start(admit_prompts(a.rollouts, prompts,
                                            total_groups=cfg.train.num_steps * cfg.train.groups_per_step))
             t_rl, step = time.monotonic(), first - 1
+            interrupts.saving = True
             for step in progress_steps(cfg, first):
-                version = await _train_step(a, cfg, task, step, version, metrics, ledger, totals, t_start)
+                trained = await _train_step(a, cfg, task, step, version, metrics, ledger, totals, t_start,
+                                            stop=interrupts.requested)
+                if trained is None:  # interrupted while waiting for its batch: this step never happened
+                    step -= 1
+                    break
+                version = trained
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.num_steps:
-                    await _evaluate(a, eval_items, version, metrics)
+                    await _unless(interrupts.requested, _evaluate(a, eval_items, version, metrics), cancel=False)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    await _checkpoint(a, run_dir, step, version, totals, eval_start)
+                    await _checkpoint(a, run_dir, step, version, totals, eval_start, interrupts)
+                if interrupts.requested.is_set():
+                    break
                 if cfg.train.sample_budget and a.rollouts.counters.generated_samples >= cfg.train.sample_budget:
                     break  # the rollout budget is spent
+            interrupts.saving = False
+            if interrupts.requested.is_set():
+                saved = await _save_on_interrupt(a, run_dir, step, version, totals, eval_start, interrupts)
+                return {**_interrupted(interrupts, saved), "steps": step, "resumed_from_step": ckpt.step if ckpt else 0,
+                        "policy_version": version}
             rl_s = time.monotonic() - t_rl
             eval_end = await _evaluate(a, eval_items, version, metrics)
     finally:
@@ -159,17 +191,23 @@ async def _complete(p: Rollouts, g: Group) -> None:
 
 
 async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version: int, metrics: MetricsWriter,
-                      ledger: MetricsWriter, totals: RunStats, t_start: float) -> int:
-    """Take the oldest ready groups (none over the staleness bound), train one batch, send the new weights."""
+                      ledger: MetricsWriter, totals: RunStats, t_start: float,
+                      stop: asyncio.Event | None = None) -> int | None:
+    """Take the oldest ready groups (none over the staleness bound), train one batch, send the new weights.
+    ``stop`` set while waiting for the groups: None, nothing taken; once they are taken, the step finishes."""
     t0, tokens0 = time.monotonic(), a.rollouts.counters.generated_tokens
-    groups = await a.buffer.take(cfg.train.groups_per_step, min_version=version - cfg.train.max_staleness)
+    groups = await _unless(stop, a.buffer.take(cfg.train.groups_per_step,
+                                               min_version=version - cfg.train.max_staleness))
+    if groups is None:
+        return None
     t_wait = time.monotonic() - t0
     batch = pack_batch(groups, step=step, pad_id=task.tokenizer.pad_id,
                        scale_by_std=LOSSES[cfg.learner.loss].adv_scale_by_std, adv_std=cfg.learner.adv_std)
     stats = batch_stats(groups, batch, learner_version=version, rl_zvp=cfg.learner.rl_zvp_alpha > 0)
     totals.add(groups, stats)
     result = await a.learner.train(batch)  # fwd/bwd/optimizer step on every learner rank
-    await a.rollouts.load_weights(LoadWeights(version=result.version, path=result.weights_path))  # no waiting
+    await a.rollouts.load_weights(LoadWeights(version=result.version, path=result.weights_path,
+                                              digest=result.weights_digest))  # no waiting
     step_s = time.monotonic() - t0
     ledger.write({"step": step, "prompt_ids": [g.prompt_id for g in groups]})
     metrics.write({"step": step, "version": result.version, **stats, **result.stats, "step_s": step_s,
@@ -180,12 +218,52 @@ async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version:
     return result.version
 
 
-async def _checkpoint(a: Actors, run_dir: Path, step: int, version: int, totals: RunStats, eval_start: dict):
+async def _checkpoint(a: Actors, run_dir: Path, step: int, version: int, totals: RunStats, eval_start: dict,
+                      interrupts: Interrupts) -> Path:
     path = checkpoint.staging_dir(run_dir, step)  # renamed to checkpoints/step_N once complete and fsynced
     await a.learner.checkpoint(step, str(path / "learner"))  # every rank: model, optimizer, RNG
-    checkpoint.save_coordinator(path, step=step, version=version, rollouts_state=a.rollouts.state(),
-                                extra={"totals": totals.to_dict(), "eval_start": eval_start},
-                                policy_file=str(run_dir / "weights" / f"policy_v{version}.safetensors"))
+    with interrupts.abortable():  # a second Ctrl-C while an interrupt's save writes: SaveAborted, staging left
+        checkpoint.save_coordinator(path, step=step, version=version, rollouts_state=a.rollouts.state(),
+                                    extra={"totals": totals.to_dict(), "eval_start": eval_start},
+                                    policy_file=str(run_dir / "weights" / f"policy_v{version}.safetensors"))
+    return checkpoint.checkpoint_dir(run_dir, step)
+
+
+async def _save_on_interrupt(a: Actors, run_dir: Path, step: int, version: int, totals: RunStats,
+                             eval_start: dict, interrupts: Interrupts) -> checkpoint.Checkpoint | None:
+    """Ctrl-C or SIGTERM: the checkpoint of the last completed step ``step``, the one ``train.checkpoint_every``
+    would write there (buffer, in-flight responses, frontier; an eval under way is left out, as in any
+    checkpoint), unless that step has one already. Returns the newest checkpoint."""
+    t0, done = time.monotonic(), checkpoint.checkpoint_dir(run_dir, step)
+    if step > 0 and not (done / "meta.json").is_file():
+        done = await _checkpoint(a, run_dir, step, version, totals, eval_start, interrupts)
+        log.info("run.interrupt_checkpoint", step=step, path=str(done), save_s=round(time.monotonic() - t0, 2))
+    interrupts.saved()
+    return checkpoint.Checkpoint(path=done, step=step, meta={}) if step > 0 and done.is_dir() else \
+        checkpoint.latest(run_dir)
+
+
+def _interrupted(interrupts: Interrupts, saved: checkpoint.Checkpoint | None) -> dict:
+    """The summary of a run stopped by a signal: which, and the checkpoint ``resume=true`` continues from."""
+    return {"status": "interrupted", "signal": interrupts.name, "checkpoint_step": saved.step if saved else None,
+            "checkpoint": str(saved.path) if saved else None,
+            **({"save_abandoned": interrupts.aborted} if interrupts.aborted else {})}
+
+
+async def _unless(stop: asyncio.Event | None, work: Awaitable, *, cancel: bool = True):
+    """``work``'s result, or None when ``stop`` is set first: ``work`` is then cancelled, or with ``cancel=False``
+    left running (an eval: its groups still come back; no checkpoint holds them)."""
+    if stop is None:
+        return await work
+    job, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((job, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if cancel and not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+    return job.result() if job.done() and not job.cancelled() else None
 
 
 async def _restore(a: Actors, ckpt: checkpoint.Checkpoint, state: dict) -> int:

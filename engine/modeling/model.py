@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from configs.schema import ModelConfig
+from engine.backends.weights_file import digest_file
 from engine.algo.entropy import logprobs_and_entropy
 from engine.modeling.decode import DecodeBatch, Row
 from engine.modeling.routing import route_dtype, route_shape
@@ -84,13 +85,15 @@ def export_policy(init_dir: str, weights_file: str | os.PathLike | None, tokeniz
     return out
 
 
-def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write the state dict as one safetensors file atomically (a reader never sees a partial file)."""
-    save_state(model.state_dict(), path)
+def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> str:
+    """Write the state dict as one safetensors file atomically (a reader never sees a partial file); returns the
+    digest of the bytes written (engine/backends/weights_file.py), which ``LoadWeights`` carries to the workers."""
+    return save_state(model.state_dict(), path)
 
 
-def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """``save_weights`` for a state dict."""
+def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
+    """``save_weights`` for a state dict. The digest is taken from the temporary file once it is fsynced and
+    before the rename, so it is the digest of exactly what the rename publishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in state.items()}
@@ -100,15 +103,21 @@ def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
         save_file(state, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        digest = digest_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return digest
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Copy the weights in ``path`` into ``model`` in place; every name and shape must match."""
-    state = load_file(str(path))
+    apply_state(model, load_file(str(path)), path)
+
+
+def apply_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``load_weights`` for a state dict already read from ``path`` (named in the error)."""
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     bad_shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

@@ -16,6 +16,7 @@ from actors.learner import shard_bounds
 from engine.coordinator.launch import learner_command, learner_env
 from configs.load import save
 from configs.schema import ModelConfig, RunConfig
+from engine.backends.weights_file import digest_file
 from engine.modeling.model import build_model, load_model, load_weights, save_model, token_logprobs
 from engine.modeling.routing import route_hooks
 from transport.channels import Hub, run
@@ -176,6 +177,8 @@ def test_two_ranks_train_publish_and_shut_down(tmp_path, replay, minibatches, de
 
     results = run(coordinator())
     assert [r.version for r in results] == [1, 2, 3] and [r.step for r in results] == [1, 2, 3]
+    newest = results[-1]  # the digest sent is the digest of the bytes published (the workers check it)
+    assert newest.weights_digest.startswith("sha256:") and newest.weights_digest == digest_file(newest.weights_path)
     first = results[0]
     for key in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean",
                 "ratio_max", "grad_norm", "tokens", "train_s", "logprob_gap_mean", "logprob_gap_max",

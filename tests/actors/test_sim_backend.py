@@ -112,6 +112,7 @@ def test_sim_learner_answers_train_batches_with_new_versions(tmp_path):
                 _, res = await _recv(hub, child)
                 assert isinstance(res, TrainResult) and res.version == step and res.stats["tokens"] == 8
                 assert res.weights_path.endswith(f"policy_v{step}.safetensors")
+                assert res.weights_digest == ""  # no sim.weights_file: nothing is written, nothing to check
             await hub.send(peer, Shutdown())
         finally:
             stop_all([child], grace_s=5)

@@ -44,6 +44,7 @@ def _samples():
         SaveCheckpoint(step=50, path="/tmp/run/checkpoints/step_000050/learner"),
         CheckpointSaved(step=50, path="/tmp/run/checkpoints/step_000050/learner", seconds=1.5),
         LoadWeights(version=12, path="/tmp/run/weights/v12.safetensors"),
+        LoadWeights(version=13, path="/tmp/run/weights/v13.safetensors", digest="sha256:" + "ab" * 32),
         WeightsLoaded(version=12, worker_id=1, load_s=0.5),
         ScoreRequest(sample_key="g1/2", token_ids=np.zeros(0, i32), answer="42"),
         Scored(sample_key="g1/2", reward=1.0, valid=True, reward_parts={"format": 0.5, "exact": 1.0},
@@ -56,7 +57,7 @@ def _samples():
                    response_lens=np.full(4, 4, i32), behavior_logprobs=_array(f32, (4, 6)),
                    token_versions=np.full((4, 6), -1, i32), advantages=_array(f32, (4,))),
         TrainResult(step=3, version=4, weights_path="/tmp/v4.safetensors",
-                    stats={"loss": 0.25, "grad_norm": 1}),
+                    stats={"loss": 0.25, "grad_norm": 1}, weights_digest="sha256:" + "cd" * 32),
     ]
 
 
@@ -209,6 +210,8 @@ BAD_FRAMES = {
     "float_for_int": (_frame(body={"role": "r", "worker_id": 0.0, "pid": 1}), "bad_fields"),
     "list_for_array": (_score_request([1, 2, 3]), "bad_fields"),
     "array_for_str": (_frame(name="Shutdown", body={"reason": _array_ext()}), "bad_fields"),
+    "digest_not_str": (_frame(name="LoadWeights", body={"version": 1, "path": "p", "digest": b"\x00" * 32}),
+                       "bad_fields"),
     "bad_dict_value": (_frame(name="Scored", body={"sample_key": "k", "reward": 0.0, "valid": True,
                                                     "reward_parts": {"a": "x"}}), "bad_fields"),
     "timestamp_ext": (_frame(name="Heartbeat", body={"sent_at": msgpack.Timestamp(1)}), "bad_fields"),
