@@ -114,8 +114,25 @@ class RolloutWorker:
                 await self._apply_weights()
             self._admit()
             if self._batch.active:
-                await self._backend.run_decode(self._decode_chunk)
+                try:
+                    await self._backend.run_decode(self._decode_chunk)
+                except Exception as e:
+                    await self._backend_failed(e)
+                    raise
             await self._emit()
+
+    async def _backend_failed(self, error: Exception) -> None:
+        """The backend cannot go on (e.g. a lost sglang server it did not launch): log one line, send every token
+        it holds that is ready (the coordinator continues each response elsewhere from what it received), and let
+        the error end this process, whose restart is the coordinator's."""
+        log.error("rollout.backend_failed", error=str(error).splitlines()[0][:500] if str(error) else repr(error),
+                  type=type(error).__name__)
+        try:
+            for r in self._batch.rows:
+                await self._emit_row(r, flush=True)
+            await asyncio.sleep(_FLUSH_GRACE_S)  # the socket drops unsent frames when it closes (linger 0)
+        except Exception as e:  # noqa: BLE001 - the first error is the one to report
+            log.warning("rollout.flush_failed", error=repr(e))
 
     def _admit(self) -> None:
         """Fill free batch slots from the queue in order. A group may be split over two admissions when it does not
@@ -201,15 +218,16 @@ class RolloutWorker:
         self._finished += len(finished)
         self._batch.remove(finished)
 
-    async def _emit_row(self, r: Row) -> bool:
-        """Send ``r``'s full chunks, and its last one once it finished; True = it is all sent."""
+    async def _emit_row(self, r: Row, flush: bool = False) -> bool:
+        """Send ``r``'s full chunks, and its last one once it finished (``flush``: also a shorter chunk of the rest
+        that is ready); True = it is all sent."""
         while True:
             ready_all = r.ready(self._capture_routes)
             final = r.done and ready_all == len(r.tokens)
             step = self._chunk_tokens if self._chunk_tokens > 0 else len(r.tokens) + 1
             if ready_all - r.emitted >= step:
                 ready, final = r.emitted + step, final and r.emitted + step == ready_all
-            elif final:
+            elif final or (flush and ready_all > r.emitted):
                 ready = ready_all
             else:
                 return False
@@ -228,6 +246,9 @@ class RolloutWorker:
             r.emitted = ready
             if final:
                 return True
+
+
+_FLUSH_GRACE_S = 0.5  # _backend_failed: time for the last chunks to leave before the process exits
 
 
 async def _replaced(path: str, seen: tuple[int, int, int] | None, timeout_s: float) -> None:

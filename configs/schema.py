@@ -174,6 +174,11 @@ class RolloutConfig:
     # own environment, e.g. <env>/bin/python; it pins its own torch); "" = this one. Checked at start
     sglang_idle_timeout_s: float = 120.0  # sglang backend: a streamed request silent this long while /health
     # fails = a lost server (no limit on a response's total time)
+    sglang_start_timeout_s: float = 900.0  # sglang backend: a server (launched or given) must answer /health
+    # within this long at start and after a relaunch, else the worker exits
+    sglang_health_interval_s: float = 1.0  # sglang backend: /health is polled this often while a server starts
+    sglang_retry_s: float = 60.0  # sglang backend: requests answered HTTP 5xx (or broken while /health answers)
+    # are sent again with backoff until the server has failed this long without answering anything
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -200,6 +205,8 @@ class RolloutConfig:
                  "it must be >= 1")
         _require(self.sglang_idle_timeout_s > 0, "rollout.sglang_idle_timeout_s", self.sglang_idle_timeout_s,
                  "it must be > 0 seconds (e.g. 120)")
+        for key in ("sglang_start_timeout_s", "sglang_health_interval_s", "sglang_retry_s"):
+            _require(getattr(self, key) > 0, f"rollout.{key}", getattr(self, key), "it must be > 0 seconds")
 
 
 def _loss_sections(cls: type) -> type:

@@ -15,17 +15,35 @@ answering in the format of sglang 0.5.23's source, with a tiny HF MoE model gene
   layer ``l``, slot ``s`` is ``(p + 3 l + s) % experts`` (``synthetic_route``).
 - ``POST /pause_generation`` with mode ``abort``: requests in flight return at once with what they have
   (finish_reason abort); new ones wait until ``POST /continue_generation``.
-- ``POST /update_weights_from_disk`` (``model_path``: a save_pretrained-layout folder) -> ``{"success": ...}``.
-- ``POST /abort_request`` (``rid``), ``GET /health``.
+- ``POST /update_weights_from_disk`` (``model_path``: a save_pretrained-layout folder) -> ``{"success": true}``; a
+  folder it cannot load is answered HTTP 400 ``{"success": false, "message": ...}`` with the old weights kept (sglang
+  rolls back).
+- ``POST /abort_request`` (``rid``), ``GET /health``; ``/generate`` with ``text`` prompts (the judge) answers every one
+  ``"Verdict: Tie"``.
 - ``silence()``: a lost server; streams stay open and send nothing, ``/health`` answers 503.
+
+Faults, set per test with ``fault(**modes)`` in process or ``POST /_fault {modes}`` (a launched one), counted from
+then on (``Faults``): ``die_after_tokens=N`` (after N more tokens the server dies: a launched process exits at once,
+one in process drops every connection and stops listening), ``hang_after_tokens=N`` (then streams stay open and send
+nothing, and ``/health`` never answers), ``status=503, status_count=K`` (the next K ``/generate`` requests are
+answered with that status), ``update_failures=K`` (the next K weight updates are refused with 400), and
+``start_delay_s=S`` (``/health`` and ``/generate`` answer 503 for S seconds, as sglang does while starting).
+
+``python -m tests.sglang_standin --model-path DIR --port P`` serves one as its own process (other flags are
+ignored; faults from the JSON in ``$SGLANG_STANDIN_FAULTS``); ``fake_sglang_env`` makes ``-m
+sglang.launch_server`` start it, so a backend launches and relaunches it as it would sglang.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -40,9 +58,21 @@ def synthetic_route(position: int, layer: int, slot: int, experts: int) -> int:
     return (position + 3 * layer + slot) % experts
 
 
+@dataclass
+class Faults:
+    """The fault modes of one stand-in (the module docstring); token counts are from when they were set."""
+
+    die_after_tokens: int | None = None
+    hang_after_tokens: int | None = None
+    status: int = 503
+    status_count: int = 0
+    update_failures: int = 0
+    start_delay_s: float = 0.0
+
+
 class StandIn:
     def __init__(self, model_dir: str, *, seed: int = 0, token_delay_s: float = 0.01, incremental: bool = False,
-                 synthetic: bool = False) -> None:
+                 synthetic: bool = False, port: int = 0, exit_on_death: bool = False) -> None:
         self.model = load_model(model_dir).eval()
         self.adapter = adapter_for(self.model.config)
         self.lock = threading.Lock()  # one forward at a time; weights swap under it
@@ -57,7 +87,13 @@ class StandIn:
         self.calls: list[str] = []
         self.bodies: list[dict] = []  # every /generate body
         self.progress: dict[str, int] = {}  # rid -> tokens generated so far
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.faults, self.exit_on_death = Faults(), exit_on_death
+        self.tokens = 0  # tokens generated in all
+        self._die_at = self._hang_at = None  # self.tokens at which it dies / hangs
+        self._ready_at = 0.0  # monotonic time from which it serves (start_delay_s)
+        self.dead, self.hung = threading.Event(), threading.Event()
+        self.failed_requests = 0  # /generate requests answered with a fault status
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -68,6 +104,41 @@ class StandIn:
 
     def silence(self) -> None:
         self.silent.set()
+
+    def fault(self, **modes) -> None:
+        """Set fault modes (``Faults`` fields); token counts start now."""
+        for name, value in modes.items():
+            if not hasattr(self.faults, name):
+                raise ValueError(f"unknown stand-in fault {name!r}")
+            setattr(self.faults, name, value)
+        if "die_after_tokens" in modes:
+            self._die_at = None if modes["die_after_tokens"] is None else self.tokens + modes["die_after_tokens"]
+        if "hang_after_tokens" in modes:
+            self._hang_at = None if modes["hang_after_tokens"] is None else self.tokens + modes["hang_after_tokens"]
+        if "start_delay_s" in modes:
+            self._ready_at = time.monotonic() + float(modes["start_delay_s"])
+
+    def starting(self) -> bool:
+        return time.monotonic() < self._ready_at
+
+    def die(self) -> None:
+        """Killed: a launched process exits at once; in process every connection drops and nothing listens."""
+        if self.exit_on_death:
+            os._exit(1)
+        self.dead.set()
+        self.closed.set()
+        try:
+            self.server.socket.shutdown(socket.SHUT_RDWR)  # stops listening: new connections are refused
+        except OSError:
+            pass
+        threading.Thread(target=self.close, daemon=True).start()
+
+    def _count_token(self) -> None:
+        self.tokens += 1
+        if self._die_at is not None and self.tokens >= self._die_at:
+            self.die()
+        if self._hang_at is not None and self.tokens >= self._hang_at:
+            self.hung.set()
 
     def _next(self, prompt: list[int], tokens: list[int], temperature: float) -> tuple[int, float, np.ndarray | None]:
         """(next token, its log-prob, routes [every fed position, num_hidden_layers, k]; None when synthetic)."""
@@ -102,8 +173,10 @@ class StandIn:
         tokens, logprobs, reason, sent = [], [], None, 0
         routes = self._full_layers(np.zeros((0, len(self.adapter.sparse_layers()), self.adapter.top_k), "<i4"))
         while reason is None:
-            while self.silent.is_set() and not self.closed.is_set():
+            while (self.silent.is_set() or self.hung.is_set()) and not self.closed.is_set():
                 time.sleep(0.05)
+            if self.dead.is_set():
+                raise ConnectionAbortedError("the stand-in died")
             if epoch != self.epoch or rid in self.aborted or self.closed.is_set():
                 reason = "abort"
             elif len(tokens) >= int(sp["max_new_tokens"]):
@@ -113,6 +186,9 @@ class StandIn:
                 tokens.append(tok)
                 logprobs.append(lp)
                 self.progress[rid] = len(tokens)
+                self._count_token()
+                if self.dead.is_set():
+                    raise ConnectionAbortedError("the stand-in died")
                 reason = "stop" if tok in stops else None
                 if reason is None and len(tokens) >= int(sp["max_new_tokens"]):
                     reason = "length"
@@ -132,9 +208,12 @@ class StandIn:
                 time.sleep(self.token_delay_s)
 
     def update(self, body: dict) -> dict:
+        if self.faults.update_failures > 0:
+            self.faults.update_failures -= 1
+            return {"success": False, "message": "stand-in fault: failed to load the weights; rolled back"}
         try:
             new = load_model(body["model_path"]).eval()
-        except Exception as e:  # sglang answers success=false with a message
+        except Exception as e:  # sglang answers success=false with a message (HTTP 400), the old weights kept
             return {"success": False, "message": repr(e)}
         with self.lock:
             self.model.load_state_dict(new.state_dict())
@@ -169,9 +248,18 @@ class StandIn:
                     self._chunk(b"data: [DONE]\n\n")
                     self.wfile.write(b"0\r\n\r\n")
                     self.wfile.flush()
-                except OSError:  # the client went away: sglang aborts the request
+                except OSError:  # the client went away (sglang aborts the request), or the stand-in died
                     standin.aborted.add(body.get("rid", ""))
                     self.close_connection = True
+                    if standin.dead.is_set():
+                        self._drop()
+
+            def _drop(self) -> None:
+                """Close the connection abruptly (a killed process's sockets)."""
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
             def _chunk(self, data: bytes) -> None:
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -180,13 +268,30 @@ class StandIn:
             def do_GET(self) -> None:
                 if self.path != "/health":
                     self._send({"error": "not found"}, 404)
+                elif standin.hung.is_set():  # the socket stays open; no answer comes
+                    while standin.hung.is_set() and not standin.closed.is_set():
+                        time.sleep(0.05)
+                    self.close_connection = True
                 else:
-                    self._send({}, 503 if standin.silent.is_set() else 200)
+                    self._send({}, 503 if standin.silent.is_set() or standin.starting() else 200)
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 standin.calls.append(self.path)
-                if self.path == "/generate":
+                if self.path == "/_fault":
+                    standin.fault(**body)
+                    self._send({})
+                elif self.path == "/generate" and (standin.starting() or standin.faults.status_count > 0):
+                    if not standin.starting():
+                        standin.faults.status_count -= 1
+                    standin.failed_requests += 1
+                    code = 503 if standin.starting() else standin.faults.status
+                    self._send({"error": {"message": f"stand-in fault: HTTP {code}"}}, code)
+                elif self.path == "/generate" and "text" in body:  # a judge's text prompts: every verdict a tie
+                    texts = body["text"] if isinstance(body["text"], list) else [body["text"]]
+                    self._send([{"text": "Verdict: Tie", "meta_info": {"finish_reason": {"type": "stop"}}}
+                                for _ in texts])
+                elif self.path == "/generate":
                     standin.bodies.append(body)
                     if body.get("stream"):
                         self._stream(body)
@@ -202,7 +307,8 @@ class StandIn:
                     standin.running.set()
                     self._send({})
                 elif self.path == "/update_weights_from_disk":
-                    self._send(standin.update(body))
+                    result = standin.update(body)
+                    self._send(result, 200 if result["success"] else 400)
                 elif self.path == "/abort_request":
                     standin.aborted.add(body.get("rid", ""))
                     self._send({})
@@ -210,3 +316,35 @@ class StandIn:
                     self._send({"error": "not found"}, 404)
 
         return Handler
+
+
+def fake_sglang_env(tmp_path) -> dict[str, str]:
+    """Environment variables under which ``python -m sglang.launch_server ...`` runs this stand-in (a package
+    ``sglang`` in ``tmp_path``), so a backend launches (and relaunches) it as its own server."""
+    from pathlib import Path
+
+    root = Path(tmp_path) / "fake_sglang"
+    (root / "sglang").mkdir(parents=True, exist_ok=True)
+    (root / "sglang" / "__init__.py").write_text("")
+    (root / "sglang" / "launch_server.py").write_text("from tests.sglang_standin import main\nmain()\n")
+    repo = str(Path(__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join([str(root), repo, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve one stand-in until killed (``--model-path``, ``--port``; sglang's other flags are ignored)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--port", type=int, default=30000)
+    args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    faults = json.loads(os.environ.get("SGLANG_STANDIN_FAULTS") or "{}")
+    standin = StandIn(args.model_path, port=args.port, synthetic=True, incremental=True, token_delay_s=0.005,
+                      exit_on_death=True)
+    standin.fault(**faults)
+    standin.closed.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,8 +7,19 @@ Every unfinished row has one streamed ``/generate`` request in flight (one sampl
 is shared through sglang's radix cache). Without routes, tokens join their row as they arrive, so the worker
 forwards them in chunks while the response is still running; with routes they join when the request finishes
 or is paused, since sglang sends routes only then. A request is never timed out for its length: a server that
-sends nothing on a request for ``rollout.sglang_idle_timeout_s`` seconds and does not answer ``/health`` is lost,
-and the batch raises (the worker exits, the coordinator continues its responses elsewhere from what was streamed).
+sends nothing on a request for ``rollout.sglang_idle_timeout_s`` seconds and does not answer ``/health`` is lost.
+
+Server faults (docs/guides/reliability.md, "sglang server faults"):
+- ``/generate`` answered HTTP 500/502/503/504, or a stream broken while ``/health`` still answers: the request is
+  sent again from the row's tokens, with a doubling wait (0.25 s to 8 s), until the server has failed for
+  ``rollout.sglang_retry_s`` without answering anything;
+- a lost server (its process died, its streams broke and ``/health`` does not answer, or it went silent): one this
+  backend launched is stopped and launched again (at most ``max_relaunches`` times), loaded with the weights it
+  served, and every unfinished row is sent again from its tokens; a server given by ``rollout.sglang_url`` makes
+  the batch raise (the worker exits, the coordinator continues its responses elsewhere from what was streamed);
+- a weight update the server refuses (sglang rolls back and answers 400): ``WeightsRejected``, so the worker keeps
+  serving the previous version, reports it and takes the next one;
+- a server that does not answer ``/health`` within ``rollout.sglang_start_timeout_s`` at start: the worker exits.
 Only the first sample of a group asks for the prompt's routes; every request asks only for the routes it does not
 have yet (``routed_experts_start_len``).
 
@@ -18,17 +29,22 @@ Nothing here imports sglang: the server runs in its own environment (``rollout.s
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import structlog
 
-from engine.backends.sglang_wire import (SGLangClient, StreamSink, check_sglang_python,  # noqa: F401
-                                         decode_routed_experts, finish_type, generate_payload, hub_layout,
-                                         parse_generate_response, server_args, stream_delta, write_model_dir)
+from engine.backends.sglang_wire import (SGLangClient, SGLangHTTPError, StreamSink,  # noqa: F401
+                                         check_sglang_python, decode_routed_experts, finish_type, generate_payload,
+                                         hub_layout, parse_generate_response, server_args, stream_delta,
+                                         write_model_dir)
 from engine.modeling.routing import route_dtype
+
+log = structlog.get_logger()
 
 
 def moe_shape(config: dict) -> tuple[int, int, int]:
@@ -72,6 +88,10 @@ class SGLangBatch:
         self._inflight: dict[int, _Segment] = {}  # id(row) -> its request
         self._wake = threading.Event()
         self.discarded_partial_tokens = 0  # partial outputs returned without routes (sent again instead)
+        self._retry_at: dict[int, float] = {}  # id(row) -> when it is sent again after a retryable failure
+        self._backoff: dict[int, float] = {}  # id(row) -> its next wait
+        self._failing_since: float | None = None  # the first failure since the server last answered anything
+        self.retries = 0  # requests sent again after a retryable failure
 
     @property
     def active(self) -> int:
@@ -86,6 +106,9 @@ class SGLangBatch:
             seg = self._inflight.pop(key)
             self._backend.abort(seg.rid)
             seg.stream.kill("cancelled")
+        for key in gone:
+            self._retry_at.pop(key, None)
+            self._backoff.pop(key, None)
         self.rows = [r for r in self.rows if id(r) not in gone]
 
     def invalidate(self) -> None:
@@ -95,14 +118,18 @@ class SGLangBatch:
         """Send every idle unfinished row; fold in what arrived within a short wait."""
         import uuid
 
+        now = time.monotonic()
         for r in self.rows:
-            if not r.done and id(r) not in self._inflight:
+            if not r.done and id(r) not in self._inflight and self._retry_at.get(id(r), 0.0) <= now:
+                self._retry_at.pop(id(r), None)
                 rid, routes_from = uuid.uuid4().hex, _routes_from(r)
                 stream = StreamSink(self._wake)
                 future = self._backend.submit(r, rid, self._capture, stream, routes_from)
                 self._inflight[id(r)] = _Segment(rid, version, len(r.tokens), routes_from, stream, future)
         if self._inflight:
             self._wake.wait(timeout=_POLL_S)
+        elif self._retry_at:  # every unfinished row waits for its retry
+            time.sleep(min(_POLL_S, max(0.0, min(self._retry_at.values()) - now)))
         self._collect()
 
     def drain(self) -> None:
@@ -114,19 +141,86 @@ class SGLangBatch:
     def _collect(self) -> None:
         self._wake.clear()
         by_id = {id(r): r for r in self.rows}
+        failed = []
         for key, seg in list(self._inflight.items()):
             done = seg.future.done()  # read first: all it streamed before it ended is taken below
-            if self._take(by_id[key], seg):
+            if self._take(by_id[key], seg, key):
                 del self._inflight[key]
             elif done:
                 del self._inflight[key]
-                seg.future.result()  # raises why the stream ended early
-                raise ConnectionError(f"sglang {self._backend.client.url}: a stream ended without a finish_reason")
+                failed.append((key, seg))
+        if failed:
+            self._failed(failed, by_id)
         self._watch()
 
-    def _take(self, row, seg: _Segment) -> bool:
+    def _take(self, row, seg: _Segment, key: int) -> bool:
         """Fold what ``seg`` streamed since the last call into ``row``; True once the request is over."""
-        return any(self._fold(row, seg, item) for item in seg.stream.take() if item)
+        items = [item for item in seg.stream.take() if item]
+        if items:  # the server answers: failures so far are over
+            self._backoff.pop(key, None)
+            if self._failing_since is not None:
+                log.info("sglang.recovered", url=self._backend.client.url, retries=self.retries,
+                         after_s=round(time.monotonic() - self._failing_since, 2))
+                self._failing_since = None
+        return any(self._fold(row, seg, item) for item in items)
+
+    def _failed(self, failed: list[tuple[int, _Segment]], by_id: dict) -> None:
+        """Requests that ended without a finish_reason (what they streamed is already folded in): an HTTP
+        500/502/503/504, or a broken stream on a server that still answers ``/health``, is sent again later; a lost
+        server (a stream killed by ``_watch``, or broken with ``/health`` failing) is launched again when this
+        backend launched it, else raises; anything else (a malformed answer) raises."""
+        b, lost, transient = self._backend, "", []
+        for key, seg in failed:
+            error = seg.future.exception() or ConnectionError(
+                f"sglang {b.client.url}: a stream ended without a finish_reason")
+            if isinstance(error, SGLangHTTPError) and error.retryable:
+                transient.append((key, error))
+            elif isinstance(error, OSError):  # ConnectionError: broken, refused, or killed by _watch
+                if seg.stream.killed:
+                    lost = lost or seg.stream.killed
+                elif not lost and b.alive():
+                    transient.append((key, error))
+                else:
+                    lost = lost or (f"sglang at {b.client.url} broke a stream ({error}) and its /health does not "
+                                    f"answer: the server is lost")
+            else:
+                raise error
+        if lost:
+            self._relaunch(lost, by_id)
+            return
+        for key, error in transient:
+            self._retry_later(key, error)
+
+    def _retry_later(self, key: int, error: BaseException) -> None:
+        now, retry_s = time.monotonic(), self._backend.retry_s
+        if self._failing_since is None:
+            self._failing_since = now
+            log.warning("sglang.failing", url=self._backend.client.url, error=str(error)[:300])
+        if now - self._failing_since > retry_s:
+            raise ConnectionError(f"sglang at {self._backend.client.url} answered nothing but failures for "
+                                  f"{retry_s:g}s (last: {str(error)[:200]}): giving up (rollout.sglang_retry_s)")
+        wait = self._backoff.get(key, _BACKOFF_S)
+        self._retry_at[key], self._backoff[key] = now + wait, min(2 * wait, _MAX_BACKOFF_S)
+        self.retries += 1
+
+    def _relaunch(self, why: str, by_id: dict) -> None:
+        """The server is lost: raise unless this backend launched it; else stop every request (what streamed
+        stays in its row), launch it again and let the next ``step`` send every unfinished row again."""
+        if not self._backend.can_relaunch():
+            raise ConnectionError(why)
+        for seg in self._inflight.values():
+            seg.stream.kill(why)
+        for key, seg in self._inflight.items():
+            try:
+                seg.future.exception(timeout=10.0)
+            except Exception:  # noqa: BLE001 - a reader that does not end: its row is sent again anyway
+                pass
+            self._take(by_id[key], seg, key)
+        self._inflight.clear()
+        self._retry_at.clear()
+        self._backoff.clear()
+        self._failing_since = None
+        self._backend.relaunch(why)
 
     def _fold(self, row, seg: _Segment, item: dict) -> bool:
         """Fold one streamed item into ``row``; True once the request is over."""
@@ -166,7 +260,7 @@ class SGLangBatch:
         idle = [s for s in self._inflight.values() if now - s.stream.last_bytes > timeout_s]
         if not idle:
             return
-        alive = self._backend.client.healthy(timeout_s=min(5.0, timeout_s))
+        alive = self._backend.alive()
         for seg in idle:
             if alive:
                 seg.stream.touch()
@@ -177,6 +271,7 @@ class SGLangBatch:
 
 
 _POLL_S = 0.05  # step(): how long to wait for streamed tokens before handing control back
+_BACKOFF_S, _MAX_BACKOFF_S = 0.25, 8.0  # the first and the longest wait before a failed request is sent again
 
 
 def _routes_from(row) -> int:
@@ -202,7 +297,8 @@ class SGLangBackend:
 
     def __init__(self, init_dir: str, *, url: str = "", port: int = 30000, eos_id: int, quantization: str = "",
                  kv_cache_dtype: str = "auto", max_inflight: int = 512, start_timeout_s: float = 900.0,
-                 python: str = "", idle_timeout_s: float = 120.0, worker_id: int = 0) -> None:
+                 python: str = "", idle_timeout_s: float = 120.0, worker_id: int = 0, retry_s: float = 60.0,
+                 health_interval_s: float = 1.0, max_relaunches: int = 3) -> None:
         import atexit
         import json
         import os
@@ -216,32 +312,86 @@ class SGLangBackend:
         self.adapter = adapter_for(config)
         self.num_layers, self.top_k, self.num_experts = moe_shape(config) if self.adapter else (0, 0, 1)
         self.init_dir, self.eos_id, self.idle_timeout_s = init_dir, eos_id, idle_timeout_s
+        self.start_timeout_s, self.retry_s, self.health_interval_s = start_timeout_s, retry_s, health_interval_s
+        self.max_relaunches, self.relaunches = max_relaunches, 0
         self._instance = f"w{worker_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # its own weight folders
         self._loaded: Path | None = None  # the folder the server loaded last
         self._root: Path | None = None  # the newest folder written (its parent holds this instance's)
         self._proc = None
+        self._argv: list[str] = []  # the server's command line when this backend launches it
         if not url:
-            import subprocess
-
             python = python or sys.executable
             check_sglang_python(python)
             url = f"http://127.0.0.1:{port}"
-            self._proc = subprocess.Popen(server_args(init_dir, python=python, port=port, quantization=quantization,
-                                                      kv_cache_dtype=kv_cache_dtype))
+            self._argv = server_args(init_dir, python=python, port=port, quantization=quantization,
+                                     kv_cache_dtype=kv_cache_dtype)
+            self._launch()
         atexit.register(self.close)  # a worker that exits takes its server and weight folders with it
+        # streams open at exit: close them before concurrent.futures joins their reader threads (which runs before
+        # atexit's handlers and would wait for every response to finish)
+        getattr(threading, "_register_atexit", lambda f: None)(self._kill_streams)
         self.client = SGLangClient(url)
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="sglang")
         self._batch: SGLangBatch | None = None
         self._wait_healthy(start_timeout_s)
 
+    def _launch(self) -> None:
+        import subprocess
+
+        self._proc = subprocess.Popen(self._argv)
+
     def _wait_healthy(self, timeout_s: float) -> None:
+        """Poll ``/health`` every ``health_interval_s`` until it answers 200 (sglang answers 503 while starting)."""
         deadline = time.monotonic() + timeout_s
-        while not self.client.healthy():
+        while not self.alive():
             if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"sglang.launch_server exited with {self._proc.returncode} before serving")
+                raise RuntimeError(f"sglang.launch_server exited with {self._proc.returncode} before serving "
+                                   f"{self.client.url}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no sglang server answered {self.client.url}/health within {timeout_s:.0f}s")
-            time.sleep(1.0)
+                raise TimeoutError(f"no sglang server answered {self.client.url}/health within {timeout_s:g}s "
+                                   f"(rollout.sglang_start_timeout_s)")
+            time.sleep(self.health_interval_s)
+
+    def alive(self) -> bool:
+        """The server answers ``/health`` (and, when this backend launched it, its process runs)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            return False
+        return self.client.healthy(timeout_s=min(5.0, self.idle_timeout_s))
+
+    def can_relaunch(self) -> bool:
+        return bool(self._argv) and self.relaunches < self.max_relaunches
+
+    def relaunch(self, why: str) -> None:
+        """Stop this backend's lost server (dead or hung), launch it again, wait for ``/health`` and load the
+        weights it served, so the worker's version stays the server's."""
+        self.relaunches += 1
+        code = self._proc.poll() if self._proc is not None else None
+        log.warning("sglang.relaunch", url=self.client.url, why=why, exit_code=code, relaunches=self.relaunches,
+                    of=self.max_relaunches)
+        self._stop_server()
+        self._launch()
+        self._wait_healthy(self.start_timeout_s)
+        if self._loaded is not None:
+            body = {"model_path": str(self._loaded), "flush_cache": True}
+            if m := re.search(r"policy_v(\d+)$", self._loaded.name):
+                body["weight_version"] = m.group(1)
+            result = self.client.post("/update_weights_from_disk", body)
+            if not result.get("success", False):
+                raise RuntimeError(f"the relaunched sglang at {self.client.url} could not load the weights it "
+                                   f"served ({self._loaded}): {result.get('message')}")
+        log.info("sglang.relaunched", url=self.client.url, weights=str(self._loaded or self.init_dir))
+
+    def _stop_server(self) -> None:
+        import subprocess
+
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=10.0)
 
     def new_batch(self, *, capture_routes: bool) -> SGLangBatch:
         if capture_routes and self.adapter is None:
@@ -277,13 +427,14 @@ class SGLangBackend:
     def load(self, path: str, digest: str = "") -> None:
         """Write this backend's folder for ``path`` from its bytes checked against ``digest`` (a file that fails
         raises ``WeightsRejected`` before anything is written or paused), pause (requests in flight return), fold
-        partial outputs in, load the new weights, continue; then remove the previous version's folder."""
-        import re
+        partial outputs in, load the new weights, continue; then remove the previous version's folder. A server that
+        refuses the folder (sglang rolls back and answers 400) raises ``WeightsRejected`` too: it still serves the
+        previous weights."""
         import shutil
 
         from safetensors.torch import load as load_bytes
 
-        from engine.backends.weights_file import read_verified
+        from engine.backends.weights_file import WeightsRejected, read_verified
 
         m = re.search(r"policy_v(\d+)\.safetensors$", path)
         model_dir = self._root = self.model_dir(path)
@@ -296,10 +447,16 @@ class SGLangBackend:
             body = {"model_path": str(model_dir), "flush_cache": True}
             if m:
                 body["weight_version"] = m.group(1)
-            result = self.client.post("/update_weights_from_disk", body)
+            try:
+                result = self.client.post("/update_weights_from_disk", body)
+            except SGLangHTTPError as e:  # 400: sglang rolled back to the weights it served
+                if e.status != 400:
+                    raise
+                result = {"success": False, "message": e.body.get("message", str(e))}
             if not result.get("success", False):
                 shutil.rmtree(model_dir, ignore_errors=True)
-                raise RuntimeError(f"sglang could not load {model_dir}: {result.get('message')}")
+                raise WeightsRejected(path, "server_rejected", f"sglang at {self.client.url} could not load "
+                                      f"{model_dir} and keeps the weights it serves: {result.get('message')}")
         finally:
             self.client.post("/continue_generation", {})
         if self._loaded is not None and self._loaded != model_dir:
@@ -311,19 +468,26 @@ class SGLangBackend:
             return np.stack(routes)
         return np.zeros((0, self.num_layers, self.top_k), dtype=route_dtype(self.num_experts))
 
+    def _kill_streams(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._batch is not None:
+            for seg in list(self._batch._inflight.values()):
+                seg.stream.kill("closed")
+
     def close(self) -> None:
         """Stop the requests and the server this backend started; remove its weight folders."""
         import shutil
 
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._batch is not None:
-            for seg in self._batch._inflight.values():
-                seg.stream.kill("closed")
+        self._kill_streams()
         if self._root is not None:
             shutil.rmtree(self._root.parent, ignore_errors=True)
             self._loaded = self._root = None
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10.0)
+            except Exception:  # noqa: BLE001 - atexit: never hang the worker's exit
+                self._proc.kill()
 
 
 def build(cfg, init_dir: str, worker_id: int) -> SGLangBackend:
@@ -335,15 +499,24 @@ def build(cfg, init_dir: str, worker_id: int) -> SGLangBackend:
     return SGLangBackend(init_dir, url=r.sglang_url, port=r.sglang_port + worker_id,
                          eos_id=load_tokenizer(cfg.model).eos_id, quantization=r.quantization,
                          kv_cache_dtype=r.kv_cache_dtype, max_inflight=r.max_batch_samples,
-                         python=r.sglang_python, idle_timeout_s=r.sglang_idle_timeout_s, worker_id=worker_id)
+                         python=r.sglang_python, idle_timeout_s=r.sglang_idle_timeout_s, worker_id=worker_id,
+                         start_timeout_s=r.sglang_start_timeout_s, retry_s=r.sglang_retry_s,
+                         health_interval_s=r.sglang_health_interval_s)
 
 
 # ---- the generative judge: text prompts on a running server, one batched request per group ---------------------
 
 
 class SglangJudgeBackend:
-    def __init__(self, url: str, *, timeout_s: float) -> None:
+    """The judge on a running sglang server (``reward.judge.url``). A request answered HTTP 500/502/503/504 is sent
+    again with a doubling wait (0.5 s to 8 s) for at most ``retry_s`` (default: ``reward.judge.timeout_s``); a server
+    that cannot be reached raises a ``ConnectionError`` naming ``reward.judge.url`` (the reward worker records the
+    group as not judged and keeps serving)."""
+
+    def __init__(self, url: str, *, timeout_s: float, retry_s: float | None = None) -> None:
         self.client = SGLangClient(url, timeout_s=timeout_s)
+        self.retry_s = timeout_s if retry_s is None else retry_s
+        self.retries = 0
 
     @staticmethod
     def payload(prompts: list[str], *, max_new_tokens: int, temperature: float) -> dict:
@@ -352,7 +525,20 @@ class SglangJudgeBackend:
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
         body = self.payload(prompts, max_new_tokens=max_new_tokens, temperature=temperature)
-        return self.parse(self.client.post("/generate", body), len(prompts))
+        deadline, wait = time.monotonic() + self.retry_s, 0.5
+        while True:
+            try:
+                return self.parse(self.client.post("/generate", body), len(prompts))
+            except SGLangHTTPError as e:
+                if not e.retryable or time.monotonic() + wait > deadline:
+                    raise
+                log.warning("judge.sglang_retry", url=self.client.url, status=e.status, wait_s=wait)
+            except ConnectionError as e:
+                raise ConnectionError(f"the judge's sglang server does not answer: {e}; is it running at "
+                                      f"reward.judge.url={self.client.url}?") from None
+            self.retries += 1
+            time.sleep(wait)
+            wait = min(2 * wait, 8.0)
 
     @staticmethod
     def parse(items, num: int) -> list[str]:

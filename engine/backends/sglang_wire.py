@@ -239,9 +239,29 @@ class StreamSink:
                 pass
 
 
+class SGLangHTTPError(RuntimeError):
+    """An sglang endpoint answered an HTTP error status: ``status``, and ``body`` (the JSON answer, or {})."""
+
+    RETRYABLE = frozenset({500, 502, 503, 504})  # overloaded, starting or a transient failure: send it again
+
+    def __init__(self, path: str, status: int, raw: bytes) -> None:
+        super().__init__(f"sglang {path} answered HTTP {status}: {raw[:500]!r}")
+        self.path, self.status = path, status
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        self.body = body if isinstance(body, dict) else {}
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in self.RETRYABLE
+
+
 class SGLangClient:
     """sglang's native HTTP endpoints (``/generate``, ``/pause_generation``, ``/update_weights_from_disk``,
-    ``/continue_generation``, ``/abort_request``, ``/health``), blocking; call them from threads."""
+    ``/continue_generation``, ``/abort_request``, ``/health``), blocking; call them from threads. An HTTP error
+    status raises ``SGLangHTTPError``; a server that cannot be reached raises ``ConnectionError`` naming it."""
 
     def __init__(self, url: str, *, timeout_s: float = 600.0) -> None:
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
@@ -256,7 +276,9 @@ class SGLangClient:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as e:
-            raise RuntimeError(f"sglang {path} answered HTTP {e.code}: {e.read()[:500]!r}") from None
+            raise SGLangHTTPError(path, e.code, e.read()) from None
+        except OSError as e:  # refused, reset, timed out (urllib's URLError is an OSError)
+            raise ConnectionError(f"sglang {self.url}{path}: no answer ({getattr(e, 'reason', e)})") from None
         return json.loads(text) if text.strip() else {}
 
     def stream(self, path: str, body: dict, sink: StreamSink, connect_timeout_s: float = 30.0) -> None:
@@ -276,7 +298,7 @@ class SGLangClient:
                 raise ConnectionError(sink.killed)
             resp = conn.getresponse()
             if resp.status != 200:
-                raise RuntimeError(f"sglang {path} answered HTTP {resp.status}: {resp.read()[:500]!r}")
+                raise SGLangHTTPError(path, resp.status, resp.read())
             for item in iter_sse(resp, on_bytes=sink.touch):
                 sink.put(item)
                 if finish_type(item):

@@ -54,6 +54,13 @@ class Checkpoint:
     def policy_path(self) -> Path:
         return self.path / "policy.safetensors"
 
+    @property
+    def policy_digest(self) -> str:
+        """``sha256:<hex>`` of the policy file from the manifest (what LoadWeights carries), "" for a checkpoint
+        written before manifests existed."""
+        entry = self.meta.get("files", {}).get(self.policy_path.name)
+        return f"sha256:{entry[1]}" if entry else ""
+
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"

@@ -269,7 +269,7 @@ async def _unless(stop: asyncio.Event | None, work: Awaitable, *, cancel: bool =
 async def _restore(a: Actors, ckpt: checkpoint.Checkpoint, state: dict) -> int:
     """Workers take the checkpoint's weights; partial responses and buffered groups continue."""
     version = int(ckpt.meta["version"])
-    await a.rollouts.load_weights(LoadWeights(version=version, path=str(ckpt.policy_path)))
+    await a.rollouts.load_weights(LoadWeights(version=version, path=str(ckpt.policy_path), digest=ckpt.policy_digest))
     await a.rollouts.restore(state)
     return version
 

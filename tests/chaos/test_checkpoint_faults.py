@@ -80,3 +80,13 @@ def test_the_manifest_covers_every_file_and_only_the_two_newest_are_kept(tmp_pat
                if p.is_file() and p.name != "meta.json"}
     assert set(meta["files"]) == on_disk
     assert (root / "latest").read_text() == "step_000009"
+
+
+def test_a_restore_carries_the_policy_digest_workers_check(tmp_path):
+    """A resumed run's LoadWeights carries the checkpoint's own sha256 of its policy file, as a published version
+    does (engine/backends/weights_file.py): a torn policy file is refused by the worker, never served."""
+    from engine.backends.weights_file import digest_file
+
+    _save(tmp_path, 3)
+    ckpt = checkpoint.latest(tmp_path)
+    assert ckpt.policy_digest == digest_file(ckpt.policy_path)
