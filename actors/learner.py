@@ -34,13 +34,18 @@ Versions: version 0 is the --init weights; after k optimizer steps rank 0 writes
 ``<weights-dir>/policy_v{k}.safetensors`` atomically and keeps only the newest two files. The sha256 of the
 bytes written travels in ``TrainResult.weights_digest``; every rollout worker checks it before serving them.
 
-One step (``LearnerRank.step``): shards -> gap probe -> old-policy pass -> the loss's batch-global statistics ->
-per shard, the ``LossInputs`` record through the advantage transforms (engine/algo/transforms.py) -> loss,
-backward, optimizer step -> stats reduced over ranks. The loss is the registered class of ``learner.loss``
-(engine/algo/loss_registry.py) built from its section ``learner.<loss>``.
+One step (``LearnerRank.step``): shards -> gap probe (every ``learner.gap_probe_every`` versions) -> old-policy
+pass -> the loss's batch-global statistics -> per shard, the ``LossInputs`` record through the advantage transforms
+(engine/algo/transforms.py) -> loss, backward, optimizer step -> stats reduced over ranks. The first mini-batch's
+update forward is also its old-policy pass (the weights have not moved yet): one forward instead of two, and
+with one mini-batch per step (the default) no separate old-policy forward at all. The loss is the registered
+class of ``learner.loss`` (engine/algo/loss_registry.py) built from its section ``learner.<loss>``.
+
+Threads: each rank runs ``learner_threads(cfg)`` torch threads (engine/coordinator/launch.py: learner.threads_per_rank,
+or with 0 the cores the local rollout workers do not take, split over the ranks).
 
 Over 400 lines on purpose: the rank's model and step, the rank-0 peer and the ranks > 0 loop read together; the
-parts that need no actor machinery are in actors/learner_parts.py.
+parts that need no actor machinery are in actors/learner_parts.py, the rank's checkpoint in actors/learner_state.py.
 """
 
 from __future__ import annotations
@@ -66,15 +71,17 @@ from actors.common import actor_parser, make_peer
 from configs.load import load_resolved
 from configs.schema import RunConfig
 from engine.log import configure_logging
+from engine.coordinator.launch import learner_threads
 from engine.coordinator.procs import die_with_parent
 from engine.algo.loss_seam import LossInputs, build_loss
 from engine.data.tasks import generation_limit
 from engine.algo.transforms import decoupled_weights, rl_zvp
+from actors.learner_state import load_rank, save_rank
 from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, deepspeed_config,
-                                  fanout_recv, fanout_send, gather_tokens, probe_gap, shard_bounds,
-                                  skip_shm_comm_build)
+                                  fanout_recv, fanout_send, gather_tokens, logprobs_with_entropy, probe_gap,
+                                  shard_bounds, skip_shm_comm_build)
 from engine.modeling.expert_parallel import hf_state_dict, patch_transformers, replica_check
-from engine.modeling.model import load_model, load_weights, old_policy_pass, save_state, save_weights, token_logprobs
+from engine.modeling.model import load_model, old_policy_pass, publish_state, token_logprobs
 from engine.modeling.replay_mode import ReplayMode
 from engine.modeling.routing import route_hooks
 from transport.channels import PeerLost, run
@@ -117,6 +124,8 @@ class LearnerRank:
         self.chunk_tokens = cfg.learner.entropy_chunk_tokens
         self.replay, self.num_minibatches = ReplayMode(cfg.learner.router_replay), cfg.learner.num_minibatches
         self.gap_probe_seqs = max(cfg.learner.gap_probe_seqs // self.world, 1) if cfg.learner.gap_probe_seqs else 0
+        self.gap_probe_every = cfg.learner.gap_probe_every
+        self.fuse_first_pass = True  # False: a separate old-policy forward for every shard (the tests compare)
         self.probe_model = load_model(init_dir, cfg.model.dtype).eval() if self.gap_probe_seqs else None  # the previous version
         self.decoupled, self.decoupled_cap = cfg.learner.decoupled, cfg.learner.decoupled_is_cap
         self.rl_zvp_alpha = cfg.learner.rl_zvp_alpha
@@ -130,20 +139,25 @@ class LearnerRank:
         """Old-policy pass over the whole batch, then one optimizer step per mini-batch -> stats of the batch.
 
         The N sequences split into ``num_minibatches`` contiguous mini-batches; each rank trains on its shard of
-        each. The old-policy pass (entropy, proximal log-probs, R2 routes, rollout-vs-trainer gaps) runs on every
-        shard before the first update, i.e. with the weights the batch's newest tokens were sampled from. The
-        loss's batch-global statistics (ESPO's batch-scope entropy threshold) are taken once, over every rank."""
+        each. The old-policy pass (entropy, proximal log-probs, R2 routes) runs on every shard before the first
+        update, i.e. with the weights the batch's newest tokens were sampled from; for the first shard it is that
+        shard's update forward (``_fused_forward``). The loss's batch-global statistics (ESPO's batch-scope entropy
+        threshold) are taken once, over every rank. The rollout-vs-trainer gap probe runs only on versions that
+        are multiples of ``gap_probe_every`` (``logprob_gap_*`` and ``routing_mismatch_frac`` are absent from the
+        other steps' stats), and the probe's frozen copy is refreshed only on the step before."""
         t0 = time.perf_counter()
         shards = self._shards(batch)
         acc = StatSums()
-        if self.gap_probe_seqs:
+        if self._probes(self.version):
             self._probe_rollout_gap(shards, acc)
+        if self._probes(self.version + 1):
             self.probe_model.load_state_dict(self.hf_state())  # version v: next step's v - 1
-        for sh in shards:
+        first_logp = self._fused_forward(shards[0], acc) if self.fuse_first_pass else None
+        for sh in shards[1:] if first_logp is not None else shards:
             self._old_policy_pass(sh, acc)
         global_stats = self._batch_statistics(shards)
-        for sh in shards:
-            self._update(self._loss_inputs(sh, acc), global_stats, acc)
+        for i, sh in enumerate(shards):
+            self._update(self._loss_inputs(sh, acc, logp_NL=first_logp if i == 0 else None), global_stats, acc)
         return self._finish(acc, num_seqs=batch.input_ids.shape[0], t0=t0)
 
     def _shards(self, batch: TrainBatch) -> list[Shard]:
@@ -167,13 +181,19 @@ class LearnerRank:
                     for name in self.loss.batch_fields}
         return self.loss.batch_statistics(gathered)
 
-    def _loss_inputs(self, sh: Shard, acc: StatSums) -> LossInputs:
-        """The shard's log-probs under the live weights (routes replayed as configured) and its loss record,
-        through the advantage transforms: RL-ZVP, then decoupled PPO's proximal ratio and weights."""
-        forced_NLLK, routed_N = {ReplayMode.R3: (sh.routes_NLLK, sh.routed_N),
-                                 ReplayMode.R2: (sh.own_routes_NLLK, None)}.get(self.replay, (None, None))
-        with route_hooks(self.engine.module, forced_NTLK=forced_NLLK, routed_N=routed_N, record=False):
-            logp_NL = token_logprobs(self.engine, sh.ids_NL, sh.attn_NL, temperature=self.temperature)
+    def _probes(self, version: int) -> bool:
+        """Whether the step that starts at ``version`` runs the gap probe."""
+        return bool(self.gap_probe_seqs) and version % self.gap_probe_every == 0
+
+    def _loss_inputs(self, sh: Shard, acc: StatSums, logp_NL: torch.Tensor | None = None) -> LossInputs:
+        """The shard's log-probs under the live weights (routes replayed as configured; ``logp_NL``: already
+        computed by ``_fused_forward``) and its loss record, through the advantage transforms: RL-ZVP, then
+        decoupled PPO's proximal ratio and weights."""
+        if logp_NL is None:
+            forced_NLLK, routed_N = {ReplayMode.R3: (sh.routes_NLLK, sh.routed_N),
+                                     ReplayMode.R2: (sh.own_routes_NLLK, None)}.get(self.replay, (None, None))
+            with route_hooks(self.engine.module, forced_NTLK=forced_NLLK, routed_N=routed_N, record=False):
+                logp_NL = token_logprobs(self.engine, sh.ids_NL, sh.attn_NL, temperature=self.temperature)
         x = LossInputs(logp_NL, sh.old_logp_NL, sh.adv_N, sh.mask_NL, entropy_NT=sh.entropy_NL,
                        denom=float(sh.denom))
         if self.rl_zvp_alpha > 0 and sh.zvp_sign_N is not None and bool((sh.zvp_sign_N != 0).any()):
@@ -221,9 +241,29 @@ class LearnerRank:
         n, length = sh.ids_NL.shape
         sh.own_routes_NLLK = own.stacked(0).reshape(n, length, *own.stacked(0).shape[1:]) if own.calls else None
         sh.prox_logp_NL = prox_logp_NL
+        self._old_policy_stats(sh, acc)
+
+    def _fused_forward(self, sh: Shard, acc: StatSums) -> torch.Tensor:
+        """The first shard's update forward, taken before any optimizer step, so it is also its old-policy pass:
+        -> its differentiable log-probs; entropy and proximal log-probs are the same forward's, detached. Routes:
+        R3 replays the rollout's, as both passes would; R2 lets the router choose, which is what forcing the
+        old pass's own choices under the same weights gives (within float tolerance); off routes freely."""
+        replay = sh.routes_NLLK is not None and self.replay is ReplayMode.R3
+        with route_hooks(self.engine.module, forced_NTLK=sh.routes_NLLK if replay else None,
+                         routed_N=sh.routed_N if replay else None, record=False):
+            logp_NL, sh.entropy_NL = logprobs_with_entropy(self.engine, sh.ids_NL, sh.attn_NL,
+                                                           temperature=self.temperature,
+                                                           chunk_tokens=self.chunk_tokens)
+        sh.prox_logp_NL = logp_NL.detach()
+        self._old_policy_stats(sh, acc)
+        return logp_NL
+
+    @staticmethod
+    def _old_policy_stats(sh: Shard, acc: StatSums) -> None:
         tokens = sh.mask_NL.sum().double()
         acc.add("entropy", (sh.entropy_NL * sh.mask_NL).sum(), tokens)
-        acc.add("behavior_proximal_abs_diff", ((prox_logp_NL - sh.old_logp_NL).abs() * sh.mask_NL).sum(), tokens)
+        acc.add("behavior_proximal_abs_diff", ((sh.prox_logp_NL - sh.old_logp_NL).abs() * sh.mask_NL).sum(),
+                tokens)
 
     def _probe_rollout_gap(self, shards: list[Shard], acc: StatSums) -> None:
         """The rollout-vs-trainer log-prob gap on up to ``gap_probe_seqs`` sequences (learner_parts.probe_gap):
@@ -248,48 +288,21 @@ class LearnerRank:
             return None
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
-    def save(self, path: str) -> None:
-        """Every rank: model, optimizer and scheduler (DeepSpeed), this rank's RNG, and (rank 0) the frozen
-        previous-version weights of the gap probe. Collective: all ranks call it with the same path."""
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(path, tag="state", client_state={"version": self.version})
-        torch.save({"torch": torch.get_rng_state()}, Path(path) / f"rng_rank{self.rank}.pt")
-        if self.rank == 0 and self.probe_model is not None:
-            save_weights(self.probe_model, Path(path) / "probe.safetensors")
-        dist.barrier()
+    def save(self, path: str) -> str:
+        """Every rank (collective): "" once saved, else the disk fault every rank agreed on
+        (actors/learner_state.py ``save_rank``)."""
+        return save_rank(self, path)
 
     def load(self, path: str) -> None:
-        """Every rank: continue from ``save(path)``. An elastic group of another size than the one that saved
-        it loads the model, version and schedule, but not ZeRO's optimizer partitions (DeepSpeed cannot re-shard
-        them): Adam's moments restart from zero, said in the log as ``learner.optimizer_reset``."""
-        from deepspeed.runtime.zero.utils import ZeRORuntimeException
-
-        try:
-            _, client = self.engine.load_checkpoint(path, tag="state")
-        except ZeRORuntimeException as e:
-            if "world size" not in str(e):
-                raise
-            log.warning("learner.optimizer_reset", checkpoint=path, world=self.world, reason=str(e).split(".")[0])
-            _, client = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=False)
-        if client is None:
-            raise FileNotFoundError(f"no learner checkpoint in {path} (tag 'state')")
-        self.version = int(client["version"])
-        self._hf_state = self._gather_hf_state()
-        rng_file = Path(path) / f"rng_rank{self.rank}.pt"
-        if rng_file.exists():  # a rank the saving group did not have keeps its fresh generator
-            torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
-        probe = Path(path) / "probe.safetensors"
-        if self.probe_model is not None:
-            if probe.exists():
-                load_weights(self.probe_model, probe)
-            else:
-                self.probe_model.load_state_dict(self.hf_state())
+        """Every rank: continue from ``save(path)`` (actors/learner_state.py ``load_rank``)."""
+        load_rank(self, path)
 
     def publish(self) -> tuple[str, str]:
         """Rank 0: write the current weights as ``policy_v{version}`` and drop the older files -> (path, digest of
         the bytes written)."""
         path = self.weights_dir / f"policy_v{self.version}.safetensors"
-        digest = save_state(self.hf_state(), path)
+        # a disk fault: retried, then an OSError naming the path; the workers keep the previous version
+        digest = publish_state(self.hf_state(), path, version=self.version)
         for old in self.weights_dir.glob("policy_v*.safetensors"):
             m = re.fullmatch(r"policy_v(\d+)\.safetensors", old.name)
             if m and int(m.group(1)) <= self.version - _KEEP_VERSIONS:
@@ -342,8 +355,9 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
                     await peer.send(result)
                 case SaveCheckpoint():
                     t0 = time.perf_counter()
-                    await asyncio.to_thread(_fanout_and_save, learner, msg, encode(msg))
-                    await peer.send(CheckpointSaved(step=msg.step, path=msg.path, seconds=time.perf_counter() - t0))
+                    failed = await asyncio.to_thread(_fanout_and_save, learner, msg, encode(msg))
+                    await peer.send(CheckpointSaved(step=msg.step, path="" if failed else msg.path,
+                                                    seconds=time.perf_counter() - t0))  # path "": not saved
                 case Shutdown():
                     await asyncio.to_thread(fanout_send, None, SHUTDOWN)
                     log.info("learner.shutdown", reason=msg.reason, version=learner.version)
@@ -377,9 +391,10 @@ def _lost_a_rank(e: Exception) -> bool:
                                                                      "Broken pipe"))
 
 
-def _fanout_and_save(learner: LearnerRank, msg: SaveCheckpoint, frame: bytes) -> None:
+def _fanout_and_save(learner: LearnerRank, msg: SaveCheckpoint, frame: bytes) -> str:
+    """"" once saved, else the disk fault every rank agreed on (``LearnerRank.save``)."""
     fanout_send(frame)
-    learner.save(msg.path)
+    return learner.save(msg.path)
 
 
 def _train_and_publish(learner: LearnerRank, batch: TrainBatch, frame: bytes) -> TrainResult:
@@ -423,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_resolved(args.config)
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(role="learner", rank=rank, json_lines=cfg.log_json)
-    torch.set_num_threads(cfg.learner.threads_per_rank)
+    torch.set_num_threads(learner_threads(cfg))  # cores split between the actor processes (launch.py)
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
                             category=FutureWarning)  # raised inside DeepSpeed's ZeRO

@@ -1,6 +1,7 @@
 """The learner rank's building blocks that need no actor machinery: the DeepSpeed config, one rank's share of a
 batch (``Shard``), statistics reduced across ranks (``StatSums``), the all-gather of token values for a loss's
-batch-global statistics (``gather_tokens``), the rollout-vs-trainer gap probe (``probe_gap``), and the rank-0
+batch-global statistics (``gather_tokens``), the rollout-vs-trainer gap probe (``probe_gap``), the update
+forward that is also the old-policy pass (``logprobs_with_entropy``), and the rank-0
 fan-out of frames to the other ranks (an int64 size, then the codec's bytes as a uint8 tensor; a size <= 0 is a
 control code). actors/learner.py composes them into ``LearnerRank`` and the actor."""
 
@@ -11,8 +12,10 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from configs.schema import LearnerConfig
+from engine.algo.entropy import entropy_of_logits
 from engine.algo.loss_registry import counts_tokens
 from engine.modeling.expert_parallel import autoep_config
 from engine.modeling.model import token_logprobs
@@ -182,6 +185,22 @@ def _probe_rows(model, sh: Shard, r: torch.Tensor, on_NL: torch.Tensor, forced, 
             routed_NL = on_NL & (torch.arange(on_NL.shape[1])[None] < routes[1][:, None])
             differs_NL = mismatch_NT(own_NLLK, routes[0]) & routed_NL
             acc.add("routing_mismatch_frac", differs_NL.sum().double(), routed_NL.sum().double())
+
+
+def logprobs_with_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
+                          chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One differentiable forward -> (logp_NL, entropy_NL): the log-probs exactly as ``token_logprobs``
+    computes them (the same ops, so the loss is unchanged), and, without gradient, the full-vocabulary entropy of
+    the same logits (column 0 = 0, as ``old_policy_pass``). While the weights have not moved since the batch
+    arrived, ``logp_NL.detach()`` and ``entropy_NL`` are the old-policy pass's outputs, so that pass is skipped."""
+    logits_BLV = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits_BLV = logits_BLV[:, :-1].float()
+    if temperature > 0 and temperature != 1.0:
+        logits_BLV = logits_BLV / temperature
+    picked_BL = logits_BLV.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logp_BL = picked_BL - torch.logsumexp(logits_BLV, dim=-1)
+    entropy_BL = entropy_of_logits(logits_BLV, chunk_tokens=chunk_tokens)
+    return F.pad(logp_BL, (1, 0), value=0.0), F.pad(entropy_BL, (1, 0), value=0.0)
 
 
 def as_float(x) -> float:

@@ -249,10 +249,13 @@ class LearnerConfig:
     # c10d rendezvous the coordinator hosts; num_ranks is then ranks per node
     rdzv_port: int = 0  # elastic: the rendezvous store's port on transport.host (0 = a free port, see join.json)
     max_restarts: int = 3  # elastic: group restarts torchrun itself makes (a rank died, a node joined or left)
-    gap_probe_seqs: int = 64  # sequences per step whose log-probs are recomputed under the weights that sampled
-    # them (a frozen copy of the previous version is kept) to log the rollout-vs-trainer gap; 0 = off, no copy
+    gap_probe_seqs: int = 64  # sequences per probed step whose log-probs are recomputed under the weights that
+    # sampled them (a frozen copy of the previous version is kept) to log the rollout-vs-trainer gap; 0 = off, no copy
+    gap_probe_every: int = 10  # probe the gap (logprob_gap_*, routing_mismatch_frac) on versions 0, k, 2k, ...;
+    # other steps omit those keys. Cheap by default: 64 sequences every 10 steps; 1 = every step (the old cost)
     grad_clip: float = 1.0
-    threads_per_rank: int = 1
+    threads_per_rank: int = 0  # torch threads per learner rank; 0 = auto: the cores of this machine that the hf
+    # rollout workers do not take (num_workers x rollout.threads_per_worker), split over num_ranks, at least 1
     master_port: int = 0  # 0 = pick a free port
 
     def __post_init__(self) -> None:
@@ -266,6 +269,10 @@ class LearnerConfig:
         _require(self.rl_zvp_alpha >= 0, "learner.rl_zvp_alpha", self.rl_zvp_alpha, "it must be >= 0 (0 = off)")
         _require(self.decoupled_is_cap > 0, "learner.decoupled_is_cap", self.decoupled_is_cap, "it must be > 0")
         _require(self.gap_probe_seqs >= 0, "learner.gap_probe_seqs", self.gap_probe_seqs, "it must be >= 0")
+        _require(self.gap_probe_every >= 1, "learner.gap_probe_every", self.gap_probe_every,
+                 "it must be >= 1 (turn the probe off with learner.gap_probe_seqs=0)")
+        _require(self.threads_per_rank >= 0, "learner.threads_per_rank", self.threads_per_rank,
+                 "it must be >= 0 (0 = auto)")
         _require(self.expert_parallel >= 1 and self.num_ranks % self.expert_parallel == 0, "learner.expert_parallel",
                  self.expert_parallel, f"it must divide learner.num_ranks={self.num_ranks} (1 = no expert parallelism)")
         _require(re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", self.nnodes) is not None

@@ -61,3 +61,24 @@ def logprobs_and_entropy(
         entropy_M[lo:hi] = -(p_CV.mul_(logits_CV)).sum(-1)
         del logits_CV, p_CV
     return logp_M.reshape(N, L), entropy_M.reshape(N, L)
+
+
+@torch.no_grad()
+def entropy_of_logits(logits_NLV: Tensor, *, chunk_tokens: int = 1024) -> Tensor:
+    """Full-vocabulary entropy (nats) of softmax(logits_NLV) at each position -> entropy_NL, without gradient.
+
+    For logits that already exist (the learner's update forward, already divided by the temperature): the fused
+    old-policy pass takes the entropy from them instead of running a second forward. Same formula and clamp as
+    ``logprobs_and_entropy``, over chunks of ``chunk_tokens`` positions, so the extra memory is about 2 * C * V
+    floats."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    N, L, V = logits_NLV.shape
+    logits_MV = logits_NLV.detach().reshape(N * L, V)
+    out_dtype = torch.promote_types(logits_MV.dtype, torch.float32)
+    entropy_M = torch.empty(N * L, dtype=out_dtype, device=logits_MV.device)
+    for lo in range(0, N * L, chunk_tokens):
+        logp_CV = torch.log_softmax(logits_MV[lo:lo + chunk_tokens].to(out_dtype), dim=-1)
+        logp_CV.clamp_(min=torch.finfo(out_dtype).min)  # -inf -> finite, so p * log p = 0 * finite = 0
+        entropy_M[lo:lo + chunk_tokens] = -(logp_CV.exp().mul_(logp_CV)).sum(-1)
+    return entropy_M.reshape(N, L)

@@ -9,8 +9,9 @@
 - ``meta.json``, written last, with the size and sha256 of every other file (the manifest).
 Writes are atomic: everything goes into ``checkpoints/.staging_step_000050/``, every file and folder is fsynced,
 and only then is the folder renamed to ``step_000050`` (a crash while saving leaves a staging folder, never a
-half checkpoint). ``latest()`` verifies the manifest and skips a torn or corrupt checkpoint with a logged error
-naming the bad file, so the previous one is used. ``checkpoints/latest`` names the newest complete one
+half checkpoint; a disk fault while saving removes the staging folder and raises an OSError naming the path:
+the previous checkpoint stays the newest). ``latest()`` verifies the manifest and skips a torn or corrupt
+checkpoint with a logged error naming the bad file, so the previous one is used. ``checkpoints/latest`` names the newest complete one
 (replaced atomically). The two newest are kept.
 
 Arrays are stored with ``np.savez`` and read with ``allow_pickle=False``; nothing here is ever unpickled.
@@ -18,6 +19,7 @@ Arrays are stored with ``np.savez`` and read with ``allow_pickle=False``; nothin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -75,11 +77,15 @@ def staging_dir(run_dir: Path, step: int) -> Path:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no torn temporary file; ``path`` is as it was
+        raise
     _fsync_dir(path.parent)
 
 
@@ -135,25 +141,66 @@ def save_coordinator(path: Path, *, step: int, version: int, rollouts_state: dic
                      policy_file: str) -> None:
     """Write the coordinator's part into the staging folder ``path`` (the learner has written ``path/learner``
     already), fsync everything, write ``meta.json`` with the manifest, rename the folder to ``step_{step}``,
-    then move ``latest``; drop checkpoints older than the newest two."""
+    then move ``latest``; drop checkpoints older than the newest two.
+
+    A disk fault before the rename (ENOSPC, EIO, EFBIG, EROFS) removes the staging folder and raises an OSError
+    naming the file or folder and the cause: the previous checkpoints are untouched, ``latest()`` still finds the
+    newest of them. After the rename the checkpoint is complete; a failure to move ``latest`` or to drop old
+    checkpoints is only logged (``latest()`` finds checkpoints by their folders, not by that file)."""
     arrays: dict[str, np.ndarray] = {}
     groups = {kind: [_group_meta(g, f"{kind}{i}", arrays) for i, g in enumerate(rollouts_state[kind])]
               for kind in ("inflight", "buffer")}
     state = {"counts": rollouts_state["counts"], "sent_version": rollouts_state["sent_version"], **groups,
              **extra}
-    path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / "arrays.npz", **arrays)
-    (path / "coordinator.json").write_text(json.dumps(state))
-    shutil.copyfile(policy_file, path / "policy.safetensors")
-    meta = {"step": step, "version": version, "files": _manifest(path)}
-    _atomic_write(path / "meta.json", json.dumps(meta))
     root, final = path.parent, checkpoint_dir(path.parent.parent, step)
-    shutil.rmtree(final, ignore_errors=True)  # one found corrupt and skipped at resume
-    os.replace(path, final)
-    _fsync_dir(root)
-    _atomic_write(root / "latest", final.name)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        np.savez(path / "arrays.npz", **arrays)
+        (path / "coordinator.json").write_text(json.dumps(state))
+        shutil.copyfile(policy_file, path / "policy.safetensors")
+        meta = {"step": step, "version": version, "files": _manifest(path)}
+        _atomic_write(path / "meta.json", json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)  # one found corrupt and skipped at resume
+        os.replace(path, final)
+    except OSError as e:
+        discard_staging(path)  # the file written names the fault (copyfile: filename2, its destination)
+        raise OSError(e.errno, e.strerror, str(e.filename2 or e.filename or path)) from e
+    try:
+        _fsync_dir(root)
+        _atomic_write(root / "latest", final.name)
+    except OSError as e:
+        log.warning("checkpoint.latest_not_updated", path=str(root / "latest"), error=e.strerror,
+                    detail=f"{final.name} is complete and is found without it")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-_KEEP]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def learner_fault(path: Path, logs: Path) -> OSError:
+    """What the coordinator knows when the learner answers ``CheckpointSaved(path="")`` (its ranks could not
+    write their files under ``path``; each rank's log has ``checkpoint.write_failed`` with the cause): ENOSPC
+    when that disk is full now, else the pointer to those logs."""
+    try:
+        full = shutil.disk_usage(_existing(path)).free < _FULL_BYTES
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"a learner rank could not write its files (its checkpoint.write_failed in {logs} "
+                   "names the cause)", str(path))
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+_FULL_BYTES = 1 << 20  # less free than this: the disk is full for naming the cause
+
+
+def discard_staging(path: Path) -> None:
+    """Remove a staging folder whose save failed (a disk fault): it never becomes a checkpoint."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def latest(run_dir: Path) -> Checkpoint | None:

@@ -69,9 +69,22 @@ class Rendezvous:
         self.endpoint = f"{host}:{port}"
 
 
+def learner_threads(cfg: RunConfig, cores: int | None = None) -> int:
+    """Torch threads of each learner rank on this machine: ``learner.threads_per_rank``, or with 0 (the default)
+    max(1, (cores - W) // R), where cores = the CPUs this process may run on, R = ``learner.num_ranks`` and
+    W = ``rollout.num_workers * rollout.threads_per_worker`` for the hf backend (its workers decode on these
+    CPUs; sglang and sim workers compute elsewhere, so W = 0). The learner is 98-99% of a step at 128-512
+    completions, so it gets every core the rollout workers were not given; 2 cores, 1 worker: 1 thread each."""
+    if cfg.learner.threads_per_rank:
+        return cfg.learner.threads_per_rank
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    rollout = cfg.rollout.num_workers * cfg.rollout.threads_per_worker if cfg.rollout.backend == "hf" else 0
+    return max(1, (cores - rollout) // cfg.learner.num_ranks)
+
+
 def learner_env(cfg: RunConfig) -> dict[str, str]:
     """Environment additions for ``learner_command`` (merge them into os.environ)."""
-    env = {"OMP_NUM_THREADS": str(cfg.learner.threads_per_rank),
+    env = {"OMP_NUM_THREADS": str(learner_threads(cfg)),
            "PYTHONPATH": os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
     if "TORCH_EXTENSIONS_DIR" not in os.environ:  # DeepSpeed's JIT builds (none by default, see module doc)
         env["TORCH_EXTENSIONS_DIR"] = str(Path(cfg.out_dir).resolve() / ".torch_extensions")

@@ -219,13 +219,27 @@ async def _train_step(a: Actors, cfg: RunConfig, task: Task, step: int, version:
 
 
 async def _checkpoint(a: Actors, run_dir: Path, step: int, version: int, totals: RunStats, eval_start: dict,
-                      interrupts: Interrupts) -> Path:
+                      interrupts: Interrupts) -> Path | None:
+    """The checkpoint of ``step`` (its folder), or None when a disk fault stopped it: the staging folder is
+    removed, ``checkpoint.write_failed`` names the path and the cause, the previous checkpoint stays the newest,
+    and the run goes on (a full disk may have room again by the next ``train.checkpoint_every`` step)."""
     path = checkpoint.staging_dir(run_dir, step)  # renamed to checkpoints/step_N once complete and fsynced
-    await a.learner.checkpoint(step, str(path / "learner"))  # every rank: model, optimizer, RNG
-    with interrupts.abortable():  # a second Ctrl-C while an interrupt's save writes: SaveAborted, staging left
-        checkpoint.save_coordinator(path, step=step, version=version, rollouts_state=a.rollouts.state(),
-                                    extra={"totals": totals.to_dict(), "eval_start": eval_start},
-                                    policy_file=str(run_dir / "weights" / f"policy_v{version}.safetensors"))
+    saved = await a.learner.checkpoint(step, str(path / "learner"))  # every rank: model, optimizer, RNG
+    try:
+        if not saved.path:  # a learner rank's disk fault (its log has checkpoint.write_failed with the cause)
+            raise checkpoint.learner_fault(path / "learner", run_dir / "logs")
+        with interrupts.abortable():  # a second Ctrl-C while an interrupt's save writes: SaveAborted, staging left
+            checkpoint.save_coordinator(path, step=step, version=version, rollouts_state=a.rollouts.state(),
+                                        extra={"totals": totals.to_dict(), "eval_start": eval_start},
+                                        policy_file=str(run_dir / "weights" / f"policy_v{version}.safetensors"))
+    except OSError as e:
+        checkpoint.discard_staging(path)
+        newest = checkpoint.latest(run_dir)
+        log.error("checkpoint.write_failed", step=step, path=e.filename or str(path), error=e.strerror,
+                  kept=str(newest.path) if newest else None,
+                  detail="this checkpoint is dropped, the previous one is kept; the run goes on and the next "
+                         "train.checkpoint_every step tries again")
+        return None
     return checkpoint.checkpoint_dir(run_dir, step)
 
 
@@ -233,13 +247,18 @@ async def _save_on_interrupt(a: Actors, run_dir: Path, step: int, version: int, 
                              eval_start: dict, interrupts: Interrupts) -> checkpoint.Checkpoint | None:
     """Ctrl-C or SIGTERM: the checkpoint of the last completed step ``step``, the one ``train.checkpoint_every``
     would write there (buffer, in-flight responses, frontier; an eval under way is left out, as in any
-    checkpoint), unless that step has one already. Returns the newest checkpoint."""
+    checkpoint), unless that step has one already. Returns the newest checkpoint. A disk fault while saving it
+    (``checkpoint.write_failed``) leaves the previous checkpoint the newest: the run still exits 130/143, and
+    the summary's ``save_abandoned`` says the write failed."""
     t0, done = time.monotonic(), checkpoint.checkpoint_dir(run_dir, step)
     if step > 0 and not (done / "meta.json").is_file():
         done = await _checkpoint(a, run_dir, step, version, totals, eval_start, interrupts)
-        log.info("run.interrupt_checkpoint", step=step, path=str(done), save_s=round(time.monotonic() - t0, 2))
+        if done is None:
+            interrupts.aborted = "the checkpoint could not be written (checkpoint.write_failed)"
+        else:
+            log.info("run.interrupt_checkpoint", step=step, path=str(done), save_s=round(time.monotonic() - t0, 2))
     interrupts.saved()
-    return checkpoint.Checkpoint(path=done, step=step, meta={}) if step > 0 and done.is_dir() else \
+    return checkpoint.Checkpoint(path=done, step=step, meta={}) if step > 0 and done and done.is_dir() else \
         checkpoint.latest(run_dir)
 
 

@@ -3,9 +3,9 @@
 ``check`` raises ``ConfigError`` (one line: what is wrong and how to fix it) for: the dataset (exists, decodes,
 parses, has the fields, leaves training prompts), the model folder (exists, config.json parses, an architecture
 AutoModelForCausalLM builds, its tokenizer loads and fits the model's vocabulary), the reward plugin (imported),
-the transport port (bound and released), the metrics backends (installed), the output folder (writable), an
-existing run's state (a fresh run does not silently replace checkpoints), and on ``resume=true`` the saved config
-(model shape and task unchanged).
+the transport port (bound and released), the metrics backends (installed), the output folder (writable, and
+on a disk with room for a checkpoint: ``_free_space``), an existing run's state (a fresh run does not silently
+replace checkpoints), and on ``resume=true`` the saved config (model shape and task unchanged).
 Warnings (split sizes scaled, answers longer than the generation limit) are logged once, here.
 """
 
@@ -47,6 +47,7 @@ def check(cfg: RunConfig):
     if cfg.model.init_from is not None:
         _model_folder(cfg.model.init_from)
     task = _task(cfg)
+    _free_space(run_dir, _weights_bytes(cfg, task))
     _plugin(cfg)
     _port(cfg.transport.host, cfg.transport.port)
     _metrics_backends(cfg)
@@ -121,10 +122,15 @@ def _same_as_saved(cfg: RunConfig, saved_path: Path) -> None:
                                   "or start a new run with another name=...")
 
 
+def _existing(run_dir: Path) -> Path:
+    """``run_dir``, or its nearest ancestor that exists (where the run's folder would be created)."""
+    while not run_dir.exists():
+        run_dir = run_dir.parent
+    return run_dir
+
+
 def _writable(run_dir: Path) -> None:
-    probe_dir = run_dir
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
+    probe_dir = _existing(run_dir)
     if not probe_dir.is_dir():
         raise ConfigError(f"out_dir: {probe_dir} is a file, not a folder; pass out_dir=<a folder>")
     try:
@@ -133,6 +139,42 @@ def _writable(run_dir: Path) -> None:
     except OSError as e:
         raise ConfigError(f"out_dir: cannot write in {probe_dir} ({e.strerror}); pass a writable out_dir=...") \
             from None
+
+
+_MIN_FREE_WEIGHTS = 4  # one checkpoint: the learner's model and two Adam moments, and the policy copy
+
+
+def _free_space(run_dir: Path, weights_bytes: int) -> None:
+    """The run folder's disk has room for at least one checkpoint (``_MIN_FREE_WEIGHTS`` x the weights); a long
+    run needs about 15 x (two checkpoints kept, one being written, two or three weight versions). Below the
+    minimum the first checkpoint would fail with ENOSPC, so the run is refused before it starts."""
+    import shutil
+
+    folder, need = _existing(run_dir), _MIN_FREE_WEIGHTS * weights_bytes
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ConfigError(f"out_dir: {folder} has {_mb(free)} free, less than the {_mb(need)} a run needs "
+                          f"({_MIN_FREE_WEIGHTS} x the model's {_mb(weights_bytes)} of weights: one checkpoint); "
+                          "free space on that disk or pass out_dir=<a folder on a disk with room>")
+
+
+def _weights_bytes(cfg: RunConfig, task) -> int:
+    """The size of the model's weights: the files of ``model.init_from``, or the built-in model's parameters
+    (built on the meta device: nothing allocated)."""
+    if cfg.model.init_from is not None:
+        return sum(p.stat().st_size for p in Path(cfg.model.init_from).iterdir()
+                   if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    import torch
+
+    from engine.modeling.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, task.tokenizer.vocab_size, seed=0)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _model_folder(path: str) -> None:

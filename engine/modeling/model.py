@@ -8,13 +8,17 @@ the same quantity with gradients for the learner. Shapes: B = sequences, L = pad
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import structlog
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -25,6 +29,8 @@ from engine.backends.weights_file import digest_file
 from engine.algo.entropy import logprobs_and_entropy
 from engine.modeling.decode import DecodeBatch, Row
 from engine.modeling.routing import route_dtype, route_shape
+
+log = structlog.get_logger()
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, seed: int, pad_id: int = 0, bos_id: int = 1,
@@ -78,8 +84,12 @@ def export_policy(init_dir: str, weights_file: str | os.PathLike | None, tokeniz
         c.bos_token_id, c.eos_token_id, c.pad_token_id = bos, tokenizer.eos_id, tokenizer.pad_id
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save(tmp)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk keeps no half folder; the previous export stays
+        raise
     shutil.rmtree(out, ignore_errors=True)  # the previous export of this same run
     os.replace(tmp, out)
     return out
@@ -97,7 +107,10 @@ def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     try:
         save_file(state, tmp)
@@ -105,10 +118,63 @@ def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
             os.fsync(f.fileno())
         digest = digest_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)  # a full disk keeps no torn temporary file
+        fault = disk_error(e, path)
+        if fault is not None:
+            raise fault from e
         raise
     return digest
+
+
+def publish_state(state: dict[str, torch.Tensor], path: str | os.PathLike, *, version: int,
+                  attempts: int = 3, wait_s: float = 1.0) -> str:
+    """``save_state`` of weight version ``version``, tried ``attempts`` times ``wait_s``, 2 x ``wait_s``, ...
+    apart when the disk fails (a transient EIO, space freed meanwhile), each failure logged as
+    ``weights.write_failed`` with the path and the cause. Then an OSError naming the path, the cause and what
+    it means: the version is not published, so no worker sees it (nor a torn file: the rename never happened),
+    and the learner stops the run (actors/learner.py)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return save_state(state, path)
+        except OSError as e:
+            log.error("weights.write_failed", path=str(path), error=e.strerror, errno=e.errno, attempt=attempt,
+                      attempts=attempts)
+            last = e
+            if attempt < attempts:
+                time.sleep(wait_s * 2 ** (attempt - 1))
+    raise OSError(last.errno, f"{last.strerror}: weight version {version} could not be written after {attempts} "
+                  f"attempts; the rollout workers keep version {version - 1}. Free space on that disk, then "
+                  "resume=true continues from the newest checkpoint", str(path)) from last
+
+
+def disk_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """``e``, raised while writing ``path``, as an ``OSError(errno, strerror, path)`` when it is a disk fault
+    (ENOSPC, EIO, EFBIG, EROFS, ...); None for anything else (a bug: it propagates unchanged). The writers below
+    Python do not raise OSError: safetensors raises ``SafetensorError("... (os error 28)")`` and torch.save
+    (DeepSpeed's checkpoints) a bare ``RuntimeError`` ("unexpected pos ..."); the first carries its errno, the
+    second is a disk fault when its message is one of the stream writer's, ENOSPC if the folder's disk is full."""
+    if isinstance(e, OSError):
+        return e if e.filename else OSError(e.errno, e.strerror, str(path))
+    text = str(e)
+    if m := re.search(r"os error (\d+)", text):
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    if isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        try:
+            full = shutil.disk_usage(folder).free < _FULL_BYTES
+        except OSError:
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return OSError(errno.EIO, f"write failed ({text.splitlines()[0] if text else type(e).__name__})",
+                       str(path))
+    return None
+
+
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")  # torch.save's C++ writer
+_FULL_BYTES = 1 << 20  # a disk with less free is full for the purpose of naming the cause
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:

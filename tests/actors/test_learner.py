@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from actors.learner import shard_bounds
-from engine.coordinator.launch import learner_command, learner_env
+from engine.coordinator.launch import learner_command, learner_env, learner_threads
 from configs.load import save
 from configs.schema import ModelConfig, RunConfig
 from engine.backends.weights_file import digest_file
@@ -38,6 +38,7 @@ def _setup(tmp_path: Path, *, peer_timeout_s: float = 60.0, router_replay: str =
     cfg.learner.lr = 1e-2
     cfg.learner.router_replay, cfg.learner.num_minibatches = router_replay, num_minibatches
     cfg.learner.decoupled, cfg.learner.expert_parallel = decoupled, expert_parallel
+    cfg.learner.gap_probe_every = 1  # every step: the checks below read the probe's metrics of steps 1-3
     cfg.transport.heartbeat_s = 0.5
     cfg.transport.peer_timeout_s = peer_timeout_s
     config_path = tmp_path / "config.yaml"
@@ -143,7 +144,7 @@ def test_learner_command_is_a_torchrun_argv(tmp_path):
     assert 0 < port < 65536
     assert argv[argv.index("-m", 3) + 1] == "actors.learner"
     env = learner_env(cfg)
-    assert env["OMP_NUM_THREADS"] == str(cfg.learner.threads_per_rank)
+    assert env["OMP_NUM_THREADS"] == str(learner_threads(cfg))
 
 
 @pytest.mark.timeout(300)

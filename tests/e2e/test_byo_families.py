@@ -28,7 +28,8 @@ def test_a_family_trains_replays_its_routes_and_exports(tmp_path, family):
     model_dir = make_model(family, tmp_path / family, tok)
     argv = [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={tmp_path / 'runs'}",
             "progress=false", "task.name=jsonl", f"task.jsonl_path={tmp_path / 'data.jsonl'}", "task.num_eval=8",
-            "task.num_dev=4", f"model.init_from={model_dir}", "train.num_steps=2", "learner.gap_probe_seqs=16"]
+            "task.num_dev=4", f"model.init_from={model_dir}", "train.num_steps=2", "learner.gap_probe_seqs=16",
+            "learner.gap_probe_every=1"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=280, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

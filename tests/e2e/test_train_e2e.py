@@ -22,7 +22,7 @@ def _train(tmp_path, *overrides):
 
 
 def test_tiny_run_writes_sane_outputs(tmp_path):
-    proc = _train(tmp_path)
+    proc = _train(tmp_path, "learner.gap_probe_every=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3
@@ -38,7 +38,7 @@ def test_tiny_run_writes_sane_outputs(tmp_path):
         assert math.isfinite(r["loss"]) and 0.0 <= r["clip_frac"] <= 1.0
         assert r["num_samples"] == 8 * 4 and r["gen_tokens_per_s"] >= 0
         assert r["routed_frac"] == 1.0 and r["route_bytes_per_token"] > 0  # routes recorded and replayed (R3)
-        # every step, the trainer recomputes probed tokens under the weights that sampled them (fp32: no gap)
+        # every step (gap_probe_every=1), the trainer recomputes probed tokens under the weights that sampled them (fp32: no gap)
         assert r["logprob_gap_tokens"] > 0 and r["logprob_gap_mean"] < 1e-3 and r["logprob_gap_off_mean"] < 1e-3
         assert r["routing_mismatch_frac"] < 0.05
     assert (run_dir / "report.png").stat().st_size > 1000
