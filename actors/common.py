@@ -30,12 +30,12 @@ def setup_actor(args: argparse.Namespace, role: str) -> RunConfig:
     return cfg
 
 
-def make_peer(args: argparse.Namespace, cfg: RunConfig, role: str) -> Peer:
+def make_peer(args: argparse.Namespace, cfg: RunConfig, role: str, session: int = 0) -> Peer:
     tc = cfg.transport
     return Peer(args.endpoint, hello=Hello(role=role, worker_id=args.worker_id, pid=os.getpid()),
                 heartbeat_s=tc.heartbeat_s, peer_timeout_s=tc.peer_timeout_s, max_frame_bytes=tc.max_frame_bytes,
                 hwm=tc.hwm, curve=client_keys(tc.curve_keys_dir, getattr(args, "curve_client", None) or tc.curve_client)
-                if tc.curve_keys_dir else None)
+                if tc.curve_keys_dir else None, session=session)
 
 
 def run_actor(coro, role: str) -> int:

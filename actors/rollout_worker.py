@@ -269,13 +269,35 @@ def _row(req: GenerateRequest | ContinueRequest, sample_index: int, prompt: list
 def main(argv: list[str] | None = None) -> int:
     p = actor_parser("everyprompt-rollout-worker", __doc__)
     p.add_argument("--init", required=True, help="HF save_pretrained folder with the initial (version 0) policy")
+    p.add_argument("--rejoin-s", type=float, default=0.0,
+                   help="a worker started by hand: after losing the coordinator (nothing from it for "
+                        "transport.peer_timeout_s: a network partition, a learner recovery), join again on a new "
+                        "connection, for up to this many seconds without an answer, before exiting with code 3 "
+                        "(default 0: exit at once)")
     args = p.parse_args(argv)
     cfg = setup_actor(args, "rollout")
     backend = build_rollout(cfg, args.init, args.worker_id)  # rollout.backend, engine/backends/registry.py
-    worker = RolloutWorker(make_peer(args, cfg, "rollout"), backend, worker_id=args.worker_id,
-                           max_batch_samples=cfg.rollout.max_batch_samples, chunk_tokens=cfg.rollout.chunk_tokens,
-                           kv_on_update=cfg.rollout.kv_on_update, capture_routes=cfg.rollout.return_routes)
-    return run_actor(worker.serve(), "rollout")
+    session, lost_at = 0, None
+    while True:
+        peer = make_peer(args, cfg, "rollout", session=session)
+        worker = RolloutWorker(peer, backend, worker_id=args.worker_id,
+                               max_batch_samples=cfg.rollout.max_batch_samples, chunk_tokens=cfg.rollout.chunk_tokens,
+                               kv_on_update=cfg.rollout.kv_on_update, capture_routes=cfg.rollout.return_routes)
+        code = run_actor(worker.serve(), "rollout")  # returns once every decode thread has finished
+        if code != 3 or args.rejoin_s <= 0:
+            return code
+        # The coordinator has dropped this connection (or will, after its own peer_timeout_s) and continues its
+        # unfinished responses elsewhere: join again as a new peer (a new routing id) with an empty batch.
+        now = time.monotonic()
+        lost_at = now if lost_at is None or peer.heard else lost_at  # the start of this outage
+        if now - lost_at > args.rejoin_s:
+            log.error("rollout.rejoin_gave_up", rejoin_s=args.rejoin_s, sessions=session + 1)
+            return code
+        if worker.version:  # back to the initial policy, as a fresh worker: the run may have rolled back to a
+            getattr(backend, "close", lambda: None)()  # version the coordinator sends on join (none for 0)
+            backend = build_rollout(cfg, args.init, args.worker_id)
+        session += 1
+        log.warning("rollout.rejoining", session=session, endpoint=args.endpoint, served_version=worker.version)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@
    from the kill until the replacement has connected to the coordinator and a new step has been trained.
 5. Corrupt checkpoint: after each run its newest checkpoint is damaged (a flipped byte, a torn file, a missing
    file) and the run is resumed with more steps; it must fall back to the previous checkpoint.
+6. Newer kinds (bench/chaos_faults.py), ``--fault-runs`` runs each: SIGTERM or SIGINT mid-run then
+   ``resume=true``; a torn or corrupted weight version refused by a restarted worker's sha256 check; a full disk
+   (a tmpfs, root only) under ``checkpoints/`` and under ``weights/``; the sglang server (the stand-in,
+   tests/sglang_standin.py) answering 503, hanging and dying mid-stream.
 Every run must train exactly the expected prompt ids: lost and duplicated prompts are counted per fault kind.
 """
 
@@ -31,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.chaos_faults import brief, disk_full_run, interrupt_run, newer_rows, sglang_run, torn_weights_run
+from bench.chaos_faults import row as _row
 from bench.chaos_run import ChaosRun
 from engine.log import configure_logging
 
@@ -190,12 +196,6 @@ def _kill_run(out: Path, sft_cache: Path, steps: int, kills: int, rng: random.Ra
     return {"events": events, "summary": summary, "ledger": ledger, "corrupt": corrupt}
 
 
-def _row(kind: str, injected: int, survived: int, lost: int, dup: int, rec: list[float]) -> dict:
-    return {"fault": kind, "injected": injected, "survived": survived, "prompts_lost": lost,
-            "prompts_duplicated": dup, "max_recovery_s": max(rec) if rec else None,
-            "mean_recovery_s": float(np.mean(rec)) if rec else None}
-
-
 def main(argv: list[str]) -> dict:
     from bench.common import print_table
     from transport import run as run_async
@@ -209,6 +209,8 @@ def main(argv: list[str]) -> dict:
                    "checkpoint and a resume)")
     p.add_argument("--kills", type=int, default=8, help="SIGKILLs per run")
     p.add_argument("--steps", type=int, default=400, help="steps per run (tiny preset; about 0.1 s each here)")
+    p.add_argument("--fault-runs", type=int, default=1, help="runs of each newer fault kind: SIGTERM/SIGINT then "
+                   "resume, a torn weight version, a full disk under checkpoints/ and weights/ (needs root)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fuzzing and of the kill times")
     p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     a = p.parse_args(argv)
@@ -230,6 +232,13 @@ def main(argv: list[str]) -> dict:
             print(f"run {i}: kills {[(e['kind'], e['at_step'], round(e['recovery_s'], 1)) for e in r['events']]} "
                   f"ledger {r['ledger']} corrupt {r.get('corrupt', {}).get('fault')} -> "
                   f"{r.get('corrupt', {}).get('ledger')}", flush=True)
+        newer = {"interrupt": [], "weights": [], "disk": [], "sglang": []}
+        for i in range(a.fault_runs):
+            newer["interrupt"].append(interrupt_run(root / f"interrupt{i}", root / "sft_cache", rng))
+            newer["weights"].append(torn_weights_run(root / f"weights{i}", root / "sft_cache", rng))
+            newer["disk"].append(disk_full_run(root / f"disk{i}", root / "sft_cache"))
+            newer["sglang"].append(sglang_run(root / f"sglang{i}", root / "sft_cache"))
+            print(f"fault run {i}: " + "; ".join(f"{k}: {brief(v[-1])}" for k, v in newer.items()), flush=True)
 
     rows = [_row("codec fuzz frame", fuzz["injected"], fuzz["survived"], 0, 0, [])]
     for kind, k in hostile["per_kind"].items():  # survived = counted with its reason, and the hub still serves
@@ -246,6 +255,7 @@ def main(argv: list[str]) -> dict:
     rows.append(_row("corrupt checkpoint", len(cor), sum(c["fell_back"] for c in cor),
                      sum(c["ledger"]["lost"] for c in cor), sum(c["ledger"]["duplicated"] for c in cor),
                      [c["recovery_s"] for c in cor if "recovery_s" in c]))
+    rows += newer_rows(newer)
     print()
     print_table(["fault", "injected", "survived", "prompts lost", "prompts duplicated", "max recovery s",
                  "mean recovery s"],
@@ -261,4 +271,5 @@ def main(argv: list[str]) -> dict:
               "prompts_duplicated": sum(r["prompts_duplicated"] for r in rows),
               "kills": sum(len(r["events"]) for r in runs), "wall_s": time.monotonic() - t_all}
     return {"config": vars(a), "metrics": {"table": rows, "totals": totals, "fuzz": fuzz, "hostile": hostile,
-                                           "stalled": stalled, "runs": runs}}
+                                           "stalled": stalled, "runs": runs, "fault_runs": newer}}
+

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 # kind of actor -> (words its command line holds, words it must not hold)
@@ -58,6 +59,9 @@ class ChaosRun:
     groups_per_step: int = 8  # the tiny preset's
     sft_cache: Path | None = None  # share one cold-start SFT between runs (default: one per run)
     proc: subprocess.Popen | None = None
+    env: dict | None = None  # extra environment variables of the run (e.g. the sglang stand-in's PYTHONPATH)
+    actors: ClassVar[dict] = ACTORS  # a subclass with other actor processes names its own (bench/soak_bench.py)
+    coordinator_module: ClassVar[str] = "engine.coordinator"  # what ``python -m`` starts
 
     @property
     def run_dir(self) -> Path:
@@ -65,7 +69,7 @@ class ChaosRun:
 
     def argv(self, *extra: str) -> list[str]:
         sft_cache = self.sft_cache or self.out_dir / "sft_cache"
-        return [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={self.out_dir}",
+        return [sys.executable, "-m", self.coordinator_module, "--config-name", "tiny", f"out_dir={self.out_dir}",
                 "progress=false", f"sft.cache_dir={sft_cache}", f"train.num_steps={self.steps}",
                 "transport.heartbeat_s=0.5", *self.overrides, *extra]
 
@@ -73,7 +77,8 @@ class ChaosRun:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._out = open(self.out_dir / "stdout.txt", "w")  # noqa: SIM115 - open for the run's lifetime
         self._err = open(self.out_dir / "stderr.txt", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.argv(*extra), stdout=self._out, stderr=self._err, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv(*extra), stdout=self._out, stderr=self._err, start_new_session=True,
+                                     env={**os.environ, **self.env} if self.env else None)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -96,7 +101,7 @@ class ChaosRun:
         self.wait(lambda: len(self.step_rows()) >= n, timeout, f"step {n}")
 
     def pids(self, kind: str) -> list[int]:
-        want, avoid = ACTORS[kind]
+        want, avoid = self.actors[kind]
         mark = str(self.out_dir)
         out = []
         for d in Path("/proc").iterdir():
@@ -174,6 +179,44 @@ class ChaosRun:
         lines = (self.out_dir / "stdout.txt").read_text().strip().splitlines()
         assert self.proc.returncode == 0 and lines, f"rc={self.proc.returncode}; stderr:\n{self.stderr()[-4000:]}"
         return json.loads(lines[-1])
+
+    def interrupt(self, sig: int = signal.SIGTERM, timeout: float = 300) -> dict:
+        """Send ``sig`` to the coordinator (it checkpoints its last completed step and exits 128 + sig) and wait
+        for its exit: rc, exit_s, checkpoint_step, status. Its stdout/stderr are kept as ``interrupted-*.txt``
+        (a resume in the same folder writes its own)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return {"rc": None, "exit_s": time.monotonic() - t0, "checkpoint_step": None, "status": "hung"}
+        self._out.close()
+        self._err.close()
+        rows = _read_rows(self.out_dir / "stdout.txt")
+        summary = rows[-1] if rows else {}
+        for name in ("stdout.txt", "stderr.txt"):
+            (self.out_dir / name).replace(self.out_dir / f"interrupted-{name}")
+        return {"rc": self.proc.returncode, "exit_s": time.monotonic() - t0,
+                "checkpoint_step": summary.get("checkpoint_step"), "status": summary.get("status")}
+
+    def resume_exactly_once(self, from_step: int, more_steps: int = 2, timeout: float = 600) -> dict:
+        """``resume=true`` in the same folder up to step ``from_step + more_steps``; then the ledger over every
+        step of both: each of the first (steps x groups) prompt ids trained exactly once. recovery_s: from the
+        resume command to its first new step."""
+        resumed = type(self)(self.out_dir, steps=from_step + more_steps, overrides=self.overrides,
+                             groups_per_step=self.groups_per_step, sft_cache=self.sft_cache, env=self.env)
+        t0 = time.monotonic()
+        resumed.start("resume=true")
+        out = {"resumed_to_step": resumed.steps}
+        try:
+            resumed.wait_steps(from_step + 1, timeout=timeout)
+            out["recovery_s"] = time.monotonic() - t0
+            out["resumed_from_step"] = resumed.finish(timeout=timeout)["resumed_from_step"]
+        except AssertionError as e:
+            resumed.stop()
+            out["failed"] = str(e)[:2000]
+        return {**out, "ledger": resumed.ledger()}
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

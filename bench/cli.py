@@ -7,8 +7,10 @@ stdout line, one JSON object (config, hardware, metrics).
   everyprompt-bench router-replay  rollout-vs-trainer log-prob gap of an MoE in bf16, replay off vs R3
   everyprompt-bench zve         zero-variance elimination stage by stage at an equal rollout budget
   everyprompt-bench chaos       kills, hostile frames, codec fuzz, a stalled consumer, corrupt checkpoints
+  everyprompt-bench soak        a long run (simulated workers) under kills and hostile frames: RSS/fd slopes, loop lag
   everyprompt-bench reward-inversion  advantage sign inversions: noisy scalar reward vs the tie-aware judge
   everyprompt-bench pipeline    sync vs one-step-off vs async, and the throughput ablation (simulated backend)
+  everyprompt-bench trl         TRL's GRPOTrainer vs everyprompt side by side, same model and task (extra: trl)
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ BENCHES = {  # name -> "module:function"; a bench is imported only when it runs 
     "codec": "bench.codec_bench:main", "generate": "bench.generate_bench:main", "losses": "bench.loss_bench:main",
     "router-replay": "bench.router_replay_bench:main", "zve": "bench.zve_bench:main",
     "pipeline": "bench.pipeline_bench:main", "reward-inversion": "bench.reward_inversion_bench:main",
-    "chaos": "bench.chaos_bench:main"}
+    "trl": "bench.trl_bench:main",
+    "chaos": "bench.chaos_bench:main", "soak": "bench.soak_bench:main"}
 
 
 def resolve(name: str):

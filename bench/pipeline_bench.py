@@ -3,9 +3,10 @@
 Every setting starts the real actor processes through engine/coordinator/cluster.py (ZeroMQ + msgpack transport, the
 coordinator's engine/coordinator/rollouts.py, real reward workers) with the simulated rollout backend
 (engine/backends/sim.py, many RolloutWorker actors per process, cost-model time) and the simulated learner
-(actors/sim_learner.py, the TrainBatch -> TrainResult protocol, cost-model time). ``--backend hf`` runs the same
-bench with real transformers workers (the sanity check of the simulator; the learner stays simulated so that only
-the rollout side differs).
+(actors/sim_learner.py, the TrainBatch -> TrainResult protocol, cost-model time). ``--backend hf`` runs sync,
+one_step_off and async with real transformers workers on a long-tail workload, calibrates the simulator on this box
+and runs it on the same settings (bench/pipeline_hf.py; the learner stays simulated so that only the rollout side
+differs). ``--scale 64,256,1024`` measures the coordinator at those worker counts (bench/pipeline_scale.py).
 
 Settings (same prompts, same lengths):
   sync          generate a step's groups, then train on them (max_staleness 0)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import sys
 import time
@@ -85,6 +87,11 @@ async def _drive(cfg: RunConfig, run_dir: Path, mode: str, warmup: int, init_dir
     lags: list[tuple[float, float]] = []
     lag_task = asyncio.create_task(_loop_lag(lags))
     async with start_actors(cfg, run_dir, init_dir, produce=continuous_rollouts) as a:
+        if cfg.rollout.backend == "hf":  # the long-tail workload: each prompt's length limit (bench/longtail.py)
+            from bench.longtail import limit_lengths
+
+            limit_lengths(a.hub, cfg.sim)
+        frames = _count_frames(a.hub)
         a.rollouts.start(admit_prompts(a.rollouts, _prompts(cfg), total_groups=(steps + S + 1) * gps))
         version, pending, rows = 0, None, []
         for step in range(1, steps + 1):
@@ -103,18 +110,61 @@ async def _drive(cfg: RunConfig, run_dir: Path, mode: str, warmup: int, init_dir
             samples = [s for g in groups for s in g.ordered()]
             rows.append({"end": done, "train_s": done - t_train, "samples": len(samples),
                          "tokens": sum(s.length for s in samples), "groups": len(groups),
+                         "lengths": [s.length for s in samples],
+                         "stopped": sum(s.finish_reason == "stop" for s in samples),
                          "max_staleness": max(version - s.min_version for s in samples),
-                         "clocks": a.rollouts.workers.clocks(), "cpu_s": time.process_time()})
+                         "clocks": a.rollouts.workers.clocks(), "cpu_s": time.process_time(),
+                         "frames": dict(frames), "box": _box_cpu()})
             version = result.version
         counts = a.rollouts.counters
     lag_task.cancel()
     return _summarize(cfg, rows, warmup, counts, lags)
 
 
+def _count_frames(hub) -> dict[str, int]:
+    """Count the frames the coordinator's hub hands out (received) and queues (sent), on that one instance
+    (heartbeats are handled inside the hub and not counted)."""
+    counts = {"recv": 0, "sent": 0}
+    recv, send = hub.recv, hub.send
+
+    async def counted_recv(timeout=None):
+        item = await recv(timeout=timeout)
+        counts["recv"] += 1
+        return item
+
+    async def counted_send(peer_id, msg):
+        counts["sent"] += 1
+        await send(peer_id, msg)
+
+    hub.recv, hub.send = counted_recv, counted_send
+    return counts
+
+
+def _box_cpu() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine, from /proc/stat ((0, 0) where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def _idle_frac(start: dict, end: dict) -> float:
     """Mean over workers of (time with nothing to decode) / (wall time), between two clock snapshots."""
     fracs = [(end[w][1] - start[w][1]) / (end[w][0] - start[w][0]) for w in end if w in start and end[w][0] > start[w][0]]
     return float(np.mean(fracs)) if fracs else float("nan")
+
+
+def length_stats(lengths: list[int]) -> dict:
+    """Mean, p50, p99, max and max/mean of response lengths (tokens)."""
+    x = np.asarray(lengths, dtype=float)
+    if not len(x):
+        return {"n": 0}
+    mean = float(x.mean())
+    return {"n": int(len(x)), "mean": mean, "min": float(x.min()), "p50": float(np.percentile(x, 50)),
+            "p99": float(np.percentile(x, 99)), "max": float(x.max()), "max_over_mean": float(x.max() / mean)}
 
 
 def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: RolloutCounters,
@@ -128,6 +178,8 @@ def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: RolloutCou
                                    * cfg.sim.prompt_len, num_workers=cfg.rollout.num_workers,
                                    max_batch=cfg.rollout.max_batch_samples, sim=cfg.sim) * cfg.sim.time_scale
     idle = _idle_frac(window[0]["clocks"], window[-1]["clocks"])
+    frames = sum(window[-1]["frames"].values()) - sum(first["frames"].values())
+    box = [e - s for e, s in zip(window[-1]["box"], first["box"])]
     return {"tokens_per_s": tokens / wall, "samples_per_s": samples / wall, "wall_s": wall,
             "steps": len(window), "trained_tokens": tokens,
             "rollout_idle_frac": idle, "rollout_idle_worker_s_per_ktoken":
@@ -137,6 +189,12 @@ def _summarize(cfg: RunConfig, rows: list[dict], warmup: int, counts: RolloutCou
             "max_token_staleness": max(r["max_staleness"] for r in window),
             "coordinator_lag_ms_mean": float(lag_ms.mean()), "coordinator_lag_ms_p99": float(np.percentile(lag_ms, 99)),
             "coordinator_cpu_frac": (window[-1]["cpu_s"] - first["cpu_s"]) / wall,
+            "frames_per_s": frames / wall, "coordinator_cpu_us_per_frame":
+                1e6 * (window[-1]["cpu_s"] - first["cpu_s"]) / max(frames, 1),
+            "box_cpu_frac": (box[1] and box[0] / box[1]), "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+            "lengths": length_stats([n for r in window for n in r["lengths"]]),
+            "stopped_samples": sum(r["stopped"] for r in window),
+            "version_lag_max": max(r["max_staleness"] for r in window), "max_staleness": cfg.train.max_staleness,
             "samples_over_bound": counts.samples_over_bound, "regenerated_samples": counts.regenerated_samples,
             "discarded_samples": counts.discarded_samples, "cancelled_samples": counts.cancelled_samples}
 
@@ -166,7 +224,9 @@ def _run_setting(a: argparse.Namespace, name: str, mode: str, extra: list[str]) 
     cfg = load(ov, config_name="run")
     init_dir = ""
     if a.backend == "hf":  # real workers load every version the simulated learner publishes: the initial weights
-        init_dir = _hf_init(a, cfg)
+        from bench.pipeline_hf import hf_init
+
+        init_dir = getattr(a, "hf_init_dir", "") or hf_init(a, cfg.model)
         cfg = load([*ov, f"sim.weights_file={Path(init_dir).resolve() / 'policy_v0.safetensors'}"], config_name="run")
     run_dir = Path(a.out_dir) / name.replace("+", "plus-")
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -174,22 +234,12 @@ def _run_setting(a: argparse.Namespace, name: str, mode: str, extra: list[str]) 
     save(cfg, run_dir / "config.yaml")
     t0 = time.monotonic()
     result = run(_drive(cfg, run_dir, mode, a.warmup, init_dir))
-    print(f"{name}: {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    print(f"{a.backend} {name} ({a.workers} workers): {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
     return {"mode": mode, **result}
 
 
-def _hf_init(a: argparse.Namespace, cfg: RunConfig) -> str:
-    """A random-init tiny model for the transformers workers (throughput does not depend on what it learned), with
-    its weights also as ``policy_v0.safetensors`` (the file the simulated learner publishes as every version)."""
-    from engine.modeling.model import build_model, save_model, save_weights
-    from engine.data.tasks import CharTokenizer
-
-    path = Path(a.out_dir) / "hf-init"
-    if not (path / "policy_v0.safetensors").exists():
-        model = build_model(cfg.model, CharTokenizer().vocab_size, seed=0)
-        save_model(model, path)
-        save_weights(model, path / "policy_v0.safetensors")
-    return str(path)
+def _full_setting(a: argparse.Namespace, name: str, mode: str) -> dict:
+    return _run_setting(a, name, mode, FULL)
 
 
 def main(argv: list[str]) -> dict:
@@ -198,7 +248,9 @@ def main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="everyprompt-bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("sim", "hf"), default="sim",
-                   help="rollout backend (the learner stays simulated)")
+                   help="rollout backend (the learner stays simulated); hf: sync, one_step_off and async on the real "
+                        "tiny model with a long-tail workload, then the calibrated simulator on the same settings "
+                        "(bench/pipeline_hf.py; its own defaults)")
     p.add_argument("--workers", type=int, default=64, help="rollout workers")
     p.add_argument("--groups-per-step", type=int, default=320, help="groups trained per step")
     p.add_argument("--group-size", type=int, default=8, help="responses per group")
@@ -219,10 +271,32 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--settings", default="baseline,+detok_pool,+reward_overlap,+length_aware,one_step_off,async",
                    help="comma-separated settings to run (see above)")
     p.add_argument("--calibrate", action="store_true", help="only fit sim.* decode costs to the hf backend")
+    p.add_argument("--calib-steps", type=int, default=24, help="--backend hf: decode steps timed per batch size")
+    p.add_argument("--scale", default="", help="comma-separated rollout-worker counts (e.g. 64,256,1024): the "
+                   "coordinator at scale, one async sim setting per size (bench/pipeline_scale.py)")
+    p.add_argument("--scale-groups-per-worker", type=float, default=1.0, help="--scale: groups per step per worker")
+    p.add_argument("--scale-processes", type=int, default=8, help="--scale: processes hosting the simulated workers")
+    p.add_argument("--scale-efficiency", type=float, default=0.8,
+                   help="--scale: saturated once tokens/s per worker falls under this fraction of the smallest size's")
+    p.add_argument("--scale-busy", type=float, default=0.9, help="--scale: a CPU share (of one core for the "
+                   "coordinator, of the machine) that counts as busy when naming what bounds a saturated size")
     p.add_argument("--out-dir", default="runs/bench-pipeline", help="folder for the runs")
     p.add_argument("overrides", nargs="*", help="key=value passed to every setting (e.g. sim.decode_base_s=...)")
     a = p.parse_args(argv)
+    if a.backend == "hf" and not a.calibrate:  # the real-backend defaults (bench/pipeline_hf.py); flags still win
+        from bench.pipeline_hf import HF_DEFAULTS
+
+        p.set_defaults(**HF_DEFAULTS)
+        a = p.parse_args(argv)
     configure_logging(role="bench", level=logging.WARNING)  # stdout is the table and the JSON line
+    if a.scale:
+        from bench.pipeline_scale import run_scale
+
+        return run_scale(a, _full_setting)
+    if a.backend == "hf" and not a.calibrate:
+        from bench.pipeline_hf import run_hf
+
+        return run_hf(a, _full_setting)
     if a.calibrate:
         from bench.calibrate import calibrate
 

@@ -20,6 +20,7 @@ answering in the format of sglang 0.5.23's source, with a tiny HF MoE model gene
   rolls back).
 - ``POST /abort_request`` (``rid``), ``GET /health``; ``/generate`` with ``text`` prompts (the judge) answers every one
   ``"Verdict: Tie"``.
+- ``GET /_progress`` (tests): ``{"live": {rid: tokens so far}}`` of the requests streaming now.
 - ``silence()``: a lost server; streams stay open and send nothing, ``/health`` answers 503.
 
 Faults, set per test with ``fault(**modes)`` in process or ``POST /_fault {modes}`` (a launched one), counted from
@@ -87,6 +88,7 @@ class StandIn:
         self.calls: list[str] = []
         self.bodies: list[dict] = []  # every /generate body
         self.progress: dict[str, int] = {}  # rid -> tokens generated so far
+        self.live: set[str] = set()  # rids being generated now (GET /_progress)
         self.faults, self.exit_on_death = Faults(), exit_on_death
         self.tokens = 0  # tokens generated in all
         self._die_at = self._hang_at = None  # self.tokens at which it dies / hangs
@@ -242,8 +244,10 @@ class StandIn:
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
+                rid = body.get("rid", "")
                 try:
                     for item in standin.generate(body, incremental=standin.incremental):
+                        standin.live.add(rid)
                         self._chunk(b"data: " + json.dumps(item).encode() + b"\n\n")
                     self._chunk(b"data: [DONE]\n\n")
                     self.wfile.write(b"0\r\n\r\n")
@@ -253,6 +257,8 @@ class StandIn:
                     self.close_connection = True
                     if standin.dead.is_set():
                         self._drop()
+                finally:
+                    standin.live.discard(rid)
 
             def _drop(self) -> None:
                 """Close the connection abruptly (a killed process's sockets)."""
@@ -266,7 +272,9 @@ class StandIn:
                 self.wfile.flush()
 
             def do_GET(self) -> None:
-                if self.path != "/health":
+                if self.path == "/_progress":  # tests: tokens so far of each request being generated
+                    self._send({"live": {rid: standin.progress.get(rid, 0) for rid in list(standin.live)}})
+                elif self.path != "/health":
                     self._send({"error": "not found"}, 404)
                 elif standin.hung.is_set():  # the socket stays open; no answer comes
                     while standin.hung.is_set() and not standin.closed.is_set():

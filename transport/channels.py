@@ -332,7 +332,8 @@ class Hub(_Channel):
 
 
 class Peer(_Channel):
-    """Actor side: a DEALER connected to the hub at ``endpoint``, routing id "{role}-{worker_id}-{pid}".
+    """Actor side: a DEALER connected to the hub at ``endpoint``, routing id "{role}-{worker_id}-{pid}" (with
+    ``session`` k > 0: "...-{pid}.{k}", a process joining again on a new connection after it lost the hub).
 
     Consumes: messages from the hub (``recv()``, Heartbeats filtered out). Produces: ``hello`` on start, then
     ``send()``s and a Heartbeat every ``heartbeat_s``. ``recv()`` and ``send()`` raise ``PeerLost`` once
@@ -341,12 +342,13 @@ class Peer(_Channel):
     """
 
     def __init__(self, endpoint: str, *, hello: Hello, heartbeat_s: float = 1.0, peer_timeout_s: float = 60.0,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, hwm: int = 10000, curve: CurveKeys | None = None):
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, hwm: int = 10000, curve: CurveKeys | None = None,
+                 session: int = 0):
         super().__init__(zmq.DEALER, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
                          max_frame_bytes=max_frame_bytes, hwm=hwm)
         self.endpoint = endpoint
         self.hello = hello
-        self.peer_id = f"{hello.role}-{hello.worker_id}-{hello.pid}"
+        self.peer_id = f"{hello.role}-{hello.worker_id}-{hello.pid}" + (f".{session}" if session else "")
         self._sock.setsockopt(zmq.ROUTING_ID, self.peer_id.encode())
         if curve is not None:  # the hub refuses the handshake unless our public key is authorized
             self._sock.curve_secretkey, self._sock.curve_publickey = curve.secret, curve.public
@@ -388,6 +390,11 @@ class Peer(_Channel):
         self._check()
         self._check_alive()
         await self._sock.send_multipart([self._next_seq(), encode(msg)], copy=False)
+
+    @property
+    def heard(self) -> bool:
+        """Whether any valid frame has come from the hub on this connection (it accepted our Hello)."""
+        return self._recv_seq > 0
 
     def _check_alive(self) -> None:
         silent_s = time.monotonic() - self._last_heard

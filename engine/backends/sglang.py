@@ -113,9 +113,14 @@ class SGLangBackend:
         self._wait_healthy(start_timeout_s)
 
     def _launch(self) -> None:
+        """Start the server in this worker's session (the coordinator's SIGKILL of the session reaches it) and
+        bound to this process's life (PR_SET_PDEATHSIG): a worker killed any way never leaves a server behind
+        holding the GPU and the port its replacement needs."""
         import subprocess
 
-        self._proc = subprocess.Popen(self._argv)
+        from engine.coordinator.procs import die_with_parent
+
+        self._proc = subprocess.Popen(self._argv, preexec_fn=die_with_parent)
 
     def _wait_healthy(self, timeout_s: float) -> None:
         """Poll ``/health`` every ``health_interval_s`` until it answers 200 (sglang answers 503 while starting)."""

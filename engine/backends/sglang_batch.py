@@ -48,6 +48,7 @@ class SGLangBatch:
         self._backoff: dict[int, float] = {}  # id(row) -> its next wait
         self._failing_since: float | None = None  # the first failure since the server last answered anything
         self.retries = 0  # requests sent again after a retryable failure
+        self.held_closed = 0  # requests held by a pause that drain() closed (their rows were sent again)
 
     @property
     def active(self) -> int:
@@ -89,10 +90,35 @@ class SGLangBatch:
         self._collect()
 
     def drain(self) -> None:
-        """Wait for every request in flight (after a pause they return at once) and fold them in."""
+        """Wait for every request in flight (after a pause they return at once) and fold them in. A request that
+        reached the server only after the pause (sent from the pool just before it) is held there until
+        ``/continue_generation`` and would never return: one not sent yet is not sent, one that streamed nothing
+        within ``_SILENT_GRACE_S`` (or anything still open after ``_PAUSE_GRACE_S``) is closed, so the server drops
+        it, and its row, with what it had, is sent again later."""
+        for seg in self._inflight.values():  # still queued in the pool: not sent at all
+            if seg.stream.conn is None:
+                seg.stream.kill(_HELD)
+                self.held_closed += 1
+        t0 = time.monotonic()
         while self._inflight:
-            self._wake.wait(timeout=_POLL_S)
-            self._collect()
+            waited = time.monotonic() - t0
+            held = [key for key, seg in self._inflight.items()
+                    if waited > _PAUSE_GRACE_S or (seg.have == 0 and waited > _SILENT_GRACE_S)]
+            if held:
+                self._close_held(held)
+            if self._inflight:
+                self._wake.wait(timeout=_POLL_S)
+                self._collect()
+
+    def _close_held(self, keys: list[int]) -> None:
+        by_id = {id(r): r for r in self.rows}
+        for key in keys:
+            seg = self._inflight.pop(key)
+            seg.stream.kill(_HELD)
+            self._backend.abort(seg.rid)
+            self._take(by_id[key], seg, key)
+        self.held_closed += len(keys)
+        log.info("sglang.held_requests_closed", count=len(keys), url=self._backend.client.url)
 
     def _collect(self) -> None:
         self._wake.clear()
@@ -127,6 +153,8 @@ class SGLangBatch:
         backend launched it, else raises; anything else (a malformed answer) raises."""
         b, lost, transient = self._backend, "", []
         for key, seg in failed:
+            if seg.stream.killed == _HELD:  # closed by drain() before it was sent: the next step sends it
+                continue
             error = seg.future.exception() or ConnectionError(
                 f"sglang {b.client.url}: a stream ended without a finish_reason")
             if isinstance(error, SGLangHTTPError) and error.retryable:
@@ -227,6 +255,9 @@ class SGLangBatch:
 
 
 _POLL_S = 0.05  # step(): how long to wait for streamed tokens before handing control back
+_HELD = "held by the pause for a weight update"  # why drain() closed a request (its row is sent again)
+_PAUSE_GRACE_S = 2.0  # drain(): requests in flight at a pause return at once (ms); one still open then is held
+_SILENT_GRACE_S = 0.25  # drain(): a request that streamed no token by then is held (or had nothing to keep)
 _BACKOFF_S, _MAX_BACKOFF_S = 0.25, 8.0  # the first and the longest wait before a failed request is sent again
 
 

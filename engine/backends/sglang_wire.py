@@ -291,6 +291,8 @@ class SGLangClient:
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         conn = sink.conn = cls(parts.hostname, parts.port, timeout=connect_timeout_s)
         try:
+            if sink.killed:  # closed before it was sent (a request held by a pause is closed by the batch)
+                raise ConnectionError(sink.killed)
             conn.request("POST", parts.path + path, body=json.dumps(body).encode(),
                          headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
             conn.sock.settimeout(None)

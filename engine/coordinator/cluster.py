@@ -128,10 +128,22 @@ class Supervisor:
     def num_restarts(self) -> int:
         return self.faults.actor_restarts
 
-    def joined(self, peer: str, msg: Hello) -> None:
+    def joined(self, peer: str, msg: Hello) -> str | None:
+        """Record ``peer`` as ``msg``'s actor; returns the peer id of a connection it replaces: the same process
+        joining again (``everyprompt-rollout-worker --rejoin-s``) before its old connection timed out here. That
+        one is forgotten, and the caller re-queues its work."""
         name = "learner" if msg.role == "learner" else f"{msg.role}-{msg.worker_id}"
+        old = self.peer_of.get(name)
+        stale = old if old not in (None, peer) and getattr(self._hub.peers.get(old), "pid", None) == msg.pid else None
+        if stale is not None:
+            self._hub.forget(stale)
         self.peer_of[name] = peer
-        log.info("actor.joined", name=name, pid=msg.pid)
+        log.info("actor.joined", name=name, pid=msg.pid, **({"replaces": stale} if stale else {}))
+        return stale
+
+    def standalone(self) -> set[str]:
+        """Peer ids of workers that joined on their own (not our children)."""
+        return {p for n, p in self.peer_of.items() if n not in self.children}
 
     def failures(self) -> list[tuple[str, str]]:
         """(child name, why) for every child that exited or went silent."""
@@ -141,15 +153,16 @@ class Supervisor:
                 for n, p in self.peer_of.items() if p in silent and all(n != m for m, _ in out)]
         return out
 
-    async def restart(self, name: str, why: str) -> str | None:
-        """Start ``name`` again; returns the peer id of the failed process (None if it never said Hello).
-        A worker that joined on its own (everyprompt-rollout-worker started by hand) is not ours to restart:
-        it is only dropped, and its work re-queued by the caller."""
+    async def restart(self, name: str, why: str) -> list[str]:
+        """Start ``name`` again; returns the peer ids of the failed process (none if it never said Hello; several
+        for a process that hosts many workers, such as the simulator's ``sim-workers-<i>``), whose work the caller
+        re-queues. A worker that joined on its own (everyprompt-rollout-worker started by hand) is not ours to
+        restart: it is only dropped."""
         if name not in self.children:
             log.warning("actor.lost", name=name, why=why)
             old_peer = self.peer_of.pop(name)
             self._hub.forget(old_peer)
-            return old_peer
+            return [old_peer]
         child = self.children[name]
         if name == "learner":
             raise LearnerFailed(f"learner {why}; see {child.log_path}. Last lines:\n{child.log_tail()}")
@@ -157,12 +170,14 @@ class Supervisor:
             raise ActorFailed(f"{name} {why} (restarts used: {self.num_restarts} of transport.max_actor_restarts="
                               f"{self._max_restarts}); see {child.log_path}. Last lines:\n{child.log_tail()}")
         log.warning("actor.restarting", name=name, why=why, log=str(child.log_path))
+        hosted = [n for n, p in self.peer_of.items()  # the workers this process hosted, by their own names
+                  if n != name and getattr(self._hub.peers.get(p), "pid", None) == child.popen.pid]
         self.children[name] = await asyncio.to_thread(respawn, child)
         self.faults.actor_restarts += 1
-        old_peer = self.peer_of.pop(name, None)
-        if old_peer is not None:
-            self._hub.forget(old_peer)
-        return old_peer
+        old_peers = [p for n in [name, *hosted] if (p := self.peer_of.pop(n, None)) is not None]
+        for p in old_peers:
+            self._hub.forget(p)
+        return old_peers
 
 
 @dataclass
@@ -269,8 +284,10 @@ async def _pump(hub: Hub, a: Actors) -> None:
                 raise LearnerFailed(f"the learner group restarted (worker {msg.worker_id}, pid {msg.pid}): "
                                     "resuming the run from its newest checkpoint")
             case Hello():  # a restarted worker, or one started by hand (everyprompt-rollout-worker)
-                a.supervisor.joined(peer, msg)
-                inbox.put(peer, WorkerJoined(role="rollout" if msg.role == "rollout" else "reward"))
+                role = "rollout" if msg.role == "rollout" else "reward"
+                if (stale := a.supervisor.joined(peer, msg)) is not None:
+                    inbox.put(stale, WorkerLost(role=role))
+                inbox.put(peer, WorkerJoined(role=role))
             case ErrorReport():
                 raise ActorFailed(f"{msg.where} reported an error:\n{msg.error}")
             case None:
@@ -278,9 +295,8 @@ async def _pump(hub: Hub, a: Actors) -> None:
             case _:
                 log.warning("coordinator.unexpected_message", type=type(msg).__name__, peer=peer)
         for name, why in a.supervisor.failures():
-            old_peer = await a.supervisor.restart(name, why)
-            if old_peer is not None:
-                inbox.put(old_peer, WorkerLost(role="rollout" if name.startswith("rollout") else "reward"))
+            for old_peer in await a.supervisor.restart(name, why):
+                inbox.put(old_peer, WorkerLost(role="reward" if name.startswith("reward") else "rollout"))
 
 
 @contextlib.asynccontextmanager
@@ -297,7 +313,7 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
     children: list[Child] = []
     sup: Supervisor | None = None
     rollouts: Rollouts | None = None
-    failing = False
+    failing = recovering = False  # recovering: a LearnerFailed, so recovery.py starts the actors again
     try:
         children = _spawn_all(cfg, run_dir, hub.endpoint, init_dir, resume_learner, rdzv_endpoint)
         sup = Supervisor(hub, children, max_restarts=cfg.transport.max_actor_restarts, faults=faults)
@@ -319,9 +335,11 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
         if task is not None and task.cancelling():  # Ctrl-C (or SIGTERM) wins over what it made the actors do:
             log.warning("actors.failed_while_cancelled", error=str(_one_error(group)))  # 3.11's TaskGroup would
             raise asyncio.CancelledError from None  # raise their errors and drop the cancellation
-        raise _one_error(group) from None
-    except BaseException:
-        failing = True
+        error = _one_error(group)
+        recovering = isinstance(error, LearnerFailed)
+        raise error from None
+    except BaseException as error:
+        failing, recovering = True, isinstance(error, LearnerFailed)
         raise
     finally:
         if rollouts is not None:  # its background admission on every way out (done, failed, Ctrl-C)
@@ -331,7 +349,10 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
         keep_rdzv = failing and is_elastic(cfg) and sup is not None and "learner" in sup.children
         if keep_rdzv:
             await asyncio.to_thread(stop_all, [sup.children["learner"]], grace_s=0.0)
-        for peer in list(hub.peers):
+        # Workers started by hand are not told to stop on the way to a recovery: they lose this hub and join the
+        # next one on the same transport.port (everyprompt-rollout-worker --rejoin-s).
+        keep = sup.standalone() if recovering and sup is not None else set()
+        for peer in [p for p in hub.peers if p not in keep]:
             with contextlib.suppress(Exception):
                 await hub.send(peer, Shutdown(reason="run finished"))
         await asyncio.to_thread(stop_all, list(sup.children.values()) if sup else children)

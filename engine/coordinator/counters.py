@@ -26,6 +26,7 @@ class RolloutCounters:
     regenerated_samples: int = 0
     discarded_samples: int = 0
     continued_samples: int = 0  # resumed on another worker (or after a restore) from the tokens received
+    continued_prefix_tokens: int = 0  # tokens those of a lost worker kept (generated once, not again)
     requeued_scores: int = 0
     cancelled_samples: int = 0
     base_samples: int = 0  # rollout.group_size per admitted group: the extra-sample budget is a fraction of it

@@ -43,10 +43,12 @@ class Dispatcher:
 
     async def _send(self, job: Job) -> None:
         """To the least-loaded live worker (a group stays on one worker: its prompt is prefilled once)."""
-        if not self._workers.peers:  # every worker is being restarted: join() hands it out
+        # the hub forgets every worker of a lost process at once; their WorkerLost messages come one by one
+        live = [w for w in self._workers.peers if w in self._hub.peers]
+        if not live:  # every worker is being restarted: join() hands it out
             self._unassigned.append(job)
             return
-        worker = self.scheduler.pick(self._workers.peers)
+        worker = self.scheduler.pick(live)
         g = self._inflight.groups[job[1]]
         routes = self._return_routes and g.temperature > 0  # not for greedy evals
         if job[0] == "group":
@@ -92,12 +94,15 @@ class Dispatcher:
         for job in unassigned:
             await self._send(job)
 
-    async def lose(self, peer: str) -> int:
+    async def lose(self, peer: str) -> tuple[int, int]:
         """A lost worker (RolloutWorkers.leave first): each of its unfinished responses continues on a live worker
-        from the tokens already received (an empty prefix for one that had not started). Returns how many."""
+        from the tokens already received (an empty prefix for one that had not started). Returns (how many
+        responses, how many tokens they keep)."""
         self.scheduler.remove_worker(peer)
         orphans = self._inflight.owned_by(peer)
+        kept = 0
         for key in orphans:
             self.disown(key)
+            kept += len(self._inflight.groups[key[0]].samples[key[1]].flush().token_ids)
             await self._send(("sample", *key))
-        return len(orphans)
+        return len(orphans), kept

@@ -15,6 +15,8 @@ import torch
 from configs.schema import RunConfig
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+_WILDCARDS = ("0.0.0.0", "*", "::", "")
+_REJOIN_S = 600  # join.json's stand-alone worker keeps joining again this long after it lost the coordinator
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -92,6 +94,10 @@ def learner_env(cfg: RunConfig) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     if is_elastic(cfg):  # scale-up deadlocks with a shared rendezvous store (DEPENDENCIES.md §4)
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        if cfg.transport.host not in _WILDCARDS:  # torchrun's --local-addr: the address this node advertises to
+            # the others (else its FQDN, which may resolve to loopback); an env var, so that join.json's command
+            # stays right for the other nodes (each sets its own PET_LOCAL_ADDR where its FQDN does not resolve)
+            env["PET_LOCAL_ADDR"] = os.environ.get("PET_LOCAL_ADDR", cfg.transport.host)
     return env
 
 
@@ -105,7 +111,8 @@ def write_join_info(run_dir: Path, cfg: RunConfig, *, endpoint: str, learner_arg
     config = str((run_dir / "config.yaml").resolve())
     info = {"endpoint": endpoint,
             "rollout_worker": ["everyprompt-rollout-worker", "--endpoint", endpoint, "--config", config,
-                               "--worker-id", "100", "--init", str(Path(init_dir).resolve())],
+                               "--worker-id", "100", "--init", str(Path(init_dir).resolve()),
+                               "--rejoin-s", str(_REJOIN_S)],  # a partition or a learner recovery: join again
             "learner_agent": ["python", *learner_argv[1:]] if learner_argv else None}
     tmp = run_dir / ".join.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))

@@ -169,7 +169,9 @@ async def on_message(p: Rollouts, peer: str, msg: object) -> None:
             await p.dispatch.join(peer)
         case WorkerLost(role="rollout"):  # its unfinished responses continue elsewhere from their tokens
             p.workers.leave(peer)
-            p.counters.continued_samples += await p.dispatch.lose(peer)
+            samples, tokens = await p.dispatch.lose(peer)
+            p.counters.continued_samples += samples
+            p.counters.continued_prefix_tokens += tokens
         case WorkerJoined():
             await p.scoring.join(peer)
         case WorkerLost():

@@ -74,7 +74,7 @@ def python_module(module: str, *args: str) -> list[str]:
 def stop_all(children: list[Child], *, grace_s: float = 10.0) -> None:
     """Wait for children to exit after a Shutdown message; then SIGTERM, then SIGKILL their process groups."""
     for sig, wait_s in ((None, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        alive = [c for c in children if c.exited() is None]
+        alive = [c for c in children if c.exited() is None or _session_alive(c)]
         if not alive:
             return
         if sig is not None:
@@ -84,5 +84,16 @@ def stop_all(children: list[Child], *, grace_s: float = 10.0) -> None:
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(c.exited() is None for c in alive):
+        while time.monotonic() < deadline and any(c.exited() is None or (sig and _session_alive(c)) for c in alive):
             time.sleep(0.05)
+
+
+def _session_alive(c: Child) -> bool:
+    """Whether anything of the child's session (process group) is left after the child itself exited: a killed
+    rollout worker's sglang server, a killed torchrun's ranks. They go with it (a server left behind would hold
+    the GPU and the port its replacement needs)."""
+    try:
+        os.killpg(c.popen.pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False

@@ -158,6 +158,28 @@ def test_a_weight_update_the_server_refuses_keeps_the_previous_weights(init_dir,
         standin.close()
 
 
+def test_a_request_that_reaches_the_server_after_the_pause_does_not_stall_the_weight_update(init_dir, tmp_path):
+    """A request sent from the pool just before ``/pause_generation`` is held by the server until
+    ``/continue_generation`` (sglang holds new requests on its pause condition): the update must not wait for it
+    forever; it is closed after the grace, and its row is sent again and finishes under the new version."""
+    save_weights(build("qwen3_moe"), tmp_path / "policy_v1.safetensors")
+    with _served(init_dir) as (standin, backend):
+        batch = backend.new_batch(capture_routes=False)
+        row = Row(key=0, prompt=PROMPT, max_new_tokens=40, temperature=1.0)
+        backend.client.post("/pause_generation", {"mode": "abort"})  # the request below is held, whenever it lands
+        batch.add([row])
+        batch.step(0)
+        t0 = time.monotonic()
+        backend.load(str(tmp_path / "policy_v1.safetensors"))
+        load_s = time.monotonic() - t0
+        deadline = time.monotonic() + 60
+        while not row.done:
+            assert time.monotonic() < deadline, "the row did not finish after the update"
+            batch.step(1)
+        assert standin.weight_version == "1" and batch.held_closed == 1 and load_s < 30
+        assert row.tokens == _expected(40) and row.versions == [1] * 40 and row.finish_reason == "length"
+
+
 def test_a_slow_start_is_waited_for_within_the_start_timeout(init_dir):
     standin = StandIn(init_dir, synthetic=True, incremental=True)
     try:

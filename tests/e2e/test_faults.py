@@ -52,3 +52,35 @@ def test_hung_rollout_and_killed_reward_worker_are_restarted_and_nothing_is_lost
     assert max(r["version_lag_max"] for r in rows) <= 1
     assert "actor.restarting" in err and "rollout-0" in err and "reward-0" in err
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_killed_process_of_simulated_workers_loses_none_of_their_work(tmp_path):
+    """One process hosts several simulated workers (sim.workers_per_process): killing it loses every one of
+    them at once; each one's unfinished responses are re-queued (the process is restarted under its own name,
+    its workers join again under theirs), and the run trains every step."""
+    argv = [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={tmp_path}",
+            "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", "train.num_steps=40",
+            "rollout.backend=sim", "rollout.num_workers=8", "sim.workers_per_process=4", "rollout.return_routes=false",
+            "learner.router_replay=off",
+            "transport.heartbeat_s=0.5", "transport.peer_timeout_s=10"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+
+    def steps():
+        return [r for r in read_metrics(metrics) if "step" in r] if metrics.exists() else []
+
+    try:
+        wait_for(lambda: len(steps()) >= 2, proc, 240, "the first steps")
+        hosts = [p for p in processes_mentioning(str(tmp_path))
+                 if "--count" in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")]
+        assert len(hosts) == 2, hosts
+        os.kill(hosts[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    rows = steps()
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert rows[-1]["actor_restarts"] == 1 and rows[-1]["continued_samples"] >= 1, rows[-1]
+    assert processes_mentioning(str(tmp_path)) == []
