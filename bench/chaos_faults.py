@@ -180,7 +180,7 @@ SGLANG_FAULTS = (  # (name, the stand-in's fault modes, the rollout worker's log
     ("killed", {"die_after_tokens": 3}, "sglang.relaunched"))
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """A port p with p and p + 1 free on loopback (worker i's server listens on rollout.sglang_port + i)."""
     import socket
 
@@ -213,7 +213,7 @@ def sglang_run(out: Path, sft_cache: Path) -> dict:
     except ImportError as e:
         return {"skipped": f"no sglang stand-in (tests/sglang_standin.py) in this checkout: {e}"}
 
-    port = _free_port_pair()
+    port = free_port_pair()
     overrides = [*_fault_common(restarts=6), "rollout.backend=sglang", f"rollout.sglang_python={sys.executable}",
                  f"rollout.sglang_port={port}", "rollout.chunk_tokens=1", "rollout.return_routes=false",
                  "learner.router_replay=off", "rollout.sglang_health_interval_s=0.5",

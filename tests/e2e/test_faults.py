@@ -22,15 +22,21 @@ def _pid_of(tmp_path, module: str) -> int:
     return pids[0]
 
 
-def test_hung_rollout_and_killed_reward_worker_are_restarted_and_nothing_is_lost(tmp_path):
+def _start(tmp_path, *overrides: str):
+    """(the run's Popen, a function giving its step rows so far): the tiny preset with fast heartbeats."""
     argv = [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={tmp_path}",
-            "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", "train.num_steps=400",
-            "transport.heartbeat_s=0.5", "transport.peer_timeout_s=3"]
+            "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", "transport.heartbeat_s=0.5", *overrides]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "tiny" / "metrics.jsonl"
 
     def steps():
         return [r for r in read_metrics(metrics) if "step" in r] if metrics.exists() else []
+
+    return proc, steps
+
+
+def test_hung_rollout_and_killed_reward_worker_are_restarted_and_nothing_is_lost(tmp_path):
+    proc, steps = _start(tmp_path, "train.num_steps=400", "transport.peer_timeout_s=3")
 
     try:
         wait_for(lambda: len(steps()) >= 2, proc, 240, "the first steps")
@@ -58,16 +64,9 @@ def test_a_killed_process_of_simulated_workers_loses_none_of_their_work(tmp_path
     """One process hosts several simulated workers (sim.workers_per_process): killing it loses every one of
     them at once; each one's unfinished responses are re-queued (the process is restarted under its own name,
     its workers join again under theirs), and the run trains every step."""
-    argv = [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={tmp_path}",
-            "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", "train.num_steps=40",
-            "rollout.backend=sim", "rollout.num_workers=8", "sim.workers_per_process=4", "rollout.return_routes=false",
-            "learner.router_replay=off",
-            "transport.heartbeat_s=0.5", "transport.peer_timeout_s=10"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "tiny" / "metrics.jsonl"
-
-    def steps():
-        return [r for r in read_metrics(metrics) if "step" in r] if metrics.exists() else []
+    proc, steps = _start(tmp_path, "train.num_steps=40", "rollout.backend=sim", "rollout.num_workers=8",
+                         "sim.workers_per_process=4", "rollout.return_routes=false", "learner.router_replay=off",
+                         "transport.peer_timeout_s=10")
 
     try:
         wait_for(lambda: len(steps()) >= 2, proc, 240, "the first steps")

@@ -7,33 +7,18 @@ trains with the staleness bound held and nothing left behind."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from bench.chaos_faults import free_port_pair
 from engine.coordinator.metrics import read_metrics
 from tests.helpers import processes_mentioning, wait_for
 from tests.sglang_standin import fake_sglang_env
 
 pytestmark = pytest.mark.timeout(420)
 STEPS = 16
-
-
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 free on loopback (worker i's server listens on rollout.sglang_port + i)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports on loopback")
 
 
 def _pids(tmp_path, needle: str) -> list[int]:
@@ -69,7 +54,7 @@ def test_a_killed_sglang_worker_takes_its_server_and_its_responses_continue_else
     argv = [sys.executable, "-m", "engine.coordinator", "--config-name", "tiny", f"out_dir={tmp_path}",
             "progress=false", f"sft.cache_dir={tmp_path / 'sft_cache'}", f"train.num_steps={STEPS}",
             "rollout.backend=sglang", f"rollout.sglang_python={sys.executable}",
-            f"rollout.sglang_port={_free_port_pair()}", "rollout.num_workers=2", "rollout.chunk_tokens=4",
+            f"rollout.sglang_port={free_port_pair()}", "rollout.num_workers=2", "rollout.chunk_tokens=4",
             "task.max_answer_tokens=160",
             "rollout.return_routes=false", "learner.router_replay=off", "rollout.sglang_health_interval_s=0.5",
             "transport.heartbeat_s=0.5", "transport.peer_timeout_s=5"]
