@@ -10,11 +10,12 @@ Launch (what ``engine.coordinator.launch.learner_command`` builds; the coordinat
         -m actors.learner --config run/config.yaml --endpoint tcp://127.0.0.1:PORT \
         --init HF_DIR --weights-dir DIR [--resume CHECKPOINT_DIR]
 
-Process layout: only rank 0 talks to the coordinator (a ``Peer``). It re-broadcasts every frame to the other
-ranks over torch.distributed (gloo), without pickle: an int64 size, then the codec's bytes as a uint8 tensor.
-A size <= 0 is a control code (``TICK``, ``SHUTDOWN``, ``PEER_LOST``). Every rank decodes the same batch
-and trains on its contiguous shard of the N sequences. Ranks > 0 poll their pending broadcast, so a signal
-still reaches Python while they wait; rank 0 sends a tick when idle so gloo's collective timeout never fires.
+Process layout: only rank 0 talks to the coordinator (a ``Peer``). It re-broadcasts every frame to the other ranks
+over torch.distributed (a gloo group even when the default group is NCCL: learner_parts.py), without pickle: an
+int64 size, then the codec's bytes as a uint8 tensor. A size <= 0 is a control code (``TICK``, ``SHUTDOWN``,
+``PEER_LOST``). Every rank decodes the same batch and trains on its contiguous shard of the N sequences. Ranks > 0
+poll their pending broadcast, so a signal still reaches Python while they wait; rank 0 sends a tick when idle so
+gloo's collective timeout never fires.
 
 Batching: one TrainBatch is one optimizer step. Each rank's whole shard is one micro-batch (DeepSpeed's batch
 size fields are bookkeeping only: its data loader is never used), so gradient_accumulation_steps = 1. The loss
@@ -30,9 +31,16 @@ of E ranks (engine/modeling/expert_parallel.py); the rest stays data-parallel. A
 all-gather of the expert shards, so rank 0 publishes, and the gap probe loads, plain transformers weights.
 ``replica_drift`` (0 when the replicated weights agree across ranks) is logged every step with > 1 rank.
 
+Devices and precision: ``learner.dist_backend`` (auto = NCCL on CUDA, each rank on the GPU of its LOCAL_RANK;
+gloo = CPU ranks) and ``learner.precision`` (fp32, or DeepSpeed bf16 with fp32 master weights; auto follows
+``model.dtype``). The learner loads the --init weights in fp32 and DeepSpeed casts them; published weights are
+written in ``model.dtype``, whatever the learner computes in.
+
 Versions: version 0 is the --init weights; after k optimizer steps rank 0 writes
 ``<weights-dir>/policy_v{k}.safetensors`` atomically and keeps only the newest two files. The sha256 of the
 bytes written travels in ``TrainResult.weights_digest``; every rollout worker checks it before serving them.
+With ``rollout.weight_sync=distributed`` rank 0 also answers ``WeightsWanted`` between two steps by broadcasting
+the current weights into that worker's sglang server (actors/weight_sync.py).
 
 One step (``LearnerRank.step``): shards -> gap probe (every ``learner.gap_probe_every`` versions) -> old-policy
 pass -> the loss's batch-global statistics -> per shard, the ``LossInputs`` record through the advantage transforms
@@ -76,9 +84,10 @@ from engine.coordinator.procs import die_with_parent
 from engine.algo.loss_seam import LossInputs, build_loss
 from engine.data.tasks import generation_limit
 from engine.algo.transforms import decoupled_weights, rl_zvp
-from actors.learner_state import load_rank, save_rank
-from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, deepspeed_config,
-                                  fanout_recv, fanout_send, gather_tokens, logprobs_with_entropy, probe_gap,
+from actors.learner_state import TAG, load_rank, resume_tag, save_rank
+from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, compute_dtype,
+                                  deepspeed_config, fanout_recv, fanout_send, gather_tokens, init_groups,
+                                  logprobs_with_entropy, probe_gap, resolve_backend, resolve_precision,
                                   shard_bounds, skip_shm_comm_build)
 from engine.modeling.expert_parallel import hf_state_dict, patch_transformers, replica_check
 from engine.modeling.model import load_model, old_policy_pass, publish_state, token_logprobs
@@ -86,11 +95,12 @@ from engine.modeling.replay_mode import ReplayMode
 from engine.modeling.routing import route_hooks
 from transport.channels import PeerLost, run
 from transport.codec import decode, encode
-from transport.messages import CheckpointSaved, ErrorReport, SaveCheckpoint, Shutdown, TrainBatch, TrainResult
+from transport.messages import (CheckpointSaved, DropWeightGroup, ErrorReport, SaveCheckpoint, Shutdown, TrainBatch,
+                                TrainResult, WeightsWanted)
 
 log = structlog.get_logger()
 
-LearnerInbox = TrainBatch | SaveCheckpoint | Shutdown
+LearnerInbox = TrainBatch | SaveCheckpoint | WeightsWanted | DropWeightGroup | Shutdown
 
 _TICK_S = 60.0  # idle rank 0 sends a tick this often; far below gloo's 30 min collective timeout
 _KEEP_VERSIONS = 2
@@ -108,15 +118,21 @@ class LearnerRank:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         skip_shm_comm_build()
-        deepspeed.init_distributed(dist_backend="gloo")
+        self.precision = resolve_precision(cfg)  # a bf16 request on a GPU without bf16 fails here, before init
+        self.cpu_group = init_groups(resolve_backend(cfg.learner))  # host tensors: fan-out, stats, fault votes
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        model = load_model(init_dir, cfg.model.dtype)
+        self.publish_dtype = getattr(torch, cfg.model.dtype)  # what the rollout workers load
+        model = load_model(init_dir, "float32")  # the master weights; DeepSpeed casts the module under bf16
         model.train()
         self.expert_parallel = cfg.learner.expert_parallel
         if self.expert_parallel > 1:
             patch_transformers()
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=deepspeed_config(cfg.learner, model.config.model_type))
+        self.resume_tag = resume_tag(resume, rank=self.rank, world=self.world, group=self.cpu_group) if resume \
+            else TAG  # another group size than the checkpoint's: its Universal Checkpoint (learner_state.py)
+        ds_config = deepspeed_config(cfg.learner, model.config.model_type, precision=self.precision,
+                                     load_universal=self.resume_tag != TAG)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        self.device = self.engine.device
         self.temperature = cfg.rollout.temperature
         lc = cfg.learner
         self.loss = build_loss(lc.loss, getattr(lc, lc.loss), aggregation=lc.aggregation,
@@ -126,7 +142,8 @@ class LearnerRank:
         self.gap_probe_seqs = max(cfg.learner.gap_probe_seqs // self.world, 1) if cfg.learner.gap_probe_seqs else 0
         self.gap_probe_every = cfg.learner.gap_probe_every
         self.fuse_first_pass = True  # False: a separate old-policy forward for every shard (the tests compare)
-        self.probe_model = load_model(init_dir, cfg.model.dtype).eval() if self.gap_probe_seqs else None  # the previous version
+        self.probe_model = (load_model(init_dir, "float32").to(self.device, compute_dtype(self.precision)).eval()
+                            if self.gap_probe_seqs else None)  # the previous version, as the learner computes it
         self.decoupled, self.decoupled_cap = cfg.learner.decoupled, cfg.learner.decoupled_is_cap
         self.rl_zvp_alpha = cfg.learner.rl_zvp_alpha
         self.weights_dir = Path(weights_dir)
@@ -170,7 +187,8 @@ class LearnerRank:
         for m in range(self.num_minibatches):
             mlo, mhi = shard_bounds(num_seqs, m, self.num_minibatches)
             lo, hi = shard_bounds(mhi - mlo, self.rank, self.world)
-            shards.append(Shard(batch, mlo + lo, mlo + hi, aggregation=self.loss.aggregation, mb_rows=(mlo, mhi)))
+            shards.append(Shard(batch, mlo + lo, mlo + hi, aggregation=self.loss.aggregation, mb_rows=(mlo, mhi),
+                                device=self.device))
         return shards
 
     def _batch_statistics(self, shards: list[Shard]) -> dict[str, torch.Tensor]:
@@ -223,7 +241,7 @@ class LearnerRank:
         """Count the new version, gather its weights (a collective under EP) and reduce the stats over ranks."""
         self.version += 1
         self._hf_state = self._gather_hf_state()  # a collective under EP: every rank, before rank 0 publishes
-        out = acc.reduce()
+        out = acc.reduce(self.cpu_group)
         if self.world > 1:
             out.update(replica_check(self.engine.module))
         out.update(sequences=float(num_seqs), lr=float(self.engine.get_lr()[0]), train_s=time.perf_counter() - t0)
@@ -294,15 +312,22 @@ class LearnerRank:
         return save_rank(self, path)
 
     def load(self, path: str) -> None:
-        """Every rank: continue from ``save(path)`` (actors/learner_state.py ``load_rank``)."""
-        load_rank(self, path)
+        """Every rank: continue from ``save(path)`` (actors/learner_state.py ``load_rank``), by the tag the engine
+        was built for (a Universal Checkpoint after an elastic resize)."""
+        load_rank(self, path, self.resume_tag)
+
+    def published_state(self) -> dict[str, torch.Tensor]:
+        """The current weights as the rollout workers load them: in host memory, in ``model.dtype`` (the bf16
+        module cast up for a float32 model; fp32 weights cast down for a bfloat16 one)."""
+        return {k: v.detach().to("cpu", self.publish_dtype if v.is_floating_point() else v.dtype)
+                for k, v in self.hf_state().items()}
 
     def publish(self) -> tuple[str, str]:
         """Rank 0: write the current weights as ``policy_v{version}`` and drop the older files -> (path, digest of
         the bytes written)."""
         path = self.weights_dir / f"policy_v{self.version}.safetensors"
         # a disk fault: retried, then an OSError naming the path; the workers keep the previous version
-        digest = publish_state(self.hf_state(), path, version=self.version)
+        digest = publish_state(self.published_state(), path, version=self.version)
         for old in self.weights_dir.glob("policy_v*.safetensors"):
             m = re.fullmatch(r"policy_v(\d+)\.safetensors", old.name)
             if m and int(m.group(1)) <= self.version - _KEEP_VERSIONS:
@@ -316,7 +341,7 @@ class LearnerRank:
 def _follow(learner: LearnerRank, max_frame_bytes: int) -> int:
     """Ranks > 0: train on every batch rank 0 forwards, until it says stop."""
     while True:
-        item = fanout_recv()
+        item = fanout_recv(group=learner.cpu_group)
         if item == TICK:
             continue
         if item == SHUTDOWN:
@@ -343,11 +368,12 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
         learner = await asyncio.to_thread(LearnerRank, cfg, args.init, args.weights_dir, args.resume)
         log.info("learner.ready", world=learner.world, version=learner.version, resumed_from=args.resume,
                  init_s=round(time.perf_counter() - t0, 2))
+        sender = _weight_sender(cfg, args.init)  # rollout.weight_sync=distributed: broadcasts into sglang servers
         while True:
             try:
                 msg: LearnerInbox = await peer.recv(timeout=_TICK_S)
             except TimeoutError:
-                await asyncio.to_thread(fanout_send, None, TICK)
+                await asyncio.to_thread(fanout_send, None, TICK, group=learner.cpu_group)
                 continue
             match msg:
                 case TrainBatch():
@@ -358,8 +384,15 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
                     failed = await asyncio.to_thread(_fanout_and_save, learner, msg, encode(msg))
                     await peer.send(CheckpointSaved(step=msg.step, path="" if failed else msg.path,
                                                     seconds=time.perf_counter() - t0))  # path "": not saved
+                case WeightsWanted() if sender is not None:  # between two steps: nothing changes the weights
+                    reply, job = sender.answer(msg, learner.hf_state(), learner.version)
+                    await peer.send(reply)
+                    if job is not None:
+                        await asyncio.to_thread(job)
+                case DropWeightGroup() if sender is not None:
+                    sender.handle_drop(msg)
                 case Shutdown():
-                    await asyncio.to_thread(fanout_send, None, SHUTDOWN)
+                    await asyncio.to_thread(fanout_send, None, SHUTDOWN, group=learner.cpu_group)
                     log.info("learner.shutdown", reason=msg.reason, version=learner.version)
                     return 0
                 case _:
@@ -367,7 +400,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
     except PeerLost as e:
         log.error("learner.coordinator_lost", endpoint=args.endpoint, error=str(e))
         if learner is not None:
-            await asyncio.to_thread(fanout_send, None, PEER_LOST)
+            await asyncio.to_thread(fanout_send, None, PEER_LOST, group=learner.cpu_group)
         return 1
     except Exception as e:  # the actor boundary: report, then exit non-zero (torchrun stops the other ranks)
         error = traceback.format_exc()
@@ -384,6 +417,16 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
         await peer.close()
 
 
+def _weight_sender(cfg: RunConfig, init_dir: str):
+    """Rank 0's sender of ``rollout.weight_sync=distributed`` (actors/weight_sync.py), listening on transport.host
+    (the address the servers reach this machine at); None for the other modes."""
+    if cfg.rollout.weight_sync != "distributed":
+        return None
+    from actors.weight_sync import WeightSender
+
+    return WeightSender(init_dir, master_address=cfg.transport.host)
+
+
 def _lost_a_rank(e: Exception) -> bool:
     """A collective failed because another rank is gone (killed, crashed): torchrun is stopping the group."""
     text = str(e)
@@ -393,12 +436,12 @@ def _lost_a_rank(e: Exception) -> bool:
 
 def _fanout_and_save(learner: LearnerRank, msg: SaveCheckpoint, frame: bytes) -> str:
     """"" once saved, else the disk fault every rank agreed on (``LearnerRank.save``)."""
-    fanout_send(frame)
+    fanout_send(frame, group=learner.cpu_group)
     return learner.save(msg.path)
 
 
 def _train_and_publish(learner: LearnerRank, batch: TrainBatch, frame: bytes) -> TrainResult:
-    fanout_send(frame)
+    fanout_send(frame, group=learner.cpu_group)
     stats = learner.step(batch)
     t0 = time.perf_counter()
     path, digest = learner.publish()
@@ -442,8 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
                             category=FutureWarning)  # raised inside DeepSpeed's ZeRO
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip accelerator probing (and its warning)
+    if resolve_backend(cfg.learner) == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU ranks; also skips accelerator probing (and its warning)
 
     if rank == 0:
         code = run(_serve(args, cfg))

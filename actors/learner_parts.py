@@ -1,12 +1,25 @@
-"""The learner rank's building blocks that need no actor machinery: the DeepSpeed config, one rank's share of a
-batch (``Shard``), statistics reduced across ranks (``StatSums``), the all-gather of token values for a loss's
-batch-global statistics (``gather_tokens``), the rollout-vs-trainer gap probe (``probe_gap``), the update
-forward that is also the old-policy pass (``logprobs_with_entropy``), and the rank-0
-fan-out of frames to the other ranks (an int64 size, then the codec's bytes as a uint8 tensor; a size <= 0 is a
-control code). actors/learner.py composes them into ``LearnerRank`` and the actor."""
+"""The learner rank's building blocks that need no actor machinery: the process groups and the DeepSpeed config
+(``init_groups``, ``resolve_precision``, ``deepspeed_config``), one rank's share of a batch (``Shard``), statistics
+reduced across ranks (``StatSums``), the all-gather of token values for a loss's batch-global statistics
+(``gather_tokens``), the rollout-vs-trainer gap probe (``probe_gap``), the update forward that is also the
+old-policy pass (``logprobs_with_entropy``), and the rank-0 fan-out of frames to the other ranks (an int64 size,
+then the codec's bytes as a uint8 tensor; a size <= 0 is a control code). actors/learner.py composes them into
+``LearnerRank`` and the actor.
+
+Process groups: the default group is NCCL where CUDA is present (``learner.dist_backend=auto``) and carries every
+collective on device tensors (DeepSpeed's gradient reduction, ``gather_tokens``, the expert-parallel gather of the
+published weights, the replica check). Everything that lives in host memory goes over a second, gloo group on the
+same ranks (``init_groups``): the fan-out frames (uint8 tensors), the reduced step statistics and the checkpoint's
+fault agreement, because NCCL cannot move CPU tensors. On CPU both groups are gloo.
+
+Precision (``learner.precision``): fp32, or bf16 mixed precision by DeepSpeed's ``bf16`` section (the module runs in
+bf16; the optimizer keeps fp32 master weights and Adam moments; gradients are all-reduced in fp32). Logits are cast
+to fp32 before any log-softmax or entropy (as slime's ``get_responses`` asserts float32 logits and verl's
+``logprobs_from_logits_v2`` avoids bf16 logsumexp), so log-probs, entropies, ratios and the loss are fp32."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -14,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from configs.schema import LearnerConfig
+from configs.schema import LearnerConfig, RunConfig
 from engine.algo.entropy import entropy_of_logits
 from engine.algo.loss_registry import counts_tokens
 from engine.modeling.expert_parallel import autoep_config
@@ -31,7 +44,47 @@ def shard_bounds(num_items: int, rank: int, world: int) -> tuple[int, int]:
     return num_items * rank // world, num_items * (rank + 1) // world
 
 
-def deepspeed_config(cfg: LearnerConfig, model_type: str = "qwen3_moe") -> dict:
+def resolve_backend(cfg: LearnerConfig) -> str:
+    """``learner.dist_backend``: auto = nccl where CUDA is present, else gloo (configs/schema.py validates nccl)."""
+    if cfg.dist_backend != "auto":
+        return cfg.dist_backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def resolve_precision(cfg: RunConfig) -> str:
+    """``learner.precision``: auto = bf16 when the rollout serves bfloat16 weights (``model.dtype``), so the learner
+    computes with the numerics the tokens were sampled with; fp32 otherwise. On CUDA bf16 needs a GPU that has it."""
+    precision = cfg.learner.precision
+    if precision == "auto":
+        precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+    if (precision == "bf16" and resolve_backend(cfg.learner) == "nccl"
+            and not torch.cuda.is_bf16_supported()):
+        raise ValueError(f"learner.precision={cfg.learner.precision} resolves to bf16, which this GPU "
+                         f"({torch.cuda.get_device_name()}) lacks; pass learner.precision=fp32")
+    return precision
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the learner's module (and the gap probe's frozen copy) runs in."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def init_groups(backend: str):
+    """Join the default process group (``backend``) through DeepSpeed -> the gloo group for host tensors (the
+    module docstring). Under NCCL each rank first takes the GPU of its LOCAL_RANK."""
+    import deepspeed
+
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend)
+    return dist.new_group(backend="gloo")
+
+
+def deepspeed_config(cfg: LearnerConfig, model_type: str = "qwen3_moe", *, precision: str = "fp32",
+                     load_universal: bool = False) -> dict:
+    """load_universal: the checkpoint to resume is a Universal Checkpoint (actors/learner_state.py, elastic
+    resize), whose optimizer state DeepSpeed re-partitions over this group's size."""
+    bf16 = precision == "bf16"
     config = {
         "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: a rank's whole shard is one micro-batch
         "gradient_accumulation_steps": 1,
@@ -40,10 +93,14 @@ def deepspeed_config(cfg: LearnerConfig, model_type: str = "qwen3_moe") -> dict:
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": bf16},  # bf16 module, fp32 master weights and moments in the optimizer
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        config["communication_data_type"] = "fp32"  # gradients reduced in fp32 (verl's FSDP reduce_dtype)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if cfg.expert_parallel > 1:
         config["expert_parallel"] = autoep_config(cfg.expert_parallel, model_type)
     return config
@@ -58,9 +115,11 @@ def skip_shm_comm_build() -> None:
 
 class Shard:
     """One rank's rows [lo, hi) of one mini-batch (rows ``mb_rows`` of the batch), as tensors trimmed to their
-    own length. An empty shard keeps one row with an all-false mask: every rank must join every collective."""
+    own length, on ``device`` (the module's). An empty shard keeps one row with an all-false mask: every rank must
+    join every collective."""
 
-    def __init__(self, batch: TrainBatch, lo: int, hi: int, *, aggregation: str, mb_rows: tuple[int, int]) -> None:
+    def __init__(self, batch: TrainBatch, lo: int, hi: int, *, aggregation: str, mb_rows: tuple[int, int],
+                 device: torch.device | str = "cpu") -> None:
         empty = hi == lo
         if empty:
             lo, hi = mb_rows[0], mb_rows[0] + 1
@@ -86,6 +145,10 @@ class Shard:
         mb_lens = batch.response_lens[mb_rows[0]:mb_rows[1]]
         self.denom = max(int(mb_lens.sum()) if counts_tokens(aggregation) else int((mb_lens > 0).sum()), 1)
         self.entropy_NL = self.own_routes_NLLK = self.prox_logp_NL = None  # filled by the old-policy pass
+        for name in ("ids_NL", "attn_NL", "mask_NL", "old_logp_NL", "versions_NL", "adv_N", "zvp_sign_N",
+                     "routes_NLLK", "routed_N"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
 
     def field(self, name: str) -> torch.Tensor:
         """The shard's tensor for the ``LossInputs`` field ``name`` known before the update (a loss's
@@ -119,16 +182,17 @@ class StatSums:
         self._totals[name] = self._totals.get(name, 0.0) + float(value)
 
     def maximum(self, name: str, value: torch.Tensor) -> None:
-        v = value.detach().double().reshape(())
+        v = value.detach().double().reshape(()).cpu()
         self._max[name] = torch.maximum(self._max[name], v) if name in self._max else v
 
-    def reduce(self) -> dict[str, float]:
+    def reduce(self, group=None) -> dict[str, float]:
+        """A collective over ``group`` (host tensors: the learner's gloo group) -> the stats of every rank."""
         names, maxes, totals = sorted(self._sums), sorted(self._max), sorted(self._totals)
         sums = torch.tensor([x for k in names for x in self._sums[k]] + [self._totals[k] for k in totals],
                             dtype=torch.float64)
         top = torch.stack([self._max[k] for k in maxes]) if maxes else torch.zeros(0, dtype=torch.float64)
-        dist.all_reduce(sums)
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
         out = {k: float(sums[2 * i]) / float(sums[2 * i + 1]) if float(sums[2 * i + 1]) > 0 else float("nan")
                for i, k in enumerate(names)}
         out.update({k: float(top[i]) for i, k in enumerate(maxes)})
@@ -150,7 +214,7 @@ def probe_gap(shards: list[Shard], models, *, budget: int, replay_r3: bool, temp
     in at least one layer when the trainer routes by itself (``routing_mismatch_frac``). R2 replays the trainer's
     own routes: for the probe that is no replay."""
     for sh in shards:
-        rows = torch.arange(min(budget, sh.ids_NL.shape[0]))
+        rows = torch.arange(min(budget, sh.ids_NL.shape[0]), device=sh.ids_NL.device)
         budget -= len(rows)
         for version, model in models:
             on_NL = sh.mask_NL[rows] & (sh.versions_NL[rows] == version)
@@ -182,7 +246,7 @@ def _probe_rows(model, sh: Shard, r: torch.Tensor, on_NL: torch.Tensor, forced, 
         acc.add("logprob_gap_off_mean", d.abs().sum(), float(d.numel()))
         if routes[0] is not None:
             own_NLLK = own.stacked(0).reshape(routes[0].shape)
-            routed_NL = on_NL & (torch.arange(on_NL.shape[1])[None] < routes[1][:, None])
+            routed_NL = on_NL & (torch.arange(on_NL.shape[1], device=on_NL.device)[None] < routes[1][:, None])
             differs_NL = mismatch_NT(own_NLLK, routes[0]) & routed_NL
             acc.add("routing_mismatch_frac", differs_NL.sum().double(), routed_NL.sum().double())
 
@@ -208,10 +272,11 @@ def as_float(x) -> float:
 
 
 def gather_tokens(values_M: torch.Tensor) -> torch.Tensor:
-    """Every rank's 1-D ``values_M`` (lengths may differ), concatenated in rank order; a collective."""
+    """Every rank's 1-D ``values_M`` (lengths may differ), concatenated in rank order; a collective over the
+    default group, on the values' device."""
     world = dist.get_world_size()
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([values_M.numel()]))
+    counts = [torch.zeros(1, dtype=torch.int64, device=values_M.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([values_M.numel()], device=values_M.device))
     padded = values_M.new_zeros(max(max(int(c) for c in counts), 1))
     padded[: values_M.numel()] = values_M
     parts = [torch.empty_like(padded) for _ in range(world)]
@@ -219,11 +284,12 @@ def gather_tokens(values_M: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(c)] for p, c in zip(parts, counts)])
 
 
-def fanout_send(frame: bytes | None, code: int = TICK) -> None:
-    """Rank 0: broadcast one frame (or, with frame=None, a control code <= 0) to every rank."""
-    dist.broadcast(torch.tensor([len(frame) if frame else code], dtype=torch.int64), src=0)
+def fanout_send(frame: bytes | None, code: int = TICK, *, group) -> None:
+    """Rank 0: broadcast one frame (or, with frame=None, a control code <= 0) to every rank of the gloo
+    ``group`` (host tensors: never the NCCL default group)."""
+    dist.broadcast(torch.tensor([len(frame) if frame else code], dtype=torch.int64), src=0, group=group)
     if frame:
-        dist.broadcast(torch.frombuffer(bytearray(frame), dtype=torch.uint8), src=0)
+        dist.broadcast(torch.frombuffer(bytearray(frame), dtype=torch.uint8), src=0, group=group)
 
 
 def _wait(work) -> None:
@@ -232,13 +298,13 @@ def _wait(work) -> None:
     work.wait()
 
 
-def fanout_recv() -> bytes | int:
-    """Ranks > 0: the next frame from rank 0, or a control code (an int <= 0)."""
+def fanout_recv(*, group) -> bytes | int:
+    """Ranks > 0: the next frame from rank 0 over the gloo ``group``, or a control code (an int <= 0)."""
     size_1 = torch.zeros(1, dtype=torch.int64)
-    _wait(dist.broadcast(size_1, src=0, async_op=True))
+    _wait(dist.broadcast(size_1, src=0, async_op=True, group=group))
     size = int(size_1[0])
     if size <= 0:
         return size
     buf = torch.empty(size, dtype=torch.uint8)
-    _wait(dist.broadcast(buf, src=0, async_op=True))
+    _wait(dist.broadcast(buf, src=0, async_op=True, group=group))
     return buf.numpy().tobytes()

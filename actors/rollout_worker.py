@@ -11,8 +11,11 @@ the newest weights if any arrived (the decode loop also stops early for them, so
 step plus the load), then either keeps the KV cache or recomputes it under the new weights
 (``rollout.kv_on_update``), and (3) admits queued requests while the batch holds fewer than
 ``rollout.max_batch_samples`` unfinished responses. A response can therefore span several policy versions;
-each token records the one that sampled it. Weights never travel on this socket: ``LoadWeights`` names a
-safetensors file the learner wrote atomically, and the worker swaps it in between two decode steps.
+each token records the one that sampled it. ``LoadWeights`` names a safetensors file the learner wrote atomically,
+and the worker swaps it in between two decode steps. With ``rollout.weight_sync=relay`` (no shared filesystem) the
+coordinator sends ``WeightsOffer`` instead: the worker pulls the file over this socket into its own folder
+(``--local-dir``; actors/weight_relay.py) while it keeps decoding, and swaps it in the same way once it is complete
+and its digest matches.
 
 Weight integrity: the backend reads the file once, checks its bytes against ``LoadWeights.digest`` and loads from
 those bytes (engine/backends/weights_file.py). A file that fails (``weights.digest_mismatch``, missing, torn) is
@@ -36,12 +39,14 @@ import numpy as np
 import structlog
 
 from actors.common import actor_parser, make_peer, run_actor, setup_actor
+from actors.weight_relay import RelayReceiver
 from engine.backends.base import RolloutBackend
 from engine.backends.registry import build_rollout
 from engine.backends.weights_file import WeightsRejected, file_state
 from engine.modeling.rows import Row
-from transport import (CancelRequest, ContinueRequest, GenerateRequest, LoadWeights, Peer, ResponseChunk, Shutdown,
-                       WeightsLoaded)
+from transport import (CancelRequest, ContinueRequest, DropWeightGroup, GenerateRequest, LoadWeights, Peer,
+                       ResponseChunk, Shutdown, WeightsChunk, WeightsLoaded, WeightsOffer, WeightsSending,
+                       WeightsWanted)
 
 log = structlog.get_logger()
 
@@ -49,7 +54,8 @@ log = structlog.get_logger()
 class RolloutWorker:
     def __init__(self, peer: Peer, backend: RolloutBackend, *, worker_id: int, max_batch_samples: int,
                  chunk_tokens: int = 4, kv_on_update: str = "recompute", capture_routes: bool = True,
-                 load_attempts: int = 4, load_backoff_s: float = 0.25, reask_s: float = 30.0) -> None:
+                 load_attempts: int = 4, load_backoff_s: float = 0.25, reask_s: float = 30.0,
+                 relay_dir: str | None = None, weight_sync: str = "disk") -> None:
         self._peer, self._backend = peer, backend
         self._worker_id, self._max_batch_samples = worker_id, max_batch_samples
         self._chunk_tokens, self._kv_on_update = chunk_tokens, kv_on_update
@@ -61,6 +67,12 @@ class RolloutWorker:
         self._cancelled: dict[int, Row] = {}  # id -> batch row to drop (the rows, not their keys: a key may be
         # cancelled and sent again at once, and the new request must survive the old one's cancel)
         self._weights: LoadWeights | None = None  # newest weights not yet applied
+        self._distributed = weight_sync == "distributed"  # weights broadcast by the learner (_want, _receive)
+        self._newest: LoadWeights | None = None  # distributed: the newest LoadWeights (its file: the repair copy)
+        self._asked = False  # distributed: a WeightsWanted is out, not answered yet
+        self._sending: WeightsSending | None = None  # distributed: the broadcast to receive now
+        self._relay = RelayReceiver(peer.send, name=peer.peer_id, local_dir=relay_dir, on_ready=self._take_weights,
+                                    on_refused=self._relay_refused, attempts=load_attempts, reask_s=reask_s)
         self._wake = asyncio.Event()
         self.version = 0
         self._idle_s = self._paused_s = 0.0
@@ -76,6 +88,7 @@ class RolloutWorker:
         finally:
             if self._reask is not None:
                 self._reask.cancel()
+            self._relay.close()
             log.info("rollout.done", generated_samples=self._finished, version=self.version)
             await self._peer.close()
 
@@ -92,9 +105,18 @@ class RolloutWorker:
                     self._queue = deque(kept for rows in self._queue
                                         if (kept := [r for r in rows if f"{r.key[0]}/{r.key[1]}" not in gone]))
                     self._cancelled.update({id(r): r for r in self._batch.rows if f"{r.key[0]}/{r.key[1]}" in gone})
+                case LoadWeights() if self._distributed:
+                    await self._want(msg)
                 case LoadWeights():
-                    if self._weights is None or msg.version > self._weights.version:
-                        self._weights = msg
+                    self._take_weights(msg)
+                case WeightsSending():  # rollout.weight_sync=distributed: the learner is broadcasting now
+                    self._sending, self._asked = msg, False
+                case WeightsOffer():  # rollout.weight_sync=relay: pulled while decoding goes on, then LoadWeights
+                    self._relay.offer(msg)
+                    continue
+                case WeightsChunk():
+                    self._relay.chunk(msg)
+                    continue
                 case Shutdown():
                     return
                 case _:
@@ -104,7 +126,7 @@ class RolloutWorker:
 
     async def _generate_loop(self) -> None:
         while True:
-            if not (self._batch.active or self._queue or self._weights or self._cancelled):
+            if not (self._batch.active or self._queue or self._weights or self._cancelled or self._sending):
                 t0 = time.monotonic()
                 await self._wake.wait()
                 self._idle_s += time.monotonic() - t0
@@ -112,6 +134,8 @@ class RolloutWorker:
             self._drop_cancelled()
             if self._weights is not None:
                 await self._apply_weights()
+            if self._sending is not None:
+                await self._receive_weights()
             self._admit()
             if self._batch.active:
                 try:
@@ -120,6 +144,19 @@ class RolloutWorker:
                     await self._backend_failed(e)
                     raise
             await self._emit()
+
+    def _take_weights(self, msg: LoadWeights) -> None:
+        if self._weights is None or msg.version > self._weights.version:
+            self._weights = msg
+            self._wake.set()
+
+    async def _relay_refused(self, offer: WeightsOffer) -> None:
+        """A relayed version failed every attempt: report the version still served, as a refused file does."""
+        await self._report_weights(0.0)
+
+    async def _report_weights(self, load_s: float) -> None:
+        await self._peer.send(WeightsLoaded(version=self.version, worker_id=self._worker_id, load_s=load_s,
+                                            idle_s=self._idle_s, paused_s=self._paused_s))
 
     async def _backend_failed(self, error: Exception) -> None:
         """The backend cannot go on (e.g. a lost sglang server it did not launch): log one line, send every token
@@ -153,7 +190,7 @@ class RolloutWorker:
             active = self._batch.active
             self._batch.step(self.version)
             steps += 1
-            if self._weights is not None or (self._queue and self._batch.active < active):
+            if self._weights is not None or self._sending is not None or (self._queue and self._batch.active < active):
                 break
 
     async def _apply_weights(self) -> None:
@@ -162,10 +199,10 @@ class RolloutWorker:
             if self._kv_on_update == "recompute":
                 self._batch.invalidate()  # the next step re-prefills every unfinished response under the new weights
             self.version = msg.version
+            self._relay.loaded(msg.version)  # older relayed files go
         load_s = time.monotonic() - t0
         self._paused_s += load_s
-        await self._peer.send(WeightsLoaded(version=self.version, worker_id=self._worker_id, load_s=load_s,
-                                            idle_s=self._idle_s, paused_s=self._paused_s))
+        await self._report_weights(load_s)
 
     async def _load_verified(self, msg: LoadWeights) -> bool:
         """Load ``msg``'s weights, reading the file again after a failed check (bounded, doubling waits that end
@@ -189,6 +226,39 @@ class RolloutWorker:
                   attempts=self._load_attempts, serving=self.version, error=str(error))
         self._ask_again(msg)
         return False
+
+    async def _want(self, msg: LoadWeights | None) -> None:
+        """rollout.weight_sync=distributed: ask learner rank 0 for the broadcast of the newest weights (one request
+        at a time; the answer names its version, the newest the learner holds) while generation goes on."""
+        if msg is not None and (self._newest is None or msg.version > self._newest.version):
+            self._newest = msg
+        if self._newest is None or self._newest.version <= self.version or self._asked or self._sending:
+            return
+        group, world_size = self._backend.weight_group()
+        self._asked = True
+        await self._peer.send(WeightsWanted(group_name=group, world_size=world_size, version=self._newest.version,
+                                            worker_id=self._worker_id))
+
+    async def _receive_weights(self) -> None:
+        """Take the broadcast the learner announced (engine/backends/sglang_sync.py): the backend pauses, loads every
+        bucket and continues. Refused: the previous version is kept and reported, the group dropped, and the
+        newest weights asked for again in ``reask_s``."""
+        sending, self._sending, t0 = self._sending, None, time.monotonic()
+        repair = self._newest if self._newest is not None and self._newest.version == sending.version else None
+        try:
+            await asyncio.to_thread(self._backend.load_distributed, sending, repair.path if repair else "",
+                                    repair.digest if repair else "")
+            if self._kv_on_update == "recompute":
+                self._batch.invalidate()
+            self.version = sending.version
+        except WeightsRejected as e:
+            log.error("weights.load_refused", version=sending.version, reason=e.reason, serving=self.version,
+                      error=str(e))
+            await self._peer.send(DropWeightGroup(group_name=await asyncio.to_thread(self._backend.abandon_group)))
+            asyncio.get_running_loop().call_later(self._reask_s, lambda: asyncio.ensure_future(self._want(None)))
+        self._paused_s += time.monotonic() - t0
+        await self._report_weights(time.monotonic() - t0)
+        await self._want(None)  # newer weights announced meanwhile
 
     def _ask_again(self, msg: LoadWeights) -> None:
         """In ``reask_s``, try refused weights again unless newer ones came (a file fixed later is taken)."""
@@ -274,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                         "transport.peer_timeout_s: a network partition, a learner recovery), join again on a new "
                         "connection, for up to this many seconds without an answer, before exiting with code 3 "
                         "(default 0: exit at once)")
+    p.add_argument("--local-dir", default=None,
+                   help="rollout.weight_sync=relay: the folder on this machine where relayed weights are written "
+                        "(in a subfolder per worker, removed at exit; default: a temporary folder)")
     args = p.parse_args(argv)
     cfg = setup_actor(args, "rollout")
     backend = build_rollout(cfg, args.init, args.worker_id)  # rollout.backend, engine/backends/registry.py
@@ -282,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         peer = make_peer(args, cfg, "rollout", session=session)
         worker = RolloutWorker(peer, backend, worker_id=args.worker_id,
                                max_batch_samples=cfg.rollout.max_batch_samples, chunk_tokens=cfg.rollout.chunk_tokens,
-                               kv_on_update=cfg.rollout.kv_on_update, capture_routes=cfg.rollout.return_routes)
+                               kv_on_update=cfg.rollout.kv_on_update, capture_routes=cfg.rollout.return_routes,
+                               relay_dir=args.local_dir, weight_sync=cfg.rollout.weight_sync)
         code = run_actor(worker.serve(), "rollout")  # returns once every decode thread has finished
         if code != 3 or args.rejoin_s <= 0:
             return code

@@ -17,6 +17,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+from urllib.parse import urlsplit
 from configs.choices import check_choices as _check_choices, field_types, literal_choices  # noqa: F401 (re-exported)
 from configs.choices import require as _require
 from configs.logging_section import LoggingConfig
@@ -177,6 +178,12 @@ class RolloutConfig:
     sglang_start_timeout_s: float = 900.0  # sglang backend: a server (launched or given) must answer /health
     # within this long at start and after a relaunch, else the worker exits
     sglang_health_interval_s: float = 1.0  # sglang backend: /health is polled this often while a server starts
+    weight_sync: Literal["disk", "relay", "distributed"] = "disk"  # how new weights reach the workers: disk =
+    # the policy file on a shared filesystem; relay = over the transport in bounded chunks to a worker-local folder
+    # (no shared filesystem); distributed = broadcast from learner rank 0 into each sglang server over a process
+    # group (/update_weights_from_distributed; NCCL on GPUs, gloo on CPU)
+    relay_chunk_bytes: int = 4 * 1024 * 1024  # weight_sync=relay: bytes per chunk (one frame each, below
+    # transport.max_frame_bytes); a worker has at most 4 chunks in flight
     sglang_retry_s: float = 60.0  # sglang backend: requests answered HTTP 5xx (or broken while /health answers)
     # are sent again with backoff until the server has failed this long without answering anything
 
@@ -257,9 +264,18 @@ class LearnerConfig:
     threads_per_rank: int = 0  # torch threads per learner rank; 0 = auto: the cores of this machine that the hf
     # rollout workers do not take (num_workers x rollout.threads_per_worker), split over num_ranks, at least 1
     master_port: int = 0  # 0 = pick a free port
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # torch.distributed backend of the learner ranks: auto =
+    # nccl where CUDA is present (GPU ranks; host-side fan-out still over a gloo group), else gloo (CPU ranks)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 = DeepSpeed bf16 mixed precision (fp32 master
+    # weights and Adam moments); auto = bf16 when model.dtype=bfloat16, else fp32. Log-probs/entropy are fp32
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.dist_backend == "nccl":
+            import torch  # only here: the schema stays torch-free unless NCCL is asked for
+
+            _require(torch.cuda.is_available(), "learner.dist_backend", self.dist_backend,
+                     "NCCL needs CUDA and this machine has none; pass learner.dist_backend=gloo (or auto)")
         _require(self.zero_stage in (0, 1, 2), "learner.zero_stage", self.zero_stage,
                  "use learner.zero_stage=1 or 2 (0 disables ZeRO)")
         resolve_aggregation(self.loss, self.aggregation)  # e.g. seq_mean_group_mean needs espo's entropy groups
@@ -338,6 +354,10 @@ class TransportConfig:
                  "it must be >= 1024")
         _require(self.peer_timeout_s > self.heartbeat_s > 0, "transport.peer_timeout_s", self.peer_timeout_s,
                  f"it must be above transport.heartbeat_s={self.heartbeat_s} (> 0), or every peer looks dead")
+
+
+def _is_loopback_host(host: str | None) -> bool:
+    return host == "localhost" or _is_loopback_ip(host or "")
 
 
 def _is_loopback_ip(host: str) -> bool:
@@ -440,3 +460,26 @@ class RunConfig:
                  "a random-init model cannot solve the task; keep sft.enabled=true or set model.init_from")
         _require(not (self.resume and self.overwrite), "overwrite", self.overwrite,
                  "resume=true continues the run and overwrite=true replaces it: pass only one")
+        _require(self.rollout.weight_sync != "relay" or 4096 <= self.rollout.relay_chunk_bytes
+                 <= self.transport.max_frame_bytes - 4096, "rollout.relay_chunk_bytes", self.rollout.relay_chunk_bytes,
+                 f"a chunk travels in one frame: pass 4096 <= rollout.relay_chunk_bytes <= "
+                 f"transport.max_frame_bytes - 4096 = {self.transport.max_frame_bytes - 4096}")
+        _require(self.rollout.weight_sync != "relay" or not self.sim.learner or bool(self.sim.weights_file),
+                 "rollout.weight_sync", self.rollout.weight_sync, "the simulated learner writes no weight file "
+                 "to relay: set sim.weights_file=<a safetensors file> or pass rollout.weight_sync=disk")
+        _require(self.rollout.weight_sync != "distributed" or self.rollout.backend == "sglang", "rollout.weight_sync",
+                 self.rollout.weight_sync, f"a broadcast into the server needs rollout.backend=sglang (not "
+                 f"{self.rollout.backend!r}); pass rollout.weight_sync=disk")
+        _require(self.rollout.weight_sync != "distributed" or not self.sim.learner, "rollout.weight_sync",
+                 self.rollout.weight_sync, "the simulated learner has no weights to broadcast: pass "
+                 "rollout.weight_sync=disk or sim.learner=false")
+        _require(self.rollout.weight_sync != "distributed" or self.learner.nnodes == "1", "rollout.weight_sync",
+                 self.rollout.weight_sync, f"learner rank 0 listens for the servers on transport.host, and with "
+                 f"learner.nnodes={self.learner.nnodes} it may run on another machine: pass rollout.weight_sync=disk "
+                 f"or relay, or learner.nnodes=1")
+        server = urlsplit(self.rollout.sglang_url).hostname if self.rollout.sglang_url else "127.0.0.1"
+        _require(self.rollout.weight_sync != "distributed" or not _is_loopback_host(self.transport.host)
+                 or _is_loopback_host(server), "transport.host", self.transport.host,
+                 f"rollout.weight_sync=distributed: the server at {self.rollout.sglang_url} joins learner rank 0's "
+                 f"group at transport.host, which it cannot reach on loopback; pass transport.host=<this machine's "
+                 f"address as the server sees it> (with transport.curve_keys_dir)")

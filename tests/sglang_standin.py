@@ -18,6 +18,12 @@ answering in the format of sglang 0.5.23's source, with a tiny HF MoE model gene
 - ``POST /update_weights_from_disk`` (``model_path``: a save_pretrained-layout folder) -> ``{"success": true}``; a
   folder it cannot load is answered HTTP 400 ``{"success": false, "message": ...}`` with the old weights kept (sglang
   rolls back).
+- Weights broadcast by the learner (``rollout.weight_sync=distributed``, engine/backends/sglang_sync.py): ``POST
+  /init_weights_update_group`` joins a real torch.distributed group (gloo) as rank ``rank_offset``;
+  ``/begin_weight_update`` and ``/end_weight_update`` open and close the session (a second begin, or an update
+  outside one, is refused as sglang refuses it); ``/update_weights_from_distributed`` receives each named tensor
+  with ``broadcast(src=0)`` and loads the bucket; ``/destroy_weights_update_group``. Failures answer HTTP 400
+  ``{"success": false, "message": ...}``. ``GET /_checksums`` (tests): sha256 of every served weight.
 - ``POST /abort_request`` (``rid``), ``GET /health``; ``/generate`` with ``text`` prompts (the judge) answers every one
   ``"Verdict: Tie"``.
 - ``GET /_progress`` (tests): ``{"live": {rid: tokens so far}}`` of the requests streaming now.
@@ -27,7 +33,8 @@ Faults, set per test with ``fault(**modes)`` in process or ``POST /_fault {modes
 then on (``Faults``): ``die_after_tokens=N`` (after N more tokens the server dies: a launched process exits at once,
 one in process drops every connection and stops listening), ``hang_after_tokens=N`` (then streams stay open and send
 nothing, and ``/health`` never answers), ``status=503, status_count=K`` (the next K ``/generate`` requests are
-answered with that status), ``update_failures=K`` (the next K weight updates are refused with 400), and
+answered with that status), ``update_failures=K`` (the next K weight updates are refused with 400; a bucket of
+``/update_weights_from_distributed`` is received first, then refused), and
 ``start_delay_s=S`` (``/health`` and ``/generate`` answer 503 for S seconds, as sglang does while starting).
 
 ``python -m tests.sglang_standin --model-path DIR --port P`` serves one as its own process (other flags are
@@ -45,6 +52,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -75,6 +83,9 @@ class StandIn:
     def __init__(self, model_dir: str, *, seed: int = 0, token_delay_s: float = 0.01, incremental: bool = False,
                  synthetic: bool = False, port: int = 0, exit_on_death: bool = False) -> None:
         self.model = load_model(model_dir).eval()
+        self.model_dir = model_dir
+        self.groups: dict[str, object] = {}  # /init_weights_update_group: name -> process group
+        self.session = False  # inside /begin_weight_update ... /end_weight_update
         self.adapter = adapter_for(self.model.config)
         self.lock = threading.Lock()  # one forward at a time; weights swap under it
         self.running = threading.Event()
@@ -222,6 +233,88 @@ class StandIn:
         self.weight_version = str(body.get("weight_version", self.weight_version))
         return {"success": True, "message": "ok", "num_paused_requests": 0}
 
+    # ---- weights broadcast by the learner (sglang 0.5.23: the weight updater's session, the model runner's
+    # receive: allocate each named tensor, broadcast(src=0) on the group in names order, then load the bucket) ----
+
+    def init_group(self, body: dict) -> dict:
+        """``/init_weights_update_group``: join the group as rank ``rank_offset`` (one tensor-parallel rank)."""
+        from engine.backends.sglang_sync import SYNC_TIMEOUT_S, init_custom_process_group
+
+        name = body.get("group_name", "weight_update_group")
+        try:
+            self.groups[name] = init_custom_process_group(
+                backend=body.get("backend", "nccl"), world_size=int(body["world_size"]), rank=int(body["rank_offset"]),
+                group_name=name, timeout_s=SYNC_TIMEOUT_S,
+                init_method=f"tcp://{body['master_address']}:{body['master_port']}")
+        except Exception as e:  # sglang answers success=false (HTTP 400) with the error
+            return {"success": False, "message": f"Failed to initialize custom process group: {e}."}
+        return {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def begin_session(self, begin: bool) -> dict:
+        if begin == self.session:
+            return {"success": False, "message": "a weight-update session is already open; call "
+                    "end_weight_update() first" if begin else "no weight-update session is open; call "
+                    "begin_weight_update() first"}
+        self.session = begin
+        return {"success": True, "message": "Success"}
+
+    def update_distributed(self, body: dict) -> dict:
+        """``/update_weights_from_distributed``: receive the bucket, then load it as ``/update_weights_from_disk``
+        loads a folder (the received tensors replace theirs in the checkpoint-layout state; transformers reads it)."""
+        import torch.distributed as dist
+
+        if not self.session:
+            return {"success": False, "message": "update_weights_from_distributed must run between "
+                    "begin_weight_update() and end_weight_update()"}
+        name = body.get("group_name", "weight_update_group")
+        if name not in self.groups:
+            return {"success": False, "message": f"Group {name} not in {list(self.groups)}. Please call "
+                    "`init_weights_update_group` first."}
+        received = {}
+        try:
+            for tensor_name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+                received[tensor_name] = torch.empty(shape, dtype=getattr(torch, dtype))
+                dist.broadcast(received[tensor_name], src=0, group=self.groups[name])
+        except Exception as e:
+            return {"success": False, "message": f"Failed to receive weights: {e}"}
+        if self.faults.update_failures > 0:  # received (the collective stays matched), not loaded
+            self.faults.update_failures -= 1
+            return {"success": False, "message": "stand-in fault: failed to load the received weights"}
+        state = self.checkpoint_state()
+        unknown = sorted(set(received) - set(state))
+        if unknown:
+            return {"success": False, "message": f"unknown weight names {unknown[:3]}"}
+        self._load_state({**state, **received})
+        if body.get("weight_version") is not None:
+            self.weight_version = str(body["weight_version"])
+        return {"success": True, "message": "Succeeded to update parameter online."}
+
+    def checkpoint_state(self) -> dict:
+        """The served weights in checkpoint names and the config's dtype (what the learner broadcasts)."""
+        from engine.backends.sglang_wire import hub_layout, model_dtype
+
+        config = json.loads((Path(self.model_dir) / "config.json").read_text())
+        dtype = model_dtype(config)
+        with self.lock:
+            state = hub_layout(self.model.state_dict(), config)
+        return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
+
+    def _load_state(self, state: dict) -> None:
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(Path(self.model_dir) / "config.json", Path(tmp) / "config.json")
+            save_file(state, str(Path(tmp) / "model.safetensors"))
+            new = load_model(tmp).eval()
+        with self.lock:
+            self.model.load_state_dict(new.state_dict())
+
+    def checksums(self) -> dict[str, str]:
+        return tensor_checksums(self.checkpoint_state())
+
     def _handler(self):
         standin = self
 
@@ -274,6 +367,8 @@ class StandIn:
             def do_GET(self) -> None:
                 if self.path == "/_progress":  # tests: tokens so far of each request being generated
                     self._send({"live": {rid: standin.progress.get(rid, 0) for rid in list(standin.live)}})
+                elif self.path == "/_checksums":  # tests: sha256 of every served weight (checkpoint names)
+                    self._send(standin.checksums())
                 elif self.path != "/health":
                     self._send({"error": "not found"}, 404)
                 elif standin.hung.is_set():  # the socket stays open; no answer comes
@@ -286,6 +381,8 @@ class StandIn:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 standin.calls.append(self.path)
+                if "weight" in self.path:  # into the launching worker's log (the e2e tests read which path ran)
+                    print(f"sglang-standin: POST {self.path}", file=sys.stderr, flush=True)
                 if self.path == "/_fault":
                     standin.fault(**body)
                     self._send({})
@@ -317,6 +414,9 @@ class StandIn:
                 elif self.path == "/update_weights_from_disk":
                     result = standin.update(body)
                     self._send(result, 200 if result["success"] else 400)
+                elif self.path in _DISTRIBUTED:
+                    result = _DISTRIBUTED[self.path](standin, body)
+                    self._send(result, 200 if result["success"] else 400)
                 elif self.path == "/abort_request":
                     standin.aborted.add(body.get("rid", ""))
                     self._send({})
@@ -324,6 +424,24 @@ class StandIn:
                     self._send({"error": "not found"}, 404)
 
         return Handler
+
+
+_DISTRIBUTED = {  # rollout.weight_sync=distributed: path -> handler (every one answers {success, message})
+    "/init_weights_update_group": StandIn.init_group,
+    "/begin_weight_update": lambda s, body: s.begin_session(True),
+    "/end_weight_update": lambda s, body: s.begin_session(False),
+    "/update_weights_from_distributed": StandIn.update_distributed,
+    "/destroy_weights_update_group": lambda s, body: {"success": s.groups.pop(body.get("group_name"), None) is not None,
+                                                       "message": "Success"},
+}
+
+
+def tensor_checksums(state: dict) -> dict[str, str]:
+    """name -> sha256 of the tensor's bytes (sglang's weight checker takes the same per-tensor digest)."""
+    import hashlib
+
+    return {k: hashlib.sha256(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in state.items()}
 
 
 def fake_sglang_env(tmp_path) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Messages are flat frozen dataclasses holding primitives, lists, dicts of primitives and numpy arrays.
 Arrays travel as one msgpack ext type (see codec.py) and decode as read-only zero-copy views.
-Weights never travel here: ``LoadWeights`` only names a versioned file written by the learner.
+Weights travel here only with ``rollout.weight_sync=relay`` (``WeightsOffer``, ``FetchWeights``, ``WeightsChunk``:
+bounded chunks pulled by each worker); otherwise ``LoadWeights`` only names a versioned file written by the learner.
 
 Shape letters: P = prompt tokens, T = response tokens, N = sequences in a batch, L = padded length.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROTOCOL_VERSION = 5  # bump on any incompatible change to a message below
+PROTOCOL_VERSION = 6  # bump on any incompatible change to a message below
 
 
 def _no_routes() -> np.ndarray:
@@ -135,6 +136,40 @@ class LoadWeights:
     digest: str = ""
 
 
+
+@_msg
+class WeightsOffer:
+    """``rollout.weight_sync=relay``: policy ``version`` is ready at the coordinator (no shared filesystem). The
+    worker pulls it chunk by chunk (``FetchWeights``) into its own folder, checks ``digest`` over the whole file
+    and only then loads it (actors/weight_relay.py). A newer offer supersedes an unfinished transfer."""
+
+    version: int
+    digest: str  # "sha256:<hex>" of the whole file
+    num_bytes: int  # file size
+    chunk_bytes: int  # every chunk but the last holds exactly this many bytes (rollout.relay_chunk_bytes)
+
+
+@_msg
+class FetchWeights:
+    """Worker -> coordinator: send chunk ``index`` of ``version``. Request-driven: a worker has a few of these
+    outstanding at a time, so a slow worker is never flooded and a lost chunk is simply asked for again."""
+
+    version: int
+    index: int
+    attempt: int = 0  # echoed in WeightsChunk: answers to requests the worker gave up on are told apart
+
+
+@_msg
+class WeightsChunk:
+    """Coordinator -> worker: bytes ``[offset, offset + len(data))`` of ``version``'s file, answering FetchWeights."""
+
+    version: int
+    index: int
+    offset: int  # bytes; index * chunk_bytes
+    data: np.ndarray  # uint8 [n], n = chunk_bytes except for the last chunk
+    crc32: int  # zlib.crc32 of data: a corrupted chunk is refused and fetched again at once
+    attempt: int = 0
+
 @_msg
 class WeightsLoaded:
     """A worker applied ``version``. ``idle_s`` is its total time so far with nothing to decode (waiting for work
@@ -145,6 +180,45 @@ class WeightsLoaded:
     load_s: float = 0.0
     idle_s: float = 0.0
     paused_s: float = 0.0
+
+
+@_msg
+class WeightsWanted:
+    """``rollout.weight_sync=distributed`` (engine/backends/sglang_sync.py): rollout worker -> coordinator -> learner
+    rank 0. Broadcast the newest weights into this worker's sglang server on ``group_name``, opening that group
+    first when the learner does not have it (``world_size`` ranks: learner rank 0 and the server's ranks 1..)."""
+
+    group_name: str
+    world_size: int
+    version: int  # the newest version the worker was told of (LoadWeights)
+    worker_id: int = 0
+
+
+@_msg
+class WeightsSending:
+    """Learner rank 0 -> coordinator -> the worker of ``group_name``: what the broadcast that follows carries.
+    Tensor i is ``names[i]`` (``dtypes[i]``, ``shapes[i]``), in checkpoint names and the model's dtype; bucket b
+    (one /update_weights_from_distributed) is tensors ``[ends[b - 1], ends[b])``. ``master_port`` > 0: a new group
+    to join first (/init_weights_update_group at ``master_address``). ``error`` non-empty: nothing is sent."""
+
+    group_name: str
+    version: int  # the version the broadcast carries (the learner's newest)
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    ends: list[int]
+    world_size: int = 2
+    backend: str = "gloo"  # "nccl" on GPUs
+    master_address: str = ""
+    master_port: int = 0
+    error: str = ""
+
+
+@_msg
+class DropWeightGroup:
+    """To learner rank 0 (from a worker, or from the coordinator when a worker is lost): forget ``group_name``."""
+
+    group_name: str
 
 
 # ---- reward --------------------------------------------------------------------------------------------
@@ -250,7 +324,13 @@ MESSAGE_TYPES: tuple[type, ...] = (
     ContinueRequest,
     CancelRequest,
     LoadWeights,
+    WeightsOffer,
+    FetchWeights,
+    WeightsChunk,
     WeightsLoaded,
+    WeightsWanted,
+    WeightsSending,
+    DropWeightGroup,
     ScoreRequest,
     Scored,
     JudgeRequest,

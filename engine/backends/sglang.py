@@ -110,6 +110,9 @@ class SGLangBackend:
         self.client = SGLangClient(url)
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="sglang")
         self._batch: SGLangBatch | None = None
+        self._sync_group: str | None = None  # weight_sync=distributed: this server's group, and those it joined
+        self._joined: set[str] = set()
+        self._broadcast_version: int | None = None  # the version broadcast into the server, when that is what it serves
         self._wait_healthy(start_timeout_s)
 
     def _launch(self) -> None:
@@ -146,6 +149,10 @@ class SGLangBackend:
     def relaunch(self, why: str) -> None:
         """Stop this backend's lost server (dead or hung), launch it again, wait for ``/health`` and load the
         weights it served, so the worker's version stays the server's."""
+        if self._broadcast_version is not None:  # a fresh server would serve the initial weights as that version
+            raise RuntimeError(f"the sglang server at {self.client.url} is lost ({why}) and held version "
+                               f"{self._broadcast_version} only as broadcast weights (rollout.weight_sync="
+                               f"distributed): the worker exits and its replacement takes the newest weights")
         self.relaunches += 1
         code = self._proc.poll() if self._proc is not None else None
         log.warning("sglang.relaunch", url=self.client.url, why=why, exit_code=code, relaunches=self.relaunches,
@@ -244,6 +251,75 @@ class SGLangBackend:
         if self._loaded is not None and self._loaded != model_dir:
             shutil.rmtree(self._loaded, ignore_errors=True)
         self._loaded = model_dir
+
+    # ---- rollout.weight_sync=distributed (engine/backends/sglang_sync.py) ------------------------------------------
+
+    def weight_group(self) -> tuple[str, int]:
+        """(name, world size) of this server's weight group with learner rank 0: a new name after ``abandon_group``.
+        One rank per server (a launched server runs without tensor parallelism)."""
+        from engine.backends.sglang_sync import group_name
+
+        if self._sync_group is None:
+            self._sync_group = group_name(self._instance)
+        return self._sync_group, 2
+
+    def abandon_group(self) -> str:
+        """Drop this server's group (its collectives may be out of step after a failure) -> its name, for the
+        learner to drop too; the next ``weight_group`` is a new one."""
+        from engine.backends.sglang_sync import drop_group
+
+        name, self._sync_group = self._sync_group, None
+        if name in self._joined:
+            self._joined.discard(name)
+            drop_group(self.client, name)
+        return name or ""
+
+    def load_distributed(self, sending, path: str = "", digest: str = "") -> None:
+        """Receive the version ``sending`` announces while learner rank 0 broadcasts it: join the group if new, then
+        pause (requests in flight return), fold partial outputs in, one session of one
+        ``/update_weights_from_distributed`` per bucket, continue. A version no bucket of loaded keeps the previous
+        one (``WeightsRejected``); one loaded in part is repaired from the disk file ``path`` of the same version
+        (``load``), else RuntimeError: the server must not serve a mix (the worker exits, its server with it)."""
+        import shutil
+
+        from engine.backends import sglang_sync as sync
+        from engine.backends.weights_file import WeightsRejected
+
+        if sending.error:
+            raise WeightsRejected(path or sending.group_name, "sender_refused", sending.error)
+        if sending.master_port:
+            sync.join_group(self.client, sending)
+            self._joined.add(sending.group_name)
+        self.client.post("/pause_generation", {"mode": "abort"})
+        try:
+            if self._batch is not None:
+                self._batch.drain()
+            sync.session(self.client, "/begin_weight_update")
+            try:
+                loaded, refused = sync.receive_buckets(self.client, sending)
+            finally:
+                sync.session(self.client, "/end_weight_update")
+        finally:
+            self.client.post("/continue_generation", {})
+        if not refused:
+            log.info("sglang.weights_received", url=self.client.url, version=sending.version, buckets=loaded)
+            if self._loaded is not None:  # a disk folder it served before: not needed any more
+                shutil.rmtree(self._loaded, ignore_errors=True)
+            self._loaded, self._broadcast_version = None, sending.version
+            return
+        where = f"sglang at {self.client.url} refused {len(refused)} of {loaded + len(refused)} buckets of version " \
+                f"{sending.version} ({refused[0]})"
+        if not loaded:
+            raise WeightsRejected(path or sending.group_name, "server_rejected", f"{where}; it keeps the weights "
+                                  f"it serves")
+        log.error("weights.mixed_repair", version=sending.version, path=path, detail=f"{where}; loading the same "
+                  "version from disk")
+        try:
+            self.load(path, digest)
+            self._broadcast_version = None
+        except (WeightsRejected, OSError) as e:
+            raise RuntimeError(f"{where}, and the disk copy could not repair it ({e}): the server holds a mix of "
+                               f"two versions and must not serve it") from None
 
     def stack_routes(self, routes: list[np.ndarray]) -> np.ndarray:
         if routes:

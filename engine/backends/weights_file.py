@@ -42,10 +42,16 @@ def digest_bytes(data: bytes | memoryview) -> str:
 
 def digest_file(path: str | os.PathLike) -> str:
     """The digest of a file's bytes, read in 1 MiB pieces (no whole-file copy in memory)."""
-    h = hashlib.new(ALGORITHM)
     with open(path, "rb") as f:
-        while piece := f.read(_CHUNK):
-            h.update(piece)
+        return digest_fd(f.fileno())
+
+
+def digest_fd(fd: int) -> str:
+    """``digest_file`` of an open file descriptor, read from offset 0 (its position is left unchanged)."""
+    h, offset = hashlib.new(ALGORITHM), 0
+    while piece := os.pread(fd, _CHUNK, offset):
+        h.update(piece)
+        offset += len(piece)
     return f"{ALGORITHM}:{h.hexdigest()}"
 
 

@@ -33,8 +33,9 @@ from engine.backends.registry import worker_module
 from engine.coordinator.rollouts import Rollouts
 from engine.data.tokenizer import load_tokenizer
 from engine.data.tasks import generation_limit
-from transport import (CheckpointSaved, ErrorReport, Hello, Hub, Judged, ResponseChunk, SaveCheckpoint, Scored,
-                       Shutdown, TrainBatch, TrainResult, WeightsLoaded)
+from transport import (CheckpointSaved, ErrorReport, FetchWeights, Hello, Hub, Judged, ResponseChunk, SaveCheckpoint,
+                       Scored, Shutdown, TrainBatch, TrainResult, WeightsLoaded)
+from transport import DropWeightGroup, WeightsSending, WeightsWanted  # rollout.weight_sync=distributed
 from transport.curve import CurveKeys, server_keys
 
 log = structlog.get_logger()
@@ -88,6 +89,7 @@ class Learner:
     def __init__(self, hub: Hub, peer: str) -> None:
         self._hub, self._peer = hub, peer
         self._pending: asyncio.Future | None = None
+        self.weight_groups: dict[str, str] = {}  # weight_sync=distributed: group name -> the worker peer it serves
 
     async def train(self, batch: TrainBatch) -> TrainResult:
         return await self._call(batch)
@@ -102,6 +104,23 @@ class Learner:
             return await self._pending
         finally:
             self._pending = None
+
+    async def forward_wanted(self, worker: str, msg: WeightsWanted | DropWeightGroup) -> None:
+        """rollout.weight_sync=distributed: a worker's request (or drop) to rank 0; its group's answer goes back to
+        ``worker`` (``sending_to``)."""
+        if isinstance(msg, WeightsWanted):
+            self.weight_groups[msg.group_name] = worker
+        else:
+            self.weight_groups.pop(msg.group_name, None)
+        await self._hub.send(self._peer, msg)
+
+    def sending_to(self, msg: WeightsSending) -> str | None:
+        return self.weight_groups.get(msg.group_name)
+
+    async def drop_groups(self, worker: str) -> None:
+        """A lost worker: rank 0 drops its server's groups."""
+        for name in [g for g, w in self.weight_groups.items() if w == worker]:
+            await self.forward_wanted(worker, DropWeightGroup(group_name=name))
 
     def on_result(self, msg: TrainResult | CheckpointSaved) -> None:
         if self._pending is not None and not self._pending.done():
@@ -276,10 +295,15 @@ async def _pump(hub: Hub, a: Actors) -> None:
         except TimeoutError:
             peer, msg = None, None
         match msg:
-            case ResponseChunk() | Scored() | Judged() | WeightsLoaded():
+            case ResponseChunk() | Scored() | Judged() | WeightsLoaded() | FetchWeights():
                 inbox.put(peer, msg)
             case TrainResult() | CheckpointSaved():
                 a.learner.on_result(msg)
+            case WeightsWanted() | DropWeightGroup():  # rollout.weight_sync=distributed (engine/backends/sglang_sync.py)
+                await a.learner.forward_wanted(peer, msg)
+            case WeightsSending():
+                if (worker := a.learner.sending_to(msg)) is not None:
+                    await hub.send(worker, msg)
             case Hello(role="learner"):  # torchrun restarted the group (elastic: a rank died, a node came or left)
                 raise LearnerFailed(f"the learner group restarted (worker {msg.worker_id}, pid {msg.pid}): "
                                     "resuming the run from its newest checkpoint")
@@ -287,6 +311,7 @@ async def _pump(hub: Hub, a: Actors) -> None:
                 role = "rollout" if msg.role == "rollout" else "reward"
                 if (stale := a.supervisor.joined(peer, msg)) is not None:
                     inbox.put(stale, WorkerLost(role=role))
+                    await a.learner.drop_groups(stale)
                 inbox.put(peer, WorkerJoined(role=role))
             case ErrorReport():
                 raise ActorFailed(f"{msg.where} reported an error:\n{msg.error}")
@@ -297,6 +322,7 @@ async def _pump(hub: Hub, a: Actors) -> None:
         for name, why in a.supervisor.failures():
             for old_peer in await a.supervisor.restart(name, why):
                 inbox.put(old_peer, WorkerLost(role="reward" if name.startswith("reward") else "rollout"))
+                await a.learner.drop_groups(old_peer)
 
 
 @contextlib.asynccontextmanager

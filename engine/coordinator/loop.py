@@ -42,7 +42,7 @@ from engine.coordinator.rollouts import PromptItem, Rollouts
 from engine.modeling.model import export_policy, newest_weights
 from engine.modeling.sft import initial_policy
 from engine.data.tasks import Task, load_task
-from transport import Judged, LoadWeights, ResponseChunk, Scored, WeightsLoaded
+from transport import FetchWeights, Judged, LoadWeights, ResponseChunk, Scored, WeightsLoaded
 
 log = structlog.get_logger()
 
@@ -164,6 +164,8 @@ async def on_message(p: Rollouts, peer: str, msg: object) -> None:
                 p.deliver(group)
         case WeightsLoaded():
             p.workers.loaded(peer, msg)
+        case FetchWeights() if p.workers.relay is not None:  # rollout.weight_sync=relay: one chunk back (relay.py)
+            await p.workers.relay.serve(peer, msg)
         case WorkerJoined(role="rollout"):  # brought to the newest weights, then given the work that waited
             await p.workers.join(peer)
             await p.dispatch.join(peer)

@@ -7,6 +7,7 @@ top-up/judge -> buffer); each part has one job and its own module:
     zero_variance.py  adaptive group size and top-ups (pure)
     dispatch.py       which worker generates what; cancel; continue a lost worker's responses elsewhere
     workers.py        rollout worker membership, weights broadcast, versions and idle time
+    relay.py          weights to workers over the transport, in chunks (rollout.weight_sync=relay)
     streams.py        chunks assembled into samples
     scoring.py        finished responses to reward workers; rewards back; the judge (judging.py)
     staleness.py      cancel, regenerate or drop samples over the staleness bound
@@ -33,6 +34,7 @@ from engine.coordinator.dispatch import Dispatcher
 from engine.coordinator.evals import Evaluations
 from engine.coordinator.inbox import Inbox
 from engine.coordinator.inflight import InFlight, sample_key
+from engine.coordinator.relay import WeightRelay
 from engine.coordinator.schedule import LengthPredictor, Scheduler
 from engine.coordinator.scoring import Scoring
 from engine.coordinator.staleness import Staleness
@@ -68,7 +70,8 @@ class Rollouts:
         self.inbox, self.inflight, self.evals = Inbox(), InFlight(), Evaluations()
         self.admission = Admission(train, self.counters)
         self.sampler = ZeroVarianceSampler(rollout, self.counters)
-        self.workers = RolloutWorkers(hub, workers)
+        self.workers = RolloutWorkers(hub, workers, relay=WeightRelay(hub, chunk_bytes=rollout.relay_chunk_bytes)
+                                      if rollout.weight_sync == "relay" else None)
         self.dispatch = Dispatcher(hub, rollout, self.workers, self.inflight,
                                    scheduler or default_scheduler(rollout, max_new_tokens),
                                    max_new_tokens=max_new_tokens)
@@ -145,6 +148,8 @@ class Rollouts:
 
     async def stop(self) -> None:
         self.scoring.close()
+        if self.workers.relay is not None:
+            self.workers.relay.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

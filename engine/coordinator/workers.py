@@ -1,6 +1,7 @@
 """Rollout worker membership and weights: who is alive, which policy version each one runs, how idle it was.
 
-consumes: WeightsLoaded (rollout workers)   produces: LoadWeights (to every live worker, and to each one joining)
+consumes: WeightsLoaded (rollout workers)   produces: LoadWeights (to every live worker, and to each one joining);
+with ``relay`` (rollout.weight_sync=relay) a WeightsOffer instead, whose chunks engine/coordinator/relay.py serves
 waits for: every worker on a version (``wait_weights``, before an eval)
 """
 
@@ -11,21 +12,24 @@ import time
 
 import numpy as np
 
-from transport import Hub, LoadWeights, WeightsLoaded
+from engine.coordinator.relay import WeightRelay
+from transport import Hub, LoadWeights, WeightsLoaded, WeightsOffer
 
 
 class RolloutWorkers:
-    def __init__(self, hub: Hub, peers: list[str]) -> None:
-        self._hub = hub
+    def __init__(self, hub: Hub, peers: list[str], relay: WeightRelay | None = None) -> None:
+        self._hub, self.relay = hub, relay
         self.peers = list(peers)  # live rollout workers, in the order they joined
         self.versions: dict[str, int] = {w: 0 for w in peers}  # peer -> newest weights it loaded
         self._time: dict[str, tuple[float, float]] = {}  # peer -> (idle, paused) fractions, last interval
         self._clock: dict[str, tuple[float, float, float]] = {}  # peer -> (when, idle_s, paused_s) reported
         self._changed = asyncio.Event()
-        self._latest: LoadWeights | None = None
+        self._latest: LoadWeights | WeightsOffer | None = None
 
     async def broadcast(self, msg: LoadWeights) -> None:
         """New weights to every worker; each swaps them in between two decode steps (no waiting here)."""
+        if self.relay is not None and (msg := await self.relay.publish(msg)) is None:
+            return  # unreadable (logged): the workers keep the previous offer
         for w in self.peers:
             await self._hub.send(w, msg)
         self._latest = msg
@@ -34,6 +38,7 @@ class RolloutWorkers:
         """A (re)started worker: bring it to the newest weights."""
         self.peers.append(peer)
         self.versions[peer] = 0
+        self._changed.set()  # wait_weights with no worker yet (rollout.num_workers=0) can go on
         if self._latest is not None:
             await self._hub.send(peer, self._latest)
 

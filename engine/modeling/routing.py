@@ -102,7 +102,7 @@ def route_hooks(model: nn.Module, *, forced_NTLK: torch.Tensor | None = None,
             raise ValueError(f"a route names expert {int(forced_rows.max())}; the model has "
                              f"{adapter.num_experts} experts")
         if routed_N is not None:
-            valid_rows = (torch.arange(t)[None, :] < routed_N.reshape(n, 1)).reshape(n * t)
+            valid_rows = (torch.arange(t, device=routed_N.device)[None, :] < routed_N.reshape(n, 1)).reshape(n * t)
 
     def make_hook(layer: int):
         def hook(module, inputs, output):

@@ -12,6 +12,8 @@ from transport.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, CancelRequest, 
                                 SaveCheckpoint, ResponseChunk, ErrorReport, GenerateRequest, Heartbeat,
                                 Hello, Judged, JudgeRequest, LoadWeights, Scored, ScoreRequest, Shutdown, TrainBatch, TrainResult,
                                 WeightsLoaded)
+from transport.messages import FetchWeights, WeightsChunk, WeightsOffer
+from transport.messages import DropWeightGroup, WeightsSending, WeightsWanted
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -46,6 +48,14 @@ def _samples():
         LoadWeights(version=12, path="/tmp/run/weights/v12.safetensors"),
         LoadWeights(version=13, path="/tmp/run/weights/v13.safetensors", digest="sha256:" + "ab" * 32),
         WeightsLoaded(version=12, worker_id=1, load_s=0.5),
+        WeightsOffer(version=13, digest="sha256:" + "ab" * 32, num_bytes=10, chunk_bytes=4),
+        FetchWeights(version=13, index=2, attempt=1),
+        WeightsChunk(version=13, index=2, offset=8, data=np.arange(2, dtype=np.uint8), crc32=7, attempt=1),
+        WeightsWanted(group_name="everyprompt-w1-ab", world_size=2, version=13, worker_id=1),
+        WeightsSending(group_name="everyprompt-w1-ab", version=13, names=["a.weight", "b.bias"],
+                       dtypes=["bfloat16", "float32"], shapes=[[2, 3], [3]], ends=[1, 2], master_address="127.0.0.1",
+                       master_port=29600),
+        DropWeightGroup(group_name="everyprompt-w1-ab"),
         ScoreRequest(sample_key="g1/2", token_ids=np.zeros(0, i32), answer="42"),
         Scored(sample_key="g1/2", reward=1.0, valid=True, reward_parts={"format": 0.5, "exact": 1.0},
                text="42"),
