@@ -166,7 +166,7 @@ class RolloutConfig:
     postprocess_workers: int = 0  # detokenization / post-processing pool before scoring (0 = none, score at once)
     reward_overlap: bool = True  # score each response as it finishes; false = hold scores until generation drains
     quantization: Literal["", "fp8"] = ""  # sglang backend: "fp8" = FP8 weights for rollout (--quantization
-    # fp8); "" = none
+    # fp8; a server refusing an online weight update at start is a start-up error); "" = none
     kv_cache_dtype: Literal["auto", "fp8_e5m2", "fp8_e4m3"] = "auto"  # sglang backend: "fp8_e5m2" / "fp8_e4m3"
     # = FP8 KV cache
     sglang_url: str = ""  # sglang backend: a running server (http://host:port); "" = each worker launches its own

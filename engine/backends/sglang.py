@@ -114,6 +114,8 @@ class SGLangBackend:
         self._joined: set[str] = set()
         self._broadcast_version: int | None = None  # the version broadcast into the server, when that is what it serves
         self._wait_healthy(start_timeout_s)
+        if quantization == "fp8":
+            self._check_online_updates()
 
     def _launch(self) -> None:
         """Start the server in this worker's session (the coordinator's SIGKILL of the session reaches it) and
@@ -124,6 +126,24 @@ class SGLangBackend:
         from engine.coordinator.procs import die_with_parent
 
         self._proc = subprocess.Popen(self._argv, preexec_fn=die_with_parent)
+
+    def _check_online_updates(self) -> None:
+        """rollout.quantization=fp8: load the served weights again (``/update_weights_from_disk`` of the initial
+        folder) before any work starts, since sglang's FP8 path refuses online weight updates while Hopper FP8 BF16
+        weight caches are active and RL updates the weights at every version: a refusal is a start-up error."""
+        try:
+            result = self.client.post("/update_weights_from_disk", {"model_path": self.init_dir, "flush_cache": True})
+        except SGLangHTTPError as e:
+            if e.status != 400:
+                raise
+            result = {"success": False, "message": e.body.get("message", str(e))}
+        if not result.get("success", False):
+            raise RuntimeError(
+                f"rollout.quantization=fp8: the sglang server at {self.client.url} refused an online weight update "
+                f"of the weights it serves ({result.get('message')}); sglang's FP8 path does not take online updates "
+                f"while Hopper FP8 BF16 weight caches are active, and RL updates the weights at every version. Pass "
+                f"rollout.quantization='' (rollout.kv_cache_dtype=fp8_e5m2 still keeps the KV cache in FP8)")
+        log.info("sglang.fp8_online_update_ok", url=self.client.url)
 
     def _wait_healthy(self, timeout_s: float) -> None:
         """Poll ``/health`` every ``health_interval_s`` until it answers 200 (sglang answers 503 while starting)."""

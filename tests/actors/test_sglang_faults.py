@@ -248,3 +248,19 @@ def test_a_worker_whose_server_refuses_an_update_reports_the_version_it_serves_a
     versions = [v for c in chunks for v in c.token_versions.tolist()]
     assert versions == sorted(versions) and set(versions) == {0, 2}  # never 1: the server kept v0
     assert standin.weight_version == "2"
+
+
+def test_fp8_rollout_on_a_server_that_refuses_online_updates_is_a_start_up_error(init_dir):
+    """rollout.quantization=fp8: sglang's FP8 path may refuse online weight updates (Hopper FP8 BF16 weight
+    caches); the backend loads the served weights once before any work and a refusal names the key and the fix."""
+    standin = StandIn(init_dir, synthetic=True, incremental=True)
+    try:
+        standin.fault(update_failures=1)
+        with pytest.raises(RuntimeError, match=r"rollout.quantization=fp8: .* refused an online weight update.*"
+                                               r"Pass rollout.quantization=''"):
+            SGLangBackend(init_dir, url=standin.url, eos_id=-1, quantization="fp8")
+        backend = SGLangBackend(init_dir, url=standin.url, eos_id=-1, quantization="fp8")  # updates work: it starts
+        backend.close()
+        assert standin.faults.update_failures == 0
+    finally:
+        standin.close()
