@@ -176,7 +176,8 @@ class Hub(_Channel):
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, heartbeat_s: float = 1.0,
                  peer_timeout_s: float = 60.0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 hwm: int = 10000, curve: CurveKeys | None = None, insecure: bool = False, max_peers: int = 1024):
+                 hwm: int = 10000, curve: CurveKeys | None = None, insecure: bool = False, max_peers: int = 1024,
+                 retired: collections.OrderedDict[str, int] | None = None):
         if not is_loopback(host) and curve is None and not insecure:
             raise ValueError(f"binding {host} (not loopback) needs CURVE keys: generate them with `python -m "
                              "transport.keys DIR` and pass transport.curve_keys_dir=DIR, or pass "
@@ -186,7 +187,9 @@ class Hub(_Channel):
         self.host, self.port, self.curve, self.max_peers = host, port, curve, max_peers
         self.endpoint = ""  # "tcp://host:port", set by start()
         self.peers: dict[str, PeerInfo] = {}
-        self._retired: collections.OrderedDict[str, int] = collections.OrderedDict()  # forgotten -> last seq
+        # forgotten peer -> its last seq; pass the same ``retired`` to the next hub of a run (one that replaces a
+        # closed one, on the same port) so a replayed Hello of a peer retired before stays refused
+        self._retired = retired if retired is not None else collections.OrderedDict()
         self._send_seq: dict[str, int] = {}
         self._joined = asyncio.Event()  # replaced after each set(), so waiters wake once per Hello
         self._auth: AsyncioAuthenticator | None = None
@@ -326,6 +329,8 @@ class Hub(_Channel):
     async def close(self) -> None:
         if self._auth is not None and not self._closed:
             self._auth.stop()
+        for peer_id in list(self.peers):  # retired too: a later hub sharing ``retired`` refuses their replays
+            self.forget(peer_id)
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         await super().close()

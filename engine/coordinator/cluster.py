@@ -15,10 +15,11 @@ failed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -81,6 +82,9 @@ class Faults:
     actor_restarts: int = 0  # rollout/reward workers restarted (transport.max_actor_restarts per run)
     learner_restarts: int = 0
     frames_rejected: int = 0  # by hubs that are closed already
+    # peers every hub of this run has forgotten -> last sequence number (transport Hub ``retired``): a Hello
+    # replayed after a learner recovery, to the next hub on the same port, is refused as a replay
+    retired_peers: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
 
 class Learner:
@@ -146,6 +150,19 @@ class Supervisor:
     @property
     def num_restarts(self) -> int:
         return self.faults.actor_restarts
+
+    def impostor(self, peer: str, msg: Hello) -> bool:
+        """A Hello naming one of our children (``reward-0``) from a process that is not that child (a replayed or
+        forged Hello): refused and its connection forgotten, so it takes no work and no real worker is replaced."""
+        name = "learner" if msg.role == "learner" else f"{msg.role}-{msg.worker_id}"
+        child = self.children.get(name)
+        if child is None or name == "learner" or msg.pid == child.popen.pid:
+            return False
+        log.warning("actor.hello_refused", name=name, peer=peer, pid=msg.pid, child_pid=child.popen.pid,
+                    why="a Hello for one of this run's children from another process (a worker started by hand "
+                        "takes a --worker-id that no child of the run has)")
+        self._hub.forget(peer)
+        return True
 
     def joined(self, peer: str, msg: Hello) -> str | None:
         """Record ``peer`` as ``msg``'s actor; returns the peer id of a connection it replaces: the same process
@@ -278,7 +295,7 @@ async def _wait_for_hellos(hub: Hub, cfg: RunConfig, sup: Supervisor) -> dict[st
             peer, msg = await hub.recv(timeout=0.5)
         except TimeoutError:
             continue
-        if isinstance(msg, Hello) and msg.role in joined:
+        if isinstance(msg, Hello) and msg.role in joined and not sup.impostor(peer, msg):
             joined[msg.role].append((msg.worker_id, peer))
             sup.joined(peer, msg)
         elif isinstance(msg, ErrorReport):
@@ -307,6 +324,8 @@ async def _pump(hub: Hub, a: Actors) -> None:
             case Hello(role="learner"):  # torchrun restarted the group (elastic: a rank died, a node came or left)
                 raise LearnerFailed(f"the learner group restarted (worker {msg.worker_id}, pid {msg.pid}): "
                                     "resuming the run from its newest checkpoint")
+            case Hello() if a.supervisor.impostor(peer, msg):
+                pass
             case Hello():  # a restarted worker, or one started by hand (everyprompt-rollout-worker)
                 role = "rollout" if msg.role == "rollout" else "reward"
                 if (stale := a.supervisor.joined(peer, msg)) is not None:
@@ -334,7 +353,8 @@ async def start_actors(cfg: RunConfig, run_dir: Path, init_dir: str, *, produce:
     faults = faults if faults is not None else Faults()
     hub = Hub(host=cfg.transport.host, port=cfg.transport.port, heartbeat_s=cfg.transport.heartbeat_s,
               peer_timeout_s=cfg.transport.peer_timeout_s, max_frame_bytes=cfg.transport.max_frame_bytes,
-              hwm=cfg.transport.hwm, curve=_curve(cfg.transport), insecure=cfg.transport.insecure)
+              hwm=cfg.transport.hwm, curve=_curve(cfg.transport), insecure=cfg.transport.insecure,
+              retired=faults.retired_peers)
     await hub.start()
     children: list[Child] = []
     sup: Supervisor | None = None

@@ -2,6 +2,7 @@
 and counted, the hub keeps serving a real peer, memory stays bounded; CURVE lets only authorized keys in."""
 
 import asyncio
+import collections
 import os
 
 import pytest
@@ -95,6 +96,28 @@ def test_replays_are_rejected_on_the_same_connection_and_from_a_retired_peer():
     run(main())
 
 
+def test_a_replay_to_the_next_hub_of_the_run_is_rejected_too():
+    """A learner recovery binds a new hub on the same port. Given the run's retired peers (the coordinator's
+    ``Faults.retired_peers``), it refuses the replayed Hello of a peer that the hub before it still held at close."""
+    async def main():
+        retired = collections.OrderedDict()
+        hub, peer, peer_id = await _hub_with_peer(retired=retired)
+        port = int(hub.endpoint.rsplit(":", 1)[1])
+        await _round_trip(hub, peer, peer_id, 1)
+        await peer.close()
+        await hub.close()
+        assert peer_id in retired
+        hub = Hub(heartbeat_s=0.2, max_frame_bytes=MAX_FRAME, port=port, retired=retired)
+        await hub.start()
+        try:
+            await _replay_until_counted(hub, at_least=1)
+            assert hub.peers == {}
+        finally:
+            await hub.close()
+
+    run(main())
+
+
 def test_port_scanner_bytes_are_counted_as_bad_handshakes_and_an_http_client_gets_nowhere():
     async def main():
         hub, peer, peer_id = await _hub_with_peer()
@@ -182,3 +205,30 @@ def test_non_loopback_bind_needs_curve_or_an_explicit_insecure_flag():
     assert TransportConfig(host="::1").host == "::1" and TransportConfig(host="localhost")
     with pytest.raises(ValueError, match="needs CURVE keys"):
         Hub(host="0.0.0.0")  # refused before any socket is bound
+
+
+def test_a_hello_naming_a_child_from_another_process_is_refused(tmp_path):
+    """The supervisor knows each child's pid: a Hello for ``reward-0`` from another pid (a replay that got past the
+    hub, or a forged Hello) is refused and forgotten, so it neither takes work nor replaces the real worker; a
+    worker with a name no child has (one started by hand) is not judged by pid."""
+    import sys
+
+    from engine.coordinator.cluster import Supervisor
+    from engine.coordinator.procs import spawn, stop_all
+
+    async def main():
+        hub = Hub(heartbeat_s=0.2, max_frame_bytes=MAX_FRAME)
+        await hub.start()
+        child = spawn("reward-0", [sys.executable, "-c", "import time; time.sleep(60)"], log_dir=tmp_path)
+        try:
+            sup = Supervisor(hub, [child], max_restarts=1)
+            forged = Hello(role="reward", worker_id=0, pid=child.popen.pid + 1)
+            assert sup.impostor("reward-0-forged", forged)
+            assert sup.peer_of == {}
+            assert not sup.impostor("reward-0-real", Hello(role="reward", worker_id=0, pid=child.popen.pid))
+            assert not sup.impostor("rollout-100-7", Hello(role="rollout", worker_id=100, pid=7))
+        finally:
+            stop_all([child], grace_s=0.5)
+            await hub.close()
+
+    run(main())

@@ -50,6 +50,10 @@ def test_killed_learner_rank_and_reward_worker_with_hostile_frames_lose_no_promp
         sent += 1
         rank_pid, t_kill = run.kill("learner_rank")  # a rank dies, not the launcher: torchrun stops the group
         run.wait_recovered("learner_rank", rank_pid, t_kill)
+        # and again to the hub that the recovery bound on the same port: still a replay, and no real reward
+        # worker is taken for the dead one (the soak found the run stalled on that)
+        replay_hello(run.endpoint(), role="reward", worker_id=0, pid=reward_pid)
+        sent += 1
         rss_growth = run.coordinator_rss_mb() - rss0
         summary = run.finish()
     finally:
