@@ -66,7 +66,9 @@ def test_a_killed_process_of_simulated_workers_loses_none_of_their_work(tmp_path
     its workers join again under theirs), and the run trains every step."""
     proc, steps = _start(tmp_path, "train.num_steps=40", "rollout.backend=sim", "rollout.num_workers=8",
                          "sim.workers_per_process=4", "rollout.return_routes=false", "learner.router_replay=off",
-                         "transport.peer_timeout_s=10")
+                         "transport.peer_timeout_s=10", "sim.time_scale=25")
+    # sim.time_scale=25: decoding is slower than a learner step even on a loaded box, so the workers always hold
+    # unfinished responses when the kill lands (at real speed they may all be idle, waiting for the learner)
 
     try:
         wait_for(lambda: len(steps()) >= 2, proc, 240, "the first steps")
