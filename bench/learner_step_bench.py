@@ -1,12 +1,13 @@
 """Wall time of one learner optimizer step (``LearnerRank.step``) on a fixed batch, one rank, in this process.
 
-    python -m bench.learner_step_bench --seqs 128 --steps 10 [--impl DIR] [--threads 2] [key=value ...]
+    python -m bench.learner_step_bench --seqs 128 --steps 10 [--impl DIR] [--threads 2] [--device cuda] [key=value ...]
 
 The default model (configs/schema.py ModelConfig) and character vocabulary; ``--seqs`` sequences of a prompt of
 ``--prompt`` tokens and responses up to ``--resp`` tokens, behaviour log-probs and R3 routes recorded by the
 version-0 model, every token one version behind after the first step (the steady state of a one-step-off run).
 ``--impl DIR`` puts DIR first on sys.path, so a saved copy of ``actors/`` (e.g. the code before a change) runs on
-the same batch and machine. Prints one JSON line: per-step seconds, their median and mean (the mean includes the
+the same batch and machine. ``--device cuda`` runs the rank on the GPU (``learner.dist_backend=auto`` resolves to
+NCCL; ``model.dtype=bfloat16`` makes ``learner.precision=auto`` DeepSpeed bf16). Prints one JSON line: per-step seconds, their median and mean (the mean includes the
 steps that run the gap probe).
 """
 
@@ -28,18 +29,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resp", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one NCCL rank on GPU 0")
     p.add_argument("--impl", default=None, help="a folder holding an actors/ package to run instead of this one")
     p.add_argument("overrides", nargs="*", help="learner.* config overrides, e.g. learner.num_minibatches=2")
     a = p.parse_args(argv)
     if a.impl:
         sys.path.insert(0, a.impl)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29611"), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    if a.device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import numpy as np
     import torch
 
     torch.set_num_threads(a.threads)
     from actors.learner import LearnerRank
+    from actors.learner_parts import resolve_backend
     from configs.schema import RunConfig
     from engine.data.tokenizer import CharTokenizer
     from engine.modeling.model import build_model, save_model, token_logprobs
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     from transport.messages import TrainBatch
 
     cfg = RunConfig()
+    if a.device == "cpu":
+        cfg.learner.dist_backend = "gloo"
     for item in a.overrides:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad(), route_hooks(model) as own:
         logp = token_logprobs(model, ids_t, (ids_t != 0).long())
     routes = own.stacked(0).reshape(n, length, *own.stacked(0).shape[1:]).numpy().astype(np.uint8)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(model, f"{tmp}/init")
         learner = LearnerRank(cfg, f"{tmp}/init", f"{tmp}/weights")
@@ -76,11 +84,20 @@ def main(argv: list[str] | None = None) -> None:
                                token_versions=np.where(in_resp, max(step - 2, 0), -1).astype(np.int32),
                                advantages=rng.standard_normal(n).astype(np.float32), routes=routes,
                                routed_lens=(a.prompt + resp - 1).astype(np.int32))
+            sync()
             t0 = time.perf_counter()
             learner.step(batch)
+            sync()
             times.append(time.perf_counter() - t0)
+        precision = learner.precision
     steps = times[1:]
-    print(json.dumps({"impl": a.impl or "current", "seqs": n, "threads": a.threads, "overrides": a.overrides,
+    peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None
+    print(json.dumps({"impl": a.impl or "current", "device": a.device,
+                      "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
+                      "dist_backend": resolve_backend(cfg.learner), "precision": precision,
+                      "seqs": n, "threads": a.threads, "overrides": a.overrides,
+                      "trained_tokens_per_s": round(float(resp.sum()) / statistics.median(steps), 1),
+                      "peak_gpu_gib": round(peak, 2) if peak is not None else None,
                       "median_s": round(statistics.median(steps), 4), "mean_s": round(statistics.mean(steps), 4),
                       "steps_s": [round(t, 4) for t in steps]}))
 
