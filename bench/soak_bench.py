@@ -263,7 +263,7 @@ def soak(a: argparse.Namespace, out: Path) -> dict:
         t_end = t_rl + (0 if failures else a.minutes * 60)
         next_kill = t_rl + a.kill_every_s * rng.uniform(0.5, 1.5)
         next_hostile = t_rl + a.hostile_every_s
-        last_steps, last_step_t = 0, time.monotonic()
+        last_steps, last_step_t, steps_at_burst = 0, time.monotonic(), 0
         while time.monotonic() < t_end:
             now = time.monotonic()
             if (n := len(run.step_rows())) != last_steps:
@@ -286,7 +286,7 @@ def soak(a: argparse.Namespace, out: Path) -> dict:
                 next_kill = time.monotonic() + a.kill_every_s * rng.uniform(0.5, 1.5)
             elif now >= next_hostile:
                 hostile_sent += hostile_burst(run, a.hostile_per_kind, seed=bursts, replay=replay)
-                bursts += 1
+                bursts, steps_at_burst = bursts + 1, len(run.step_rows())
                 next_hostile = time.monotonic() + a.hostile_every_s
             else:
                 time.sleep(0.05)
@@ -294,6 +294,11 @@ def soak(a: argparse.Namespace, out: Path) -> dict:
                     failures.append(f"the run ended early (rc={run.proc.returncode}): {run.stderr()[-1500:]}")
                     break
         t_stop = time.monotonic()
+        if bursts and not failures:  # a step row counts the frames rejected before it: wait for one after the
+            try:  # last burst (a short soak on a loaded box can end right after one, its rejections unreported)
+                run.wait_steps(steps_at_burst + 1, timeout=a.stall_s)
+            except AssertionError as e:
+                failures.append(f"no step after the last hostile burst: {str(e)[:1500]}")
         sampler.stop.set()
         sampler.join(timeout=30)
         rows = run.step_rows()
