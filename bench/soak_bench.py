@@ -54,6 +54,7 @@ RSS_BOUND_MIB_PER_H = 1024 / 72  # 1 GiB over a 3-day job
 FD_BOUND_PER_H = 256 / 72  # 256 descriptors over a 3-day job
 MAX_FRAME = 4 * 1024 * 1024  # the run's transport.max_frame_bytes (hostile frames are sized from it)
 LAG_PERIOD_S = 0.02
+TRACE_ENV = "EVERYPROMPT_SOAK_TRACE_MEMORY_S"  # --trace-memory, passed to the coordinator child
 
 
 # ---- the coordinator with a loop-lag probe (runs in the child) ----------------------------------------------
@@ -76,6 +77,30 @@ async def _lag_probe(path: Path) -> None:
                 flushed = now
 
 
+async def _trace_memory(path: Path, every_s: float) -> None:
+    """Every ``every_s`` seconds, append to ``path`` the 25 source lines whose live Python allocations grew most
+    since the first snapshot (``--trace-memory``: tracemalloc in the coordinator, to find what an RSS slope is), and
+    the RSS before and after glibc's ``malloc_trim(0)`` (a drop is freed memory the allocator kept, not a leak)."""
+    import ctypes
+    import tracemalloc
+
+    tracemalloc.start(4)
+    await asyncio.sleep(every_s)
+    first = tracemalloc.take_snapshot()
+    t0 = time.monotonic()
+    while True:
+        await asyncio.sleep(every_s)
+        stats = tracemalloc.take_snapshot().compare_to(first, "traceback")
+        rss = _read_proc(os.getpid())[0]
+        trimmed = ctypes.CDLL("libc.so.6").malloc_trim(0)  # what glibc holds freed but not returned
+        with open(path, "a") as f:
+            f.write(f"## +{time.monotonic() - t0:.0f} s, traced {tracemalloc.get_traced_memory()[0] / 2**20:.1f} MiB, "
+                    f"RSS {rss:.1f} MiB, after malloc_trim {_read_proc(os.getpid())[0]:.1f} MiB (returned: {trimmed})\n")
+            for st in stats[:25]:
+                f.write(f"{st.size_diff / 2**10:+10.1f} KiB {st.count_diff:+8d} blocks  "
+                        f"{' <- '.join(f'{fr.filename}:{fr.lineno}' for fr in st.traceback)}\n")
+
+
 def _as_coordinator(argv: list[str]) -> int:
     """``engine.coordinator``'s main, its whole run on one event loop next to ``_lag_probe``."""
     import transport
@@ -85,11 +110,15 @@ def _as_coordinator(argv: list[str]) -> int:
 
     def probed(coro):
         async def both():
-            probe = asyncio.get_running_loop().create_task(_lag_probe(lag_path), name="soak.lag_probe")
+            loop = asyncio.get_running_loop()
+            probes = [loop.create_task(_lag_probe(lag_path), name="soak.lag_probe")]
+            if every := float(os.environ.get(TRACE_ENV, "0")):
+                probes.append(loop.create_task(_trace_memory(lag_path.with_name("tracemalloc.txt"), every)))
             try:
                 return await coro
             finally:
-                probe.cancel()
+                for probe in probes:
+                    probe.cancel()
         return plain_run(both())
 
     transport.run = probed  # cli.main imports it by name only when the run starts
@@ -392,6 +421,9 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--stall-s", type=float, default=180.0, help="no new step for this long fails the soak")
     p.add_argument("--checkpoint-every", type=int, default=20, help="train.checkpoint_every")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
+    p.add_argument("--trace-memory", type=float, default=0.0, metavar="S",
+                   help="run tracemalloc in the coordinator and write its top growers to OUT/tracemalloc.txt every "
+                        "S seconds (slows the coordinator; for finding an RSS slope, not for the bound)")
     p.add_argument("--sft-cache", default=None, help="cold-start SFT cache to share (default: one in --out)")
     p.add_argument("--out", default=None, help="folder for the run (default: a temporary one)")
     p.add_argument("overrides", nargs="*", help="key=value passed to the run")
@@ -400,6 +432,8 @@ def main(argv: list[str]) -> dict:
     if bad:
         p.error(f"unknown kind(s) {bad} in --kinds; choose from {', '.join(KILL_KINDS)}")
     configure_logging(role="bench", level=logging.ERROR)
+    if a.trace_memory > 0:
+        os.environ[TRACE_ENV] = str(a.trace_memory)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="everyprompt-soak-") as tmp:
         m = soak(a, Path(a.out or tmp))
