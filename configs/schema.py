@@ -27,6 +27,8 @@ from engine.algo.loss_registry import AGGREGATION_CHOICES, LOSS_NAMES, LOSSES, r
 from engine.backends.registry import ROLLOUT_BACKENDS  # torch-free: names only
 from engine.modeling.replay_mode import REPLAY_MODES  # torch-free
 
+_REEXPORTED = (literal_choices, JudgeConfig, SandboxConfig)  # imported from here (pyflakes: used)
+
 
 # Keys with a fixed set of values are ``Literal[...]`` fields, checked by one mechanism: configs/choices.py.
 

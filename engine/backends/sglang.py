@@ -43,6 +43,8 @@ from engine.backends.sglang_wire import (SGLangClient, SGLangHTTPError, StreamSi
 from engine.backends.sglang_batch import SGLangBatch  # noqa: F401 (re-exported)
 from engine.modeling.routing import route_dtype
 
+_REEXPORTED = (decode_routed_experts, hub_layout, parse_generate_response)  # imported from here (pyflakes: used)
+
 log = structlog.get_logger()
 
 
