@@ -27,6 +27,8 @@ from engine.algo.loss_registry import AGGREGATION_CHOICES, LOSS_NAMES, LOSSES, r
 from engine.backends.registry import ROLLOUT_BACKENDS  # torch-free: names only
 from engine.modeling.replay_mode import REPLAY_MODES  # torch-free
 
+_REEXPORTED = (literal_choices, JudgeConfig, SandboxConfig)  # imported from here (pyflakes: used)
+
 
 # Keys with a fixed set of values are ``Literal[...]`` fields, checked by one mechanism: configs/choices.py.
 
@@ -186,6 +188,13 @@ class RolloutConfig:
     # transport.max_frame_bytes); a worker has at most 4 chunks in flight
     sglang_retry_s: float = 60.0  # sglang backend: requests answered HTTP 5xx (or broken while /health answers)
     # are sent again with backoff until the server has failed this long without answering anything
+    sglang_pause_mode: Literal["abort", "retract"] = "abort"  # sglang backend, how requests in flight cross a
+    # weight update: abort = /pause_generation mode abort returns their partial tokens and the worker sends them
+    # again from those tokens (each segment keeps its version); retract = they stay inside sglang (re-queued, their
+    # KV recomputed under the new weights after /continue_generation) and each token's version is read from the
+    # response's meta_info.weight_versions. abort is the default: retract has only run against the stand-in
+    # (tests/sglang_standin.py), never a real sglang server. retract needs rollout.return_routes=false (sglang's
+    # recompute overwrites the routes of the tokens sampled before the update with the new weights' routes)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -214,6 +223,10 @@ class RolloutConfig:
                  "it must be > 0 seconds (e.g. 120)")
         for key in ("sglang_start_timeout_s", "sglang_health_interval_s", "sglang_retry_s"):
             _require(getattr(self, key) > 0, f"rollout.{key}", getattr(self, key), "it must be > 0 seconds")
+        _require(self.sglang_pause_mode != "retract" or not self.return_routes or self.backend != "sglang",
+                 "rollout.sglang_pause_mode", self.sglang_pause_mode, "a retracted request's KV is recomputed under "
+                 "the new weights, which overwrites the routes of its tokens sampled before the update: pass "
+                 "rollout.return_routes=false (and learner.router_replay=R2 or off), or rollout.sglang_pause_mode=abort")
 
 
 def _loss_sections(cls: type) -> type:

@@ -14,7 +14,18 @@ answering in the format of sglang 0.5.23's source, with a tiny HF MoE model gene
   token ``j`` is ``3 + (7 j) % (vocab - 3)``, its log-prob ``-1 - j / 1000``, the route of position ``p`` in MoE
   layer ``l``, slot ``s`` is ``(p + 3 l + s) % experts`` (``synthetic_route``).
 - ``POST /pause_generation`` with mode ``abort``: requests in flight return at once with what they have
-  (finish_reason abort); new ones wait until ``POST /continue_generation``.
+  (finish_reason abort); new ones wait until ``POST /continue_generation``. Mode ``retract`` (and ``in_place``):
+  requests in flight stay, stop between two tokens and continue after ``/continue_generation`` under the weights
+  loaded meanwhile (sglang re-queues a retracted request and recomputes its KV; this stand-in has no KV and runs
+  the whole sequence every token anyway). Every item's ``meta_info.weight_versions`` lists ``{"version", "start",
+  "end"}`` segments over the request's output tokens so far (absolute positions, also in incremental items): the
+  weight version that sampled each token, read under the same lock as the forward that sampled it
+  (``report_weight_versions = False``: none, as an sglang without them).
+- Prefix cache (sglang's radix cache; not with ``synthetic``): a finished or aborted request's sequence is cached
+  with the routes of every position it fed, as sglang's routed-experts capturer keeps routes per KV-cache slot; a
+  request whose input starts with a cached prefix reuses at most ``len(input_ids) - 1`` positions
+  (``meta_info.cached_tokens``), and their routes are not recomputed but read from the cache (the forward's own rows
+  there are discarded), so they still come back in ``routed_experts``. A weight update flushes the cache.
 - ``POST /update_weights_from_disk`` (``model_path``: a save_pretrained-layout folder) -> ``{"success": true}``; a
   folder it cannot load is answered HTTP 400 ``{"success": false, "message": ...}`` with the old weights kept (sglang
   rolls back).
@@ -95,7 +106,10 @@ class StandIn:
         self.aborted: set[str] = set()
         self.gen = torch.Generator().manual_seed(seed)
         self.token_delay_s, self.incremental, self.synthetic = token_delay_s, incremental, synthetic
+        self.report_weight_versions = True  # false: items lack meta_info.weight_versions (an older sglang)
         self.weight_version = "0"
+        self.prefix_routes: dict[tuple, np.ndarray] = {}  # prefix cache: input[:p + 1] -> routes of position p
+        self.cached_tokens: dict[str, int] = {}  # rid -> positions it took from the prefix cache
         self.calls: list[str] = []
         self.bodies: list[dict] = []  # every /generate body
         self.progress: dict[str, int] = {}  # rid -> tokens generated so far
@@ -153,16 +167,35 @@ class StandIn:
         if self._hang_at is not None and self.tokens >= self._hang_at:
             self.hung.set()
 
-    def _next(self, prompt: list[int], tokens: list[int], temperature: float) -> tuple[int, float, np.ndarray | None]:
-        """(next token, its log-prob, routes [every fed position, num_hidden_layers, k]; None when synthetic)."""
+    def _next(self, prompt: list[int], tokens: list[int],
+              temperature: float) -> tuple[int, float, np.ndarray | None, str]:
+        """(next token, its log-prob, routes [every fed position, num_hidden_layers, k]; None when synthetic, the
+        weight version that sampled it)."""
         if self.synthetic:
             j = len(tokens)
-            return 3 + (7 * j) % (self.model.config.vocab_size - 3), -1.0 - j / 1000, None
+            with self.lock:
+                version = self.weight_version
+            return 3 + (7 * j) % (self.model.config.vocab_size - 3), -1.0 - j / 1000, None, version
         with self.lock, torch.no_grad(), route_hooks(self.model) as log:
             logits = self.model(input_ids=torch.tensor([prompt + tokens])).logits[0, -1].float()
             logp = torch.log_softmax(logits / temperature, dim=-1)
             tok = int(torch.multinomial(logp.exp(), 1, generator=self.gen))
-        return tok, float(logp[tok]), self._full_layers(log.stacked(0).numpy())
+            version = self.weight_version
+        return tok, float(logp[tok]), self._full_layers(log.stacked(0).numpy()), version
+
+    def _cached_prefix(self, seq: list[int]) -> int:
+        """Positions of ``seq`` whose routes the prefix cache holds (at most ``len(seq) - 1``: sglang always computes
+        the last input token, whose logits it samples from)."""
+        n = 0
+        while n < len(seq) - 1 and tuple(seq[:n + 1]) in self.prefix_routes:
+            n += 1
+        return n
+
+    def _cache(self, seq: list[int], routes: np.ndarray) -> None:
+        """Keep the routes of the positions ``seq`` fed (``routes[p]``: position p) in the prefix cache."""
+        with self.lock:
+            for p in range(min(len(routes), len(seq))):
+                self.prefix_routes.setdefault(tuple(seq[:p + 1]), routes[p].copy())
 
     def _full_layers(self, moe_RLK: np.ndarray) -> np.ndarray:
         """MoE-layer routes -> sglang's ``[rows, num_hidden_layers, k]`` (dense layers 0)."""
@@ -183,19 +216,30 @@ class StandIn:
         sp = body["sampling_params"]
         temperature, stops = float(sp["temperature"]), set(sp.get("stop_token_ids", []))
         start = int(body.get("routed_experts_start_len", 0))
-        tokens, logprobs, reason, sent = [], [], None, 0
+        tokens, logprobs, versions, reason, sent = [], [], [], None, 0
         routes = self._full_layers(np.zeros((0, len(self.adapter.sparse_layers()), self.adapter.top_k), "<i4"))
+        with self.lock:
+            cached = 0 if self.synthetic else self._cached_prefix(prompt)
+            cached_rows = np.stack([self.prefix_routes[tuple(prompt[:p + 1])] for p in range(cached)]) \
+                if cached else None
+        self.cached_tokens[rid] = cached
         while reason is None:
             while (self.silent.is_set() or self.hung.is_set()) and not self.closed.is_set():
                 time.sleep(0.05)
             if self.dead.is_set():
                 raise ConnectionAbortedError("the stand-in died")
+            if epoch == self.epoch and not self.running.is_set():  # retract / in_place: wait inside the server
+                while not self.running.wait(0.05) and not self.closed.is_set():
+                    pass
             if epoch != self.epoch or rid in self.aborted or self.closed.is_set():
                 reason = "abort"
             elif len(tokens) >= int(sp["max_new_tokens"]):
                 reason = "length"
             else:
-                tok, lp, routes = self._next(prompt, tokens, temperature)
+                tok, lp, routes, version = self._next(prompt, tokens, temperature)
+                if cached_rows is not None:  # served from the prefix cache: not recomputed
+                    routes[:cached] = cached_rows
+                versions.append(version)
                 tokens.append(tok)
                 logprobs.append(lp)
                 self.progress[rid] = len(tokens)
@@ -208,8 +252,12 @@ class StandIn:
             lo = sent if incremental else 0
             meta = {"id": rid, "finish_reason": {"type": reason} if reason else None,
                     "prompt_tokens": len(prompt), "completion_tokens": len(tokens),
-                    "weight_version": self.weight_version,
+                    "weight_version": self.weight_version, "cached_tokens": cached,
                     "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs[lo:], tokens[lo:])]}
+            if self.report_weight_versions:
+                meta["weight_versions"] = version_segments(versions)
+            if reason and not self.synthetic:
+                self._cache(prompt + tokens, routes)
             if reason and body.get("return_routed_experts"):
                 if self.synthetic:
                     routes = self._synthetic_routes(len(prompt) + len(tokens))
@@ -230,7 +278,9 @@ class StandIn:
             return {"success": False, "message": repr(e)}
         with self.lock:
             self.model.load_state_dict(new.state_dict())
-        self.weight_version = str(body.get("weight_version", self.weight_version))
+            self.weight_version = str(body.get("weight_version", self.weight_version))
+            if body.get("flush_cache", True):
+                self.prefix_routes.clear()
         return {"success": True, "message": "ok", "num_paused_requests": 0}
 
     # ---- weights broadcast by the learner (sglang 0.5.23: the weight updater's session, the model runner's
@@ -284,9 +334,7 @@ class StandIn:
         unknown = sorted(set(received) - set(state))
         if unknown:
             return {"success": False, "message": f"unknown weight names {unknown[:3]}"}
-        self._load_state({**state, **received})
-        if body.get("weight_version") is not None:
-            self.weight_version = str(body["weight_version"])
+        self._load_state({**state, **received}, body.get("weight_version"))
         return {"success": True, "message": "Succeeded to update parameter online."}
 
     def checkpoint_state(self) -> dict:
@@ -299,7 +347,7 @@ class StandIn:
             state = hub_layout(self.model.state_dict(), config)
         return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
 
-    def _load_state(self, state: dict) -> None:
+    def _load_state(self, state: dict, version: str | None = None) -> None:
         import shutil
         import tempfile
 
@@ -311,6 +359,9 @@ class StandIn:
             new = load_model(tmp).eval()
         with self.lock:
             self.model.load_state_dict(new.state_dict())
+            if version is not None:
+                self.weight_version = str(version)
+            self.prefix_routes.clear()
 
     def checksums(self) -> dict[str, str]:
         return tensor_checksums(self.checkpoint_state())
@@ -403,10 +454,12 @@ class StandIn:
                     else:
                         *_, last = standin.generate(body)
                         self._send(last)
+                elif self.path == "/pause_generation" and body.get("mode", "abort") not in _PAUSE_MODES:
+                    self._send({"error": {"message": f"mode must be one of {_PAUSE_MODES}"}}, 400)
                 elif self.path == "/pause_generation":
-                    standin.running.clear()
-                    if body.get("mode", "abort") == "abort":
+                    if body.get("mode", "abort") == "abort":  # first: a request between two tokens sees it
                         standin.epoch += 1
+                    standin.running.clear()
                     self._send({})
                 elif self.path == "/continue_generation":
                     standin.running.set()
@@ -426,6 +479,7 @@ class StandIn:
         return Handler
 
 
+_PAUSE_MODES = ("abort", "retract", "in_place")  # io_struct PauseGenerationReqInput.mode
 _DISTRIBUTED = {  # rollout.weight_sync=distributed: path -> handler (every one answers {success, message})
     "/init_weights_update_group": StandIn.init_group,
     "/begin_weight_update": lambda s, body: s.begin_session(True),
@@ -434,6 +488,17 @@ _DISTRIBUTED = {  # rollout.weight_sync=distributed: path -> handler (every one 
     "/destroy_weights_update_group": lambda s, body: {"success": s.groups.pop(body.get("group_name"), None) is not None,
                                                        "message": "Success"},
 }
+
+
+def version_segments(versions: list[str]) -> list[dict]:
+    """Per-token weight versions -> sglang's ``meta_info.weight_versions`` segments ``{version, start, end}``."""
+    segments: list[dict] = []
+    for i, v in enumerate(versions):
+        if segments and segments[-1]["version"] == v:
+            segments[-1]["end"] = i + 1
+        else:
+            segments.append({"version": v, "start": i, "end": i + 1})
+    return segments
 
 
 def tensor_checksums(state: dict) -> dict[str, str]:

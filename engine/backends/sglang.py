@@ -43,6 +43,8 @@ from engine.backends.sglang_wire import (SGLangClient, SGLangHTTPError, StreamSi
 from engine.backends.sglang_batch import SGLangBatch  # noqa: F401 (re-exported)
 from engine.modeling.routing import route_dtype
 
+_REEXPORTED = (decode_routed_experts, hub_layout, parse_generate_response)  # imported from here (pyflakes: used)
+
 log = structlog.get_logger()
 
 
@@ -67,7 +69,9 @@ class SGLangBackend:
       (``server_args``) on ``port`` and waits for ``/health``.
     - In-flight weight updates: ``/pause_generation`` (mode ``abort``: requests in flight return their partial
       tokens) -> ``/update_weights_from_disk`` -> ``/continue_generation``; unfinished rows are sent again with
-      their tokens as prefix, so every token keeps the version that sampled it and its routes. The folder it
+      their tokens as prefix, so every token keeps the version that sampled it and its routes. With
+      ``pause_mode="retract"`` (``rollout.sglang_pause_mode``) the requests stay in the server across the update
+      and every token's version comes from ``meta_info.weight_versions`` (no routes: see ``new_batch``). The folder it
       loads is this backend's own (``<weights dir>/.sglang/<worker>-<pid>-<id>/policy_v<N>``, written once in the
       model's dtype) and the previous version's folder is removed once the server has loaded the new one.
     """
@@ -75,7 +79,7 @@ class SGLangBackend:
     def __init__(self, init_dir: str, *, url: str = "", port: int = 30000, eos_id: int, quantization: str = "",
                  kv_cache_dtype: str = "auto", max_inflight: int = 512, start_timeout_s: float = 900.0,
                  python: str = "", idle_timeout_s: float = 120.0, worker_id: int = 0, retry_s: float = 60.0,
-                 health_interval_s: float = 1.0, max_relaunches: int = 3) -> None:
+                 health_interval_s: float = 1.0, max_relaunches: int = 3, pause_mode: str = "abort") -> None:
         import atexit
         import json
         import os
@@ -91,6 +95,9 @@ class SGLangBackend:
         self.init_dir, self.eos_id, self.idle_timeout_s = init_dir, eos_id, idle_timeout_s
         self.start_timeout_s, self.retry_s, self.health_interval_s = start_timeout_s, retry_s, health_interval_s
         self.max_relaunches, self.relaunches = max_relaunches, 0
+        if pause_mode not in ("abort", "retract"):
+            raise ValueError(f"rollout.sglang_pause_mode={pause_mode!r}: pass abort or retract")
+        self.pause_mode = pause_mode  # rollout.sglang_pause_mode
         self._instance = f"w{worker_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # its own weight folders
         self._loaded: Path | None = None  # the folder the server loaded last
         self._root: Path | None = None  # the newest folder written (its parent holds this instance's)
@@ -205,6 +212,10 @@ class SGLangBackend:
     def new_batch(self, *, capture_routes: bool) -> SGLangBatch:
         if capture_routes and self.adapter is None:
             raise ValueError(f"{self.init_dir} is a dense model (no routed experts): pass rollout.return_routes=false")
+        if capture_routes and self.pause_mode == "retract":
+            raise ValueError("rollout.sglang_pause_mode=retract recomputes a retracted request's KV under the new "
+                             "weights, which overwrites the routes of its tokens sampled before the update: pass "
+                             "rollout.return_routes=false, or rollout.sglang_pause_mode=abort")
         self._batch = SGLangBatch(self, capture_routes=capture_routes)
         return self._batch
 
@@ -249,10 +260,8 @@ class SGLangBackend:
         model_dir = self._root = self.model_dir(path)
         if not model_dir.exists():  # else this instance wrote it already, from verified bytes
             write_model_dir(path, self.init_dir, str(model_dir), state=read_verified(path, digest, load_bytes))
-        self.client.post("/pause_generation", {"mode": "abort"})
+        self._pause()
         try:
-            if self._batch is not None:
-                self._batch.drain()
             body = {"model_path": str(model_dir), "flush_cache": True}
             if m:
                 body["weight_version"] = m.group(1)
@@ -271,6 +280,15 @@ class SGLangBackend:
         if self._loaded is not None and self._loaded != model_dir:
             shutil.rmtree(self._loaded, ignore_errors=True)
         self._loaded = model_dir
+
+    def _pause(self) -> None:
+        """``/pause_generation`` before a weight update. Mode abort: requests in flight return their partial tokens,
+        folded in here (``drain``) and sent again later. Mode retract: they stay inside sglang (re-queued; their KV
+        is recomputed under the new weights after ``/continue_generation``) and report each token's version in
+        ``meta_info.weight_versions``: nothing is aborted or sent again."""
+        self.client.post("/pause_generation", {"mode": self.pause_mode})
+        if self.pause_mode == "abort" and self._batch is not None:
+            self._batch.drain()
 
     # ---- rollout.weight_sync=distributed (engine/backends/sglang_sync.py) ------------------------------------------
 
@@ -310,10 +328,8 @@ class SGLangBackend:
         if sending.master_port:
             sync.join_group(self.client, sending)
             self._joined.add(sending.group_name)
-        self.client.post("/pause_generation", {"mode": "abort"})
+        self._pause()
         try:
-            if self._batch is not None:
-                self._batch.drain()
             sync.session(self.client, "/begin_weight_update")
             try:
                 loaded, refused = sync.receive_buckets(self.client, sending)
@@ -379,7 +395,7 @@ def build(cfg, init_dir: str, worker_id: int) -> SGLangBackend:
                          kv_cache_dtype=r.kv_cache_dtype, max_inflight=r.max_batch_samples,
                          python=r.sglang_python, idle_timeout_s=r.sglang_idle_timeout_s, worker_id=worker_id,
                          start_timeout_s=r.sglang_start_timeout_s, retry_s=r.sglang_retry_s,
-                         health_interval_s=r.sglang_health_interval_s)
+                         health_interval_s=r.sglang_health_interval_s, pause_mode=r.sglang_pause_mode)
 
 
 # ---- the generative judge: text prompts on a running server, one batched request per group ---------------------

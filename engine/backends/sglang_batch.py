@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from engine.backends.sglang_wire import SGLangHTTPError, StreamSink, decode_routed_experts, finish_type, stream_delta
+from engine.backends.sglang_wire import (SGLangHTTPError, StreamSink, decode_routed_experts, decode_weight_versions,
+                                         finish_type, stream_delta)
 
 log = structlog.get_logger()
 
@@ -36,7 +37,9 @@ class SGLangBatch:
     sglang server (see the module docstring). A request cut short by a weight update (``/pause_generation`` with
     mode ``abort``) returns its partial tokens, which keep the version they were sampled with; the row is then
     sent again with those tokens as a prefix and continues under the new weights (the KV cache is recomputed:
-    kv_on_update=recompute)."""
+    kv_on_update=recompute). With ``rollout.sglang_pause_mode=retract`` requests stay inside sglang across the
+    update and every token's version is the server's own (``meta_info.weight_versions``), not the version the
+    request was sent under."""
 
     def __init__(self, backend, *, capture_routes: bool) -> None:
         self._backend, self._capture = backend, capture_routes  # the SGLangBackend (engine/backends/sglang.py)
@@ -209,11 +212,23 @@ class SGLangBatch:
     def _fold(self, row, seg: _Segment, item: dict) -> bool:
         """Fold one streamed item into ``row``; True once the request is over."""
         ids, logprobs = stream_delta(item, seg.have)
+        lo = seg.have
         seg.have += len(ids)
         reason = finish_type(item)
         finish = reason if reason in ("stop", "length") else None
         if not self._capture:
-            row.extend(ids, logprobs, seg.version, finish=finish)
+            if self._backend.pause_mode != "retract":
+                row.extend(ids, logprobs, seg.version, finish=finish)
+                return bool(reason)
+            versions = self._server_versions(item, lo, seg.have)
+            at = 0
+            while at < len(ids) or (at == 0 and finish):  # one extend per run of tokens of one version
+                end = at + 1
+                while end < len(ids) and versions[end] == versions[at]:
+                    end += 1
+                row.extend(ids[at:end], logprobs[at:end], versions[at] if ids else seg.version,
+                           finish=finish if end >= len(ids) else None)
+                at = end
             return bool(reason)
         seg.tokens += ids
         seg.logprobs += logprobs
@@ -236,6 +251,18 @@ class SGLangBatch:
         row.extend(seg.tokens, seg.logprobs, seg.version, routes=np.concatenate([prompt_routes, routes]),
                    routes_from=seg.routes_from, finish=finish)
         return True
+
+    def _server_versions(self, item: dict, lo: int, hi: int) -> list[int]:
+        """rollout.sglang_pause_mode=retract: the versions of output tokens ``lo..hi-1`` from the item's
+        ``meta_info.weight_versions``; a server that does not send them cannot say which weights sampled a token
+        that crossed an update, so that is an error, not a guess."""
+        meta = item.get("meta_info") or {}
+        if "weight_versions" not in meta:
+            raise ValueError(f"rollout.sglang_pause_mode=retract: the sglang server at {self._backend.client.url} "
+                             f"sent no meta_info.weight_versions (per-token weight versions), so the version of a "
+                             f"token sampled across a weight update is unknown: use an sglang that reports them, or "
+                             f"pass rollout.sglang_pause_mode=abort")
+        return decode_weight_versions(meta["weight_versions"], lo, hi, int(meta.get("completion_tokens", hi)))
 
     def _watch(self) -> None:
         """Streams silent for the idle timeout: wait on if the server answers ``/health`` (the request is queued or

@@ -167,6 +167,45 @@ def stream_delta(item: dict, have: int) -> tuple[list[int], list[float]]:
                      f"received: neither all tokens so far nor only the new ones")
 
 
+def weight_version_number(label, initial: int = 0) -> int:
+    """sglang's ``weight_version`` label -> a policy version: the backend sends ``weight_version=str(N)`` with every
+    update, so a decimal label is that N; any other label (sglang's ``--weight-version`` default ``"default"``) names
+    the weights the server started with, ``initial``."""
+    text = str(label)
+    return int(text) if text.isdigit() else initial
+
+
+def decode_weight_versions(segments, lo: int, hi: int, total: int, *, initial: int = 0) -> list[int]:
+    """The policy version of each output token ``lo..hi-1`` of a request, from its ``meta_info.weight_versions``
+    (``[{"version": label, "start": s, "end": e}, ...]``: the output tokens ``[s, e)`` were sampled under the
+    weights labelled ``label``; sglang tracks them across ``/pause_generation`` mode ``retract``). The segments must
+    cover the ``total`` output tokens so far exactly once, in order, from 0: a gap, an overlap, an empty or
+    out-of-order segment, or one past ``total`` raises ValueError naming it."""
+    if not isinstance(segments, list) or not segments and total:
+        raise ValueError(f"meta_info.weight_versions={segments!r} is not a list of {{version, start, end}} segments "
+                         f"covering {total} output tokens")
+    versions, at = [], 0
+    for seg in segments:
+        try:
+            start, end, label = int(seg["start"]), int(seg["end"]), seg["version"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"meta_info.weight_versions segment {seg!r} lacks an integer start/end or a "
+                             f"version") from None
+        if start != at or end <= start:
+            what = "overlaps the previous one" if start < at else "leaves a gap" if start > at else "is empty"
+            raise ValueError(f"meta_info.weight_versions segment {seg!r} {what} (tokens [0, {at}) are covered): "
+                             f"segments must tile the output tokens in order")
+        if end > total:
+            raise ValueError(f"meta_info.weight_versions segment {seg!r} ends past the {total} output tokens")
+        versions += [weight_version_number(label, initial)] * (end - start)
+        at = end
+    if at != total:
+        raise ValueError(f"meta_info.weight_versions covers {at} of the {total} output tokens")
+    if not 0 <= lo <= hi <= total:
+        raise ValueError(f"tokens [{lo}, {hi}) are not within the {total} output tokens")
+    return versions[lo:hi]
+
+
 def iter_sse(lines: Iterable[bytes], on_bytes=None) -> Iterator[dict]:
     """sglang's server-sent events (``data: {json}`` lines, ``data: [DONE]`` last) -> the items. An error event
     (``{"error": {"message": ...}}``) raises RuntimeError with the server's message."""
