@@ -28,3 +28,18 @@ def wait_for(predicate, proc, timeout: float, what: str, poll_s: float = 0.2) ->
             return
         time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def initial_and_perturbed_policy(tmp_path):
+    """(v0, v1): the run's initial policy (``tmp_path/init``) and a perturbed copy saved as weight version 1."""
+    import torch
+
+    from engine.modeling.model import load_model, save_weights
+
+    v0 = load_model(tmp_path / "init").eval()
+    v1 = load_model(tmp_path / "init").eval()
+    with torch.no_grad():
+        for p in v1.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_weights(v1, tmp_path / "weights" / "policy_v1.safetensors")
+    return v0, v1

@@ -11,6 +11,7 @@ import torch
 
 from engine.backends.sglang import hub_layout, write_model_dir
 from engine.modeling.model import load_model, save_weights
+from tests.helpers import initial_and_perturbed_policy
 from tests.actors.test_workers import _setup, actor_process
 from tests.engine.test_decode import _teacher_forced
 from tests.sglang_standin import StandIn
@@ -42,12 +43,7 @@ def test_worker_on_sglang_streams_and_continues_responses_across_a_weight_update
     standin = StandIn(str(tmp_path / "init"), token_delay_s=0.03)
     cfg, task, _ = _setup(tmp_path, "rollout.backend=sglang", f"rollout.sglang_url={standin.url}",
                           "rollout.chunk_tokens=2")
-    v0 = load_model(tmp_path / "init").eval()
-    v1 = load_model(tmp_path / "init").eval()
-    with torch.no_grad():
-        for p in v1.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    save_weights(v1, tmp_path / "weights" / "policy_v1.safetensors")
+    v0, v1 = initial_and_perturbed_policy(tmp_path)
     prompt = np.asarray(task.prompt_ids(task.eval_set[0]), dtype=np.int32)
     n = 6
 

@@ -13,6 +13,7 @@ from configs.schema import RolloutConfig
 from engine.backends.sglang import SGLangBackend
 from engine.backends.sglang_wire import decode_weight_versions
 from engine.modeling.model import load_model, save_weights
+from tests.helpers import initial_and_perturbed_policy
 from engine.modeling.rows import Row
 from tests.engine.test_adapters import build
 from tests.engine.test_decode import _teacher_forced
@@ -141,12 +142,7 @@ def test_a_worker_with_retract_streams_chunks_with_the_servers_per_token_version
     _, task, _ = _setup(tmp_path, "rollout.backend=sglang", f"rollout.sglang_url={standin.url}",
                         "rollout.chunk_tokens=2", "rollout.return_routes=false", "learner.router_replay=off",
                         "rollout.sglang_pause_mode=retract")
-    v0 = load_model(tmp_path / "init").eval()
-    v1 = load_model(tmp_path / "init").eval()
-    with torch.no_grad():
-        for p in v1.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    save_weights(v1, tmp_path / "weights" / "policy_v1.safetensors")
+    v0, v1 = initial_and_perturbed_policy(tmp_path)
     prompt = np.asarray(task.prompt_ids(task.eval_set[0]), dtype=np.int32)
     n = 4
 
