@@ -12,7 +12,7 @@ import torch
 from configs.schema import RolloutConfig
 from engine.backends.sglang import SGLangBackend
 from engine.backends.sglang_wire import decode_weight_versions
-from engine.modeling.model import load_model, save_weights
+from engine.modeling.model import save_weights
 from tests.helpers import initial_and_perturbed_policy
 from engine.modeling.rows import Row
 from tests.engine.test_adapters import build
