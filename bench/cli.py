@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 
 from bench.common import hardware
@@ -36,7 +37,14 @@ def resolve(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    """SIGTERM (a scheduler, ``kill``, a timeout) unwinds the bench like Ctrl-C does: its ``finally`` blocks stop
+    the runs it started, which live in sessions of their own and would not get the signal."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     p = argparse.ArgumentParser(prog="everyprompt-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", nargs="?", choices=sorted(BENCHES), help="the bench to run (see the list above)")

@@ -302,15 +302,17 @@ def soak(a: argparse.Namespace, out: Path) -> dict:
                 break
             if kinds and now >= next_kill and t_end - now > a.kill_every_s / 4:
                 kind = kinds[len(events) % len(kinds)]
+                at = len(run.step_rows())
                 try:
                     pid, t_kill = run.kill(kind)
-                    at = len(run.step_rows())
                     rec = run.wait_recovered(kind, pid, t_kill, timeout=300)
                     events.append({"kind": kind, "pid": pid, "at_s": t_kill - t_rl, "at_step": at, "recovery_s": rec})
                     if kind == "reward":
                         replay = ("reward", _reward_worker_id(run, pid), pid)  # its Hello, replayed later
                 except AssertionError as e:
-                    failures.append(f"{kind}: {str(e)[:1500]}")
+                    stuck = len(run.step_rows()) == at  # not one step since the kill: the run is stuck, not slow
+                    failures.append(f"{kind}: {'no new step after the kill (steps: ' + str(at) + '); ' if stuck else ''}"
+                                    f"{str(e)[:1500]}")
                     break
                 next_kill = time.monotonic() + a.kill_every_s * rng.uniform(0.5, 1.5)
             elif now >= next_hostile:

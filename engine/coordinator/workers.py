@@ -11,9 +11,12 @@ import asyncio
 import time
 
 import numpy as np
+import structlog
 
 from engine.coordinator.relay import WeightRelay
 from transport import Hub, LoadWeights, WeightsLoaded, WeightsOffer
+
+log = structlog.get_logger()
 
 
 class RolloutWorkers:
@@ -50,7 +53,13 @@ class RolloutWorkers:
         self._changed.set()
 
     def loaded(self, peer: str, msg: WeightsLoaded) -> None:
-        self.versions[peer] = max(self.versions.get(peer, 0), msg.version)
+        """``peer`` applied ``msg.version``. A report from a worker that already left is ignored: the hub may have
+        queued it before the worker was declared lost, and counting it would bring back a worker that no longer
+        exists, whose old version ``wait_weights`` (every eval) would then wait for forever."""
+        if peer not in self.versions:
+            log.info("rollouts.ignored_weights_loaded", peer=peer, version=msg.version)
+            return
+        self.versions[peer] = max(self.versions[peer], msg.version)
         now, last = time.monotonic(), self._clock.get(peer)
         if last is not None and now > last[0]:  # fractions over the interval since this worker's last report
             span = now - last[0]
