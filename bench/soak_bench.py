@@ -281,8 +281,8 @@ def soak(a: argparse.Namespace, out: Path) -> dict:
     rng, kinds = random.Random(a.seed), [k for k in a.kinds.split(",") if k]
     sampler = Sampler(run, a.sample_s)
     events, failures, hostile_sent, bursts, replay = [], [], 0, 0, None
-    run.start()
     try:
+        run.start()  # inside the try: a SIGTERM right after the Popen still stops the run (bench/cli.py)
         sampler.start()
         try:
             run.wait_steps(1, timeout=600)

@@ -3,13 +3,16 @@ learner), hostile frames at its coordinator, the RSS / fd sampler and the loop-l
 and the ledger of every prompt id. The long soak is the bench itself (docs/benchmarks.md, "Soak")."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.helpers import processes_mentioning
+from pathlib import Path
+
+from tests.helpers import processes_mentioning, wait_for
 
 KEYS = {"rl_s", "window_s", "steps_before_sigterm", "weight_versions", "versions_per_minute", "kills", "failures",
         "hostile_frames_sent", "frames_rejected", "processes", "loop_lag_ms", "interrupt", "prompts_lost",
@@ -51,3 +54,33 @@ def test_a_short_soak_trains_every_prompt_once_and_reports_growth_and_lag(tmp_pa
     while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_mentioning(str(tmp_path)) == [], "processes of the run left behind"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_bench_stops_the_run_it_started(tmp_path):
+    """The run lives in a session of its own (it must not get the terminal's Ctrl-C twice), so the bench has to
+    stop it: SIGTERM to the bench alone leaves no process of the run behind."""
+    argv = [sys.executable, "-m", "bench.cli", "soak", "--minutes", "30", "--kinds", "", "--workers", "8",
+            "--workers-per-process", "8", "--out", str(tmp_path / "soak"), "sft.max_steps=1"]
+    with open(tmp_path / "bench.err", "w") as err:
+        bench = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            mark = str(tmp_path / "soak")
+            wait_for(lambda: any("actors.reward_worker" in _cmdline(p) for p in processes_mentioning(mark)), bench,
+                     240, "the run's reward worker to start")
+            bench.send_signal(signal.SIGTERM)
+            assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+    deadline = time.monotonic() + 60
+    while processes_mentioning(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(mark) == [], [_cmdline(p) for p in processes_mentioning(mark)]
