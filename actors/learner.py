@@ -52,7 +52,7 @@ class of ``learner.loss`` (engine/algo/loss_registry.py) built from its section 
 Threads: each rank runs ``learner_threads(cfg)`` torch threads (engine/coordinator/launch.py: learner.threads_per_rank,
 or with 0 the cores the local rollout workers do not take, split over the ranks).
 
-Over 400 lines on purpose: the rank's model and step, the rank-0 peer and the ranks > 0 loop read together; the
+Under 500 lines with the rank's model and step, the rank-0 peer and the ranks > 0 loop read together; the
 parts that need no actor machinery are in actors/learner_parts.py, the rank's checkpoint in actors/learner_state.py.
 """
 
@@ -87,8 +87,8 @@ from engine.algo.transforms import decoupled_weights, rl_zvp
 from actors.learner_state import TAG, load_rank, resume_tag, save_rank
 from actors.learner_parts import (PEER_LOST, SHUTDOWN, TICK, Shard, StatSums, as_float, compute_dtype,
                                   deepspeed_config, fanout_recv, fanout_send, gather_tokens, init_groups,
-                                  logprobs_with_entropy, probe_gap, resolve_backend, resolve_precision,
-                                  shard_bounds, skip_shm_comm_build)
+                                  logprobs_with_entropy, lost_a_rank, probe_gap, resolve_backend, resolve_precision,
+                                  shard_bounds, skip_shm_comm_build, weight_sender)
 from engine.modeling.expert_parallel import hf_state_dict, patch_transformers, replica_check
 from engine.modeling.model import load_model, old_policy_pass, publish_state, token_logprobs
 from engine.modeling.replay_mode import ReplayMode
@@ -368,7 +368,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
         learner = await asyncio.to_thread(LearnerRank, cfg, args.init, args.weights_dir, args.resume)
         log.info("learner.ready", world=learner.world, version=learner.version, resumed_from=args.resume,
                  init_s=round(time.perf_counter() - t0, 2))
-        sender = _weight_sender(cfg, args.init)  # rollout.weight_sync=distributed: broadcasts into sglang servers
+        sender = weight_sender(cfg, args.init)  # rollout.weight_sync=distributed: broadcasts into sglang servers
         while True:
             try:
                 msg: LearnerInbox = await peer.recv(timeout=_TICK_S)
@@ -405,7 +405,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
     except Exception as e:  # the actor boundary: report, then exit non-zero (torchrun stops the other ranks)
         error = traceback.format_exc()
         log.error("learner.failed", error=error)
-        if _lost_a_rank(e):  # another rank died: not a bug to report but a crash the coordinator recovers from
+        if lost_a_rank(e):  # another rank died: not a bug to report but a crash the coordinator recovers from
             return 1
         try:
             await peer.send(ErrorReport(where="learner", error=error))
@@ -415,23 +415,6 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig) -> int:
         return 1
     finally:
         await peer.close()
-
-
-def _weight_sender(cfg: RunConfig, init_dir: str):
-    """Rank 0's sender of ``rollout.weight_sync=distributed`` (actors/weight_sync.py), listening on transport.host
-    (the address the servers reach this machine at); None for the other modes."""
-    if cfg.rollout.weight_sync != "distributed":
-        return None
-    from actors.weight_sync import WeightSender
-
-    return WeightSender(init_dir, master_address=cfg.transport.host)
-
-
-def _lost_a_rank(e: Exception) -> bool:
-    """A collective failed because another rank is gone (killed, crashed): torchrun is stopping the group."""
-    text = str(e)
-    return isinstance(e, dist.DistError) or any(s in text for s in ("Connection closed by peer", "Connection reset",
-                                                                     "Broken pipe"))
 
 
 def _fanout_and_save(learner: LearnerRank, msg: SaveCheckpoint, frame: bytes) -> str:

@@ -3,8 +3,9 @@
 reduced across ranks (``StatSums``), the all-gather of token values for a loss's batch-global statistics
 (``gather_tokens``), the rollout-vs-trainer gap probe (``probe_gap``), the update forward that is also the
 old-policy pass (``logprobs_with_entropy``), and the rank-0 fan-out of frames to the other ranks (an int64 size,
-then the codec's bytes as a uint8 tensor; a size <= 0 is a control code). actors/learner.py composes them into
-``LearnerRank`` and the actor.
+then the codec's bytes as a uint8 tensor; a size <= 0 is a control code), rank 0's weight sender
+(``weight_sender``) and the test for a collective that failed because another rank is gone (``lost_a_rank``).
+actors/learner.py composes them into ``LearnerRank`` and the actor.
 
 Process groups: the default group is NCCL where CUDA is present (``learner.dist_backend=auto``) and carries every
 collective on device tensors (DeepSpeed's gradient reduction, ``gather_tokens``, the expert-parallel gather of the
@@ -308,3 +309,20 @@ def fanout_recv(*, group) -> bytes | int:
     buf = torch.empty(size, dtype=torch.uint8)
     _wait(dist.broadcast(buf, src=0, async_op=True, group=group))
     return buf.numpy().tobytes()
+
+
+def weight_sender(cfg: RunConfig, init_dir: str):
+    """Rank 0's sender of ``rollout.weight_sync=distributed`` (actors/weight_sync.py), listening on transport.host
+    (the address the servers reach this machine at); None for the other modes."""
+    if cfg.rollout.weight_sync != "distributed":
+        return None
+    from actors.weight_sync import WeightSender
+
+    return WeightSender(init_dir, master_address=cfg.transport.host)
+
+
+def lost_a_rank(e: Exception) -> bool:
+    """A collective failed because another rank is gone (killed, crashed): torchrun is stopping the group."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(s in text for s in ("Connection closed by peer", "Connection reset",
+                                                                     "Broken pipe"))

@@ -311,8 +311,8 @@ def soak(a: argparse.Namespace, out: Path) -> dict:
                         replay = ("reward", _reward_worker_id(run, pid), pid)  # its Hello, replayed later
                 except AssertionError as e:
                     stuck = len(run.step_rows()) == at  # not one step since the kill: the run is stuck, not slow
-                    failures.append(f"{kind}: {'no new step after the kill (steps: ' + str(at) + '); ' if stuck else ''}"
-                                    f"{str(e)[:1500]}")
+                    why = f"no new step after the kill (steps: {at}); " if stuck else ""
+                    failures.append(f"{kind}: {why}{str(e)[:1500]}")
                     break
                 next_kill = time.monotonic() + a.kill_every_s * rng.uniform(0.5, 1.5)
             elif now >= next_hostile:
