@@ -229,12 +229,17 @@ class Hub(_Channel):
                                f"known peers: {sorted(self.peers)}") from None
         return self._unwrap(item)
 
-    async def send(self, peer_id: str, msg) -> None:
-        """Queue ``msg`` for ``peer_id``; frames for a peer that has gone away are dropped (dead_peers())."""
+    async def send(self, peer_id: str, msg) -> bool:
+        """Queue ``msg`` for ``peer_id``; False, and nothing sent, for a peer forgotten since the caller chose it
+        (``forget``: its loss is on the way to the caller, which re-queues the work then). A peer this hub never
+        knew is a bug: KeyError. ZeroMQ drops frames for a peer that vanished without being forgotten."""
         self._check()
         if peer_id not in self.peers:
+            if peer_id in self._retired:
+                return False
             raise KeyError(f"unknown peer {peer_id!r}; known peers: {sorted(self.peers)}")
         await self._sock.send_multipart([_identity(peer_id), self._next_seq(peer_id), encode(msg)], copy=False)
+        return True
 
     def _next_seq(self, peer_id: str) -> bytes:
         self._send_seq[peer_id] = n = self._send_seq.get(peer_id, 0) + 1

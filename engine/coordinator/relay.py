@@ -77,9 +77,7 @@ class WeightRelay:
         chunk = WeightsChunk(version=req.version, index=req.index, offset=offset,
                              data=np.frombuffer(data, dtype=np.uint8), crc32=zlib.crc32(data), attempt=req.attempt)
         for c in self.tamper(chunk) if self.tamper is not None else [chunk]:
-            try:
-                await self._hub.send(peer, c)
-            except KeyError:  # the worker is gone: its transfer ends here
+            if not await self._hub.send(peer, c):  # the worker is gone: its transfer ends here
                 return
             self.chunks_sent += 1
 

@@ -81,6 +81,8 @@ def test_hello_registers_peer_and_messages_flow_both_ways():
 
             with pytest.raises(KeyError, match="unknown peer"):
                 await hub.send("nobody", Shutdown())
+            hub.forget(peer_id)  # declared gone: a send chosen before the caller heard of it is dropped, no error
+            assert await hub.send(peer_id, Shutdown()) is False
         finally:
             await peer.close()
             await hub.close()
