@@ -128,26 +128,18 @@ def _judge_stats(groups: list[Group]) -> dict[str, float]:
 
 
 class RunStats:
-    """What the run knows across steps (kept in checkpoints): the staleness totals of the summary, and per-prompt
-    statistics (groups trained, samples, reward sum, zero-variance groups) keyed by prompt id."""
+    """What the run knows across steps (kept in checkpoints): the staleness totals of the summary. Constant size:
+    a checkpoint of step 100,000 is as small as one of step 10 (per-prompt statistics, which nothing read, grew
+    every checkpoint and the coordinator by every group; checkpoints that still hold them load)."""
 
-    def __init__(self, max_token_staleness: int = 0, samples: int = 0, partial_samples: int = 0,
-                 prompts: dict | None = None) -> None:
+    def __init__(self, max_token_staleness: int = 0, samples: int = 0, partial_samples: int = 0) -> None:
         self.max_token_staleness, self.samples, self.partial_samples = max_token_staleness, samples, partial_samples
-        self.prompts: dict[str, list[float]] = prompts or {}  # str keys: the checkpoint is JSON
 
     def add(self, groups: list[Group], stats: dict) -> None:
         n = sum(g.num_samples for g in groups)
         self.max_token_staleness = max(self.max_token_staleness, int(stats["version_lag_max"]))
         self.samples += n
         self.partial_samples += round(stats["partial_sample_frac"] * n)
-        for g in groups:
-            rewards = [s.reward_parts.get("correct", s.reward) for s in g.ordered()]
-            entry = self.prompts.setdefault(str(g.prompt_id), [0, 0, 0.0, 0])
-            entry[0] += 1
-            entry[1] += len(rewards)
-            entry[2] += float(sum(rewards))
-            entry[3] += int(len(set(rewards)) <= 1)
 
     def summary(self, counts: RolloutCounters) -> dict:
         return {"max_token_staleness": self.max_token_staleness, "samples_over_bound": counts.samples_over_bound,
@@ -159,4 +151,4 @@ class RunStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunStats":
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k != "prompts"})  # "prompts": written before 2026-12-04

@@ -5,7 +5,7 @@
 - ``policy.safetensors``: the weights the rollout workers hold at that step (version = step);
 - ``coordinator.json`` + ``arrays.npz``: buffered groups, in-flight groups with their partial responses (tokens,
   behaviour log-probs, per-token versions, routes, finish reasons, rewards), the prompt-stream frontier, the
-  counters and per-prompt statistics;
+  counters and the staleness totals;
 - ``meta.json``, written last, with the size and sha256 of every other file (the manifest).
 Writes are atomic: everything goes into ``checkpoints/.staging_step_000050/``, every file and folder is fsynced,
 and only then is the folder renamed to ``step_000050`` (a crash while saving leaves a staging folder, never a

@@ -14,16 +14,24 @@ Pure bookkeeping: no I/O, no clocks; engine/coordinator/dispatch.py calls it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+
+
+MAX_PROMPTS = 1 << 16  # per-prompt EMAs kept (about 100 bytes each); the least recently seen goes first
 
 
 class LengthPredictor:
     """Predicted response length of a prompt: EMA (weight ``ema`` on the newest) of its groups' mean lengths,
-    falling back to its source's EMA, then to the mean of every length seen, then to ``default``."""
+    falling back to its source's EMA, then to the mean of every length seen, then to ``default``.
 
-    def __init__(self, *, ema: float = 0.5, default: float = 1.0) -> None:
-        self._ema, self._default = ema, default
-        self._prompt: dict[Hashable, float] = {}
+    The per-prompt table keeps the ``max_prompts`` most recently observed prompts: a run on an endless stream of
+    fresh prompts (the built-in tasks) never sees a prompt twice, and an unbounded table grew the coordinator by
+    every group for the whole run (``everyprompt-bench soak``). A dataset smaller than the bound keeps all."""
+
+    def __init__(self, *, ema: float = 0.5, default: float = 1.0, max_prompts: int = MAX_PROMPTS) -> None:
+        self._ema, self._default, self._max_prompts = ema, default, max_prompts
+        self._prompt: OrderedDict[Hashable, float] = OrderedDict()
         self._source: dict[str, float] = {}
         self._sum, self._count = 0.0, 0
 
@@ -42,6 +50,9 @@ class LengthPredictor:
         for table, key in ((self._prompt, prompt_id), (self._source, source)):
             old = table.get(key)
             table[key] = mean if old is None else (1 - self._ema) * old + self._ema * mean
+        self._prompt.move_to_end(prompt_id)
+        while len(self._prompt) > self._max_prompts:
+            self._prompt.popitem(last=False)
         self._sum += sum(lengths)
         self._count += len(lengths)
 

@@ -22,6 +22,18 @@ def test_predictor_ema_weights_the_newest_epoch():
     assert p.predict(7, "s") == pytest.approx(0.75 * 100 + 0.25 * 200)
 
 
+def test_predictor_keeps_the_most_recently_seen_prompts_only():
+    """An endless stream of fresh prompts must not grow the coordinator: the table is bounded, the oldest goes."""
+    p = LengthPredictor(ema=0.5, max_prompts=3)
+    for prompt_id in range(10):
+        p.observe(prompt_id, "s", [prompt_id])
+    p.observe(7, "s", [7])  # seen again: now the most recent
+    p.observe(10, "s", [10])
+    assert p.known_prompts == 3
+    assert [p.predict(i, "x") for i in (7, 9, 10)] == [7.0, 9.0, 10.0]  # still its own EMA
+    assert p.predict(8, "x") == pytest.approx((sum(range(10)) + 7 + 10) / 12)  # evicted: the mean of every length
+
+
 def test_length_aware_orders_longest_predicted_first_and_fifo_keeps_arrival():
     pred = LengthPredictor()
     for prompt, length in ((0, 10), (1, 500), (2, 50)):

@@ -130,3 +130,18 @@ def test_dr_grpo_advantages_are_not_divided_by_the_group_std():
     np.testing.assert_allclose(plain, [0.75, -0.25, -0.25, -0.25], atol=1e-6)
     scaled = pack_batch([g], step=1, pad_id=0).advantages
     assert abs(scaled[0]) > 1.0  # 0.75 / std 0.433
+
+
+def test_run_totals_stay_one_size_over_an_endless_stream_and_old_checkpoints_load():
+    """RunStats goes into every checkpoint: fresh prompts every step must not grow it (nor the coordinator)."""
+    from engine.coordinator.batch import RunStats
+
+    totals = RunStats()
+    sizes = []
+    for step in range(200):
+        groups = [_group(f"g{1_000_000 + 8 * step + i}", [1.0, 0.0, 1.0, 1.0]) for i in range(8)]  # fresh ids
+        totals.add(groups, batch_stats(groups, pack_batch(groups, step=step, pad_id=0), learner_version=step))
+        sizes.append(len(json.dumps(totals.to_dict())))
+    assert totals.samples == 200 * 8 * 4 and sizes[-1] - sizes[10] <= 4  # a few digits more, not 8 entries a step
+    legacy = {**totals.to_dict(), "prompts": {"1000000": [1, 4, 3.0, 0]}}  # a checkpoint written before
+    assert RunStats.from_dict(legacy).to_dict() == totals.to_dict()
