@@ -25,9 +25,9 @@ Bound: a process counts as bounded when its slope, extrapolated over a 3-day job
 the usual soft limit of 1,024). A leak of one object per step or one socket per restart would exceed both within
 the default 30 minutes; a short run's window is too short to resolve such slopes (its noise is reported as is).
 Was it met (2 loaded cores)? Zero loss: yes (3- to 30-minute runs, 0 lost, 0 duplicated). The bound: not met.
-In the 30-minute run (a7d338d) the coordinator grew +39 MiB/h and +6.6 fds/h over its second half; its Python heap (``--trace-memory``) stays flat, so the growth is native. Stalls the soak found
-(a stranded sim-worker process, a replayed Hello, a late WeightsLoaded holding every eval) are fixed. Figures and
-commands: docs/benchmarks.md, "Soak".
+In the 30-minute run (a7d338d) the coordinator grew +39 MiB/h and +6.6 fds/h over its second half; the fd slope
+comes from the faults (none without them). Stalls the soak found (a stranded sim-worker process, a replayed Hello,
+a late WeightsLoaded holding every eval) are fixed. Figures and commands: docs/benchmarks.md, "Soak".
 """
 
 from __future__ import annotations
